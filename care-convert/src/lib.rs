@@ -1,0 +1,24 @@
+//! # care-convert
+//!
+//! Conversion of Grouped-Query-Attention models into Multi-Head Latent Attention
+//! (CARE: covariance-aware, rank-adaptive), and the evaluation harness that judges
+//! every conversion on real text and real benchmarks.
+//!
+//! The data path reads in one direction: load (`mla_attention::io`) → calibrate →
+//! factorize → allocate ranks → assemble → export → evaluate ([`eval`]).
+//!
+//! ```no_run
+//! use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
+//! use mla_attention::{io::{tokenizer::encode, Checkpoint}, model::Decoder};
+//! let ckpt = Checkpoint::open("model.gguf")?;
+//! let model = Decoder::load(&ckpt)?;
+//! let ids = encode(ckpt.tokenizer()?, &std::fs::read_to_string("speech.txt").unwrap())?;
+//! let r = perplexity(&model, &ids[..512], &PerplexityOptions::default(), &mut |_, _| {})?;
+//! println!("PPL {:.2}", r.ppl);
+//! # Ok::<(), care_convert::Error>(())
+//! ```
+
+pub mod error;
+pub mod eval;
+
+pub use error::{Error, Result};

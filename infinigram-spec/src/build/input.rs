@@ -1,0 +1,228 @@
+//! Inputs: pre-tokenized `u32` streams and text corpora tokenized on the fly.
+
+use std::fs::File;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+/// Documents from a pre-tokenized file: little-endian `u32` token ids, each document
+/// followed by `u32::MAX`. A last document without a trailing separator is kept. Read
+/// streaming, so the file may be larger than memory.
+pub struct TokenStream {
+    path: PathBuf,
+    reader: BufReader<File>,
+    offset: u64,
+    done: bool,
+}
+
+/// The document separator of [`TokenStream`] files.
+pub const STREAM_SEPARATOR: u32 = u32::MAX;
+
+impl TokenStream {
+    /// Opens a token stream file.
+    pub fn open(path: &Path) -> Result<TokenStream> {
+        let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if len % 4 != 0 {
+            return Err(Error::TokenStream {
+                path: path.to_path_buf(),
+                offset: len,
+                reason: "file size is not a multiple of 4 bytes".into(),
+            });
+        }
+        Ok(TokenStream {
+            path: path.to_path_buf(),
+            reader: BufReader::with_capacity(1 << 20, file),
+            offset: 0,
+            done: false,
+        })
+    }
+
+    fn next_doc(&mut self) -> Result<Option<Vec<u32>>> {
+        let mut doc = Vec::new();
+        let mut word = [0u8; 4];
+        loop {
+            match self.reader.read_exact(&mut word) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                    self.done = true;
+                    return Ok((!doc.is_empty()).then_some(doc));
+                }
+                Err(e) => return Err(Error::io(&self.path, e)),
+            }
+            self.offset += 4;
+            match u32::from_le_bytes(word) {
+                STREAM_SEPARATOR => return Ok(Some(doc)),
+                t => doc.push(t),
+            }
+        }
+    }
+}
+
+impl Iterator for TokenStream {
+    type Item = Result<Vec<u32>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        self.next_doc().transpose()
+    }
+}
+
+/// All files under `inputs` (files are taken as they are, folders walked recursively,
+/// symbolic links followed), keeping only names that end with one of `extensions` when
+/// it is not empty. Sorted, so builds are reproducible.
+pub fn collect_files(inputs: &[PathBuf], extensions: &[String]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        let meta = std::fs::metadata(input).map_err(|e| Error::io(input, e))?;
+        if meta.is_dir() {
+            walk(input, extensions, &mut out)?;
+        } else {
+            out.push(input.clone());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, extensions: &[String], out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|e| Error::io(dir, e)))
+        .collect::<Result<_>>()?;
+    entries.sort();
+    for path in entries {
+        // Broken links and unreadable entries are skipped, as `find -L` would report them.
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            walk(&path, extensions, out)?;
+        } else if meta.is_file() {
+            let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            if extensions.is_empty() || extensions.iter().any(|e| name.ends_with(e.as_str())) {
+                out.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A text corpus tokenized on the fly: each file is one document, except `.jsonl` files,
+/// where each line is a JSON object whose `"text"` field is one document. Files are read
+/// and tokenized in parallel batches of about `batch_bytes`; documents come out in file
+/// order.
+pub struct TextCorpus {
+    tokenizer: Tokenizer,
+    tokenizer_path: PathBuf,
+    files: std::vec::IntoIter<PathBuf>,
+    batch_bytes: u64,
+    ready: std::vec::IntoIter<Vec<u32>>,
+    /// Bytes of text read so far.
+    pub bytes_read: u64,
+}
+
+impl TextCorpus {
+    /// Loads a `tokenizer.json` and prepares to tokenize `files`.
+    pub fn new(tokenizer_path: &Path, files: Vec<PathBuf>) -> Result<TextCorpus> {
+        let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|source| Error::Tokenizer {
+            path: tokenizer_path.to_path_buf(),
+            source,
+        })?;
+        Ok(TextCorpus {
+            tokenizer,
+            tokenizer_path: tokenizer_path.to_path_buf(),
+            files: files.into_iter(),
+            batch_bytes: 16 << 20,
+            ready: Vec::new().into_iter(),
+            bytes_read: 0,
+        })
+    }
+
+    /// The tokenizer's vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// SHA-256 of the tokenizer file.
+    pub fn tokenizer_hash(&self) -> Result<[u8; 32]> {
+        tokenizer_hash(&self.tokenizer_path)
+    }
+
+    fn next_batch(&mut self) -> Result<bool> {
+        let mut batch = Vec::new();
+        let mut bytes = 0u64;
+        while bytes < self.batch_bytes {
+            let Some(path) = self.files.next() else { break };
+            bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            batch.push(path);
+        }
+        if batch.is_empty() {
+            return Ok(false);
+        }
+        let docs: Vec<Vec<Vec<u32>>> = batch
+            .par_iter()
+            .map(|path| self.tokenize_file(path))
+            .collect::<Result<_>>()?;
+        self.bytes_read += bytes;
+        self.ready = docs.into_iter().flatten().collect::<Vec<_>>().into_iter();
+        Ok(true)
+    }
+
+    fn tokenize_file(&self, path: &Path) -> Result<Vec<Vec<u32>>> {
+        let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let text = String::from_utf8_lossy(&raw);
+        let encode = |text: &str| -> Result<Vec<u32>> {
+            let enc = self
+                .tokenizer
+                .encode_fast(text, false)
+                .map_err(|source| Error::Tokenizer {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+            Ok(enc.get_ids().to_vec())
+        };
+        if path.extension().is_some_and(|e| e == "jsonl") {
+            text.lines()
+                .filter(|l| !l.trim().is_empty())
+                .map(|line| {
+                    let v: serde_json::Value =
+                        serde_json::from_str(line).map_err(|e| Error::Tokenizer {
+                            path: path.to_path_buf(),
+                            source: Box::new(e),
+                        })?;
+                    encode(v.get("text").and_then(|t| t.as_str()).unwrap_or(""))
+                })
+                .collect()
+        } else {
+            Ok(vec![encode(&text)?])
+        }
+    }
+}
+
+impl Iterator for TextCorpus {
+    type Item = Result<Vec<u32>>;
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(doc) = self.ready.next() {
+                return Some(Ok(doc));
+            }
+            match self.next_batch() {
+                Ok(true) => continue,
+                Ok(false) => return None,
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// SHA-256 of a tokenizer file.
+pub fn tokenizer_hash(path: &Path) -> Result<[u8; 32]> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    Ok(Sha256::digest(&bytes).into())
+}

@@ -1,0 +1,277 @@
+//! The reference decoder (Llama / Qwen2) on the CPU in f32.
+//!
+//! `embed → [x + attn(norm(x)); x + mlp(norm(x))] × L → norm → lm_head`. Attention is
+//! a `Box<dyn Attention>` per layer, so converted forms replace it in place
+//! ([`Decoder::set_attention`]). A [`ForwardObserver`] sees each layer's attention
+//! input (the normalized hidden state), which is what calibration needs.
+
+use candle_core::{Device, Tensor, D};
+
+use super::attention::{linear, Attention, AttnInput, GqaAttention, LayerCache};
+use super::rope::Rope;
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::io::{load_checked, Checkpoint, WeightSource};
+
+/// RMSNorm: `x / sqrt(mean(x²) + eps) · w`.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        let y = x.broadcast_div(&(ms + self.eps)?.sqrt()?)?;
+        Ok(y.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// SwiGLU MLP: `down(silu(gate(x)) ⊙ up(x))`.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Tensor,
+    pub up_proj: Tensor,
+    pub down_proj: Tensor,
+}
+
+impl Mlp {
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = linear(x, &self.gate_proj, None)?.silu()?;
+        let u = linear(x, &self.up_proj, None)?;
+        linear(&(g * u)?, &self.down_proj, None)
+    }
+}
+
+/// One transformer block.
+pub struct DecoderLayer {
+    pub input_norm: RmsNorm,
+    pub attn: Box<dyn Attention>,
+    pub post_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Receives intermediate activations during a forward pass.
+pub trait ForwardObserver {
+    /// `x`: the normalized input of layer `layer`'s attention, `(batch, seq, hidden)`.
+    fn attention_input(&mut self, layer: usize, x: &Tensor) -> Result<()>;
+}
+
+/// Per-sequence state of a forward pass: one [`LayerCache`] per layer.
+#[derive(Debug, Clone, Default)]
+pub struct DecoderCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl DecoderCache {
+    pub fn new(num_layers: usize) -> Self {
+        DecoderCache {
+            layers: vec![LayerCache::default(); num_layers],
+        }
+    }
+
+    /// Tokens processed so far.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, LayerCache::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cached values per token, summed over layers.
+    pub fn values_per_token(&self) -> usize {
+        self.layers.iter().map(LayerCache::values_per_token).sum()
+    }
+}
+
+/// A decoder-only language model.
+pub struct Decoder {
+    pub spec: ModelSpec,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `[vocab, hidden]`; the embedding itself when tied.
+    pub lm_head: Tensor,
+    pub rope: Rope,
+}
+
+impl Decoder {
+    /// Load the original GQA model from a checkpoint.
+    pub fn load(ckpt: &Checkpoint) -> Result<Self> {
+        Self::load_gqa(&ckpt.spec, ckpt.weights.as_ref())
+    }
+
+    /// Load a GQA decoder from HF-named weights, checking every shape.
+    pub fn load_gqa(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let attn = load_gqa_attention(spec, w, l)?;
+            layers.push(load_layer_rest(spec, w, l, Box::new(attn))?);
+        }
+        Self::from_layers(spec.clone(), w, layers)
+    }
+
+    /// Assemble a decoder from already-built layers plus embedding, norm and head
+    /// read from `w`.
+    pub fn from_layers(spec: ModelSpec, w: &dyn WeightSource, layers: Vec<DecoderLayer>) -> Result<Self> {
+        let (v, h) = (spec.vocab_size, spec.hidden_size);
+        let embed_tokens = load_checked(w, "model.embed_tokens.weight", &[v, h])?;
+        let lm_head = if w.contains("lm_head.weight") {
+            load_checked(w, "lm_head.weight", &[v, h])?
+        } else if spec.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            return Err(Error::MissingTensor {
+                path: w.path().to_path_buf(),
+                tensor: "lm_head.weight".into(),
+            });
+        };
+        let norm = RmsNorm {
+            weight: load_checked(w, "model.norm.weight", &[h])?,
+            eps: spec.rms_norm_eps,
+        };
+        let rope = Rope::new(&spec);
+        Ok(Decoder {
+            spec,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// Replace the attention of layer `layer` (e.g. by a converted MLA form).
+    pub fn set_attention(&mut self, layer: usize, attn: Box<dyn Attention>) -> Result<()> {
+        let n = self.layers.len();
+        let slot = self
+            .layers
+            .get_mut(layer)
+            .ok_or_else(|| Error::InvalidInput(format!("layer {layer} out of range (0..{n})")))?;
+        slot.attn = attn;
+        Ok(())
+    }
+
+    /// A fresh cache for one sequence.
+    pub fn new_cache(&self) -> DecoderCache {
+        DecoderCache::new(self.layers.len())
+    }
+
+    /// Run `tokens` after what `cache` already holds; returns the final-normed hidden
+    /// states `(seq, hidden)`. Logits are left to [`Decoder::logits`] so callers can
+    /// project only the positions they score.
+    pub fn forward_hidden(
+        &self,
+        tokens: &[u32],
+        cache: &mut DecoderCache,
+        mut observer: Option<&mut dyn ForwardObserver>,
+    ) -> Result<Tensor> {
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("empty token sequence".into()));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.spec.vocab_size
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::InvalidInput(format!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let start_pos = cache.len();
+        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let _span = tracing::trace_span!("layer", l).entered();
+            let h = layer.input_norm.forward(&x)?;
+            if let Some(obs) = observer.as_deref_mut() {
+                obs.attention_input(l, &h)?;
+            }
+            let input = AttnInput {
+                x: &h,
+                start_pos,
+                rope: &self.rope,
+            };
+            let a = layer.attn.forward(&input, &mut cache.layers[l])?;
+            x = (x + a)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        Ok(self.norm.forward(&x)?.squeeze(0)?)
+    }
+
+    /// Project hidden states `(seq, hidden)` to logits `(seq, vocab)`.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        linear(hidden, &self.lm_head, None)
+    }
+
+    /// Logits `(seq, vocab)` for every position of `tokens`, continuing `cache`.
+    pub fn forward(&self, tokens: &[u32], cache: &mut DecoderCache) -> Result<Tensor> {
+        let h = self.forward_hidden(tokens, cache, None)?;
+        self.logits(&h)
+    }
+
+    /// Cached values per token over all layers (as the attention forms declare them).
+    pub fn cache_values_per_token(&self) -> usize {
+        self.layers.iter().map(|l| l.attn.cache_values_per_token()).sum()
+    }
+}
+
+/// The GQA attention of layer `l` from HF-named weights.
+pub fn load_gqa_attention(spec: &ModelSpec, w: &dyn WeightSource, l: usize) -> Result<GqaAttention> {
+    let p = format!("model.layers.{l}.self_attn");
+    let (h, nh, nkv, d) = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    let bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
+        let full = format!("{p}.{name}.bias");
+        if spec.arch.has_qkv_bias() {
+            Ok(Some(load_checked(w, &full, &[n])?))
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(GqaAttention {
+        q_proj: load_checked(w, &format!("{p}.q_proj.weight"), &[nh * d, h])?,
+        k_proj: load_checked(w, &format!("{p}.k_proj.weight"), &[nkv * d, h])?,
+        v_proj: load_checked(w, &format!("{p}.v_proj.weight"), &[nkv * d, h])?,
+        o_proj: load_checked(w, &format!("{p}.o_proj.weight"), &[h, nh * d])?,
+        q_bias: bias("q_proj", nh * d)?,
+        k_bias: bias("k_proj", nkv * d)?,
+        v_bias: bias("v_proj", nkv * d)?,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: d,
+    })
+}
+
+/// Norms and MLP of layer `l`, around a given attention.
+pub fn load_layer_rest(
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    l: usize,
+    attn: Box<dyn Attention>,
+) -> Result<DecoderLayer> {
+    let p = format!("model.layers.{l}");
+    let (h, f) = (spec.hidden_size, spec.intermediate_size);
+    let norm = |name: &str| -> Result<RmsNorm> {
+        Ok(RmsNorm {
+            weight: load_checked(w, &format!("{p}.{name}.weight"), &[h])?,
+            eps: spec.rms_norm_eps,
+        })
+    };
+    Ok(DecoderLayer {
+        input_norm: norm("input_layernorm")?,
+        attn,
+        post_norm: norm("post_attention_layernorm")?,
+        mlp: Mlp {
+            gate_proj: load_checked(w, &format!("{p}.mlp.gate_proj.weight"), &[f, h])?,
+            up_proj: load_checked(w, &format!("{p}.mlp.up_proj.weight"), &[f, h])?,
+            down_proj: load_checked(w, &format!("{p}.mlp.down_proj.weight"), &[h, f])?,
+        },
+    })
+}

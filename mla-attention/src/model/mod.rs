@@ -1,0 +1,9 @@
+//! The reference decoder and its replaceable attention.
+
+pub mod attention;
+pub mod decoder;
+pub mod rope;
+
+pub use attention::{Attention, AttnInput, GqaAttention, LayerCache};
+pub use decoder::{Decoder, DecoderCache, DecoderLayer, ForwardObserver, Mlp, RmsNorm};
+pub use rope::Rope;
