@@ -20,5 +20,7 @@
 
 pub mod error;
 pub mod eval;
+pub mod factorize;
+pub mod ranks;
 
 pub use error::{Error, Result};

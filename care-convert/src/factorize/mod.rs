@@ -1,0 +1,1 @@
+//! Low-rank factorizations of projection weights (CARE and baselines).

@@ -1,0 +1,1 @@
+//! Per-layer rank allocation under a KV budget.
