@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -46,7 +46,9 @@ pub fn write_v4<'a>(
     let ds_path = dir.join("tokenized.0");
     let od_path = dir.join("offset.0");
     let create = |p: &Path| -> Result<BufWriter<File>> {
-        Ok(BufWriter::new(File::create(p).map_err(|e| Error::io(p, e))?))
+        Ok(BufWriter::new(
+            File::create(p).map_err(|e| Error::io(p, e))?,
+        ))
     };
     let (mut ds, mut od) = (create(&ds_path)?, create(&od_path)?);
     let mut at = 0u64;
@@ -103,9 +105,21 @@ pub fn build_v4_table(
             break;
         }
         let child = Command::new(rust_indexing)
-            .args(["make-part", "--data-file", &s(&ds), "--parts-dir", &s(&parts)])
-            .args(["--start-byte", &start.to_string(), "--end-byte", &end.to_string()])
+            .args([
+                "make-part",
+                "--data-file",
+                &s(&ds),
+                "--parts-dir",
+                &s(&parts),
+            ])
+            .args([
+                "--start-byte",
+                &start.to_string(),
+                "--end-byte",
+                &end.to_string(),
+            ])
             .args(&common)
+            .stdout(Stdio::null())
             .spawn()
             .map_err(|e| Error::io(rust_indexing, e))?;
         children.push(child);
@@ -115,16 +129,29 @@ pub fn build_v4_table(
     }
     let status = Command::new(rust_indexing)
         .args(["merge", "--data-file", &s(&ds), "--parts-dir", &s(&parts)])
-        .args(["--merged-dir", &s(&merged), "--num-threads", &jobs.to_string()])
+        .args([
+            "--merged-dir",
+            &s(&merged),
+            "--num-threads",
+            &jobs.to_string(),
+        ])
         .args(["--hacksize", &HACK_BYTES.to_string()])
         .args(&common)
+        .stdout(Stdio::null())
         .status();
     check(rust_indexing, "merge", status)?;
     let status = Command::new(rust_indexing)
-        .args(["concat", "--data-file", &s(&ds), "--merged-dir", &s(&merged)])
+        .args([
+            "concat",
+            "--data-file",
+            &s(&ds),
+            "--merged-dir",
+            &s(&merged),
+        ])
         .args(["--merged-file", &s(&dir.join("table.0"))])
         .args(["--num-threads", &jobs.to_string()])
         .args(&common)
+        .stdout(Stdio::null())
         .status();
     check(rust_indexing, "concat", status)?;
     for d in [&parts, &merged] {

@@ -30,7 +30,7 @@
 //! assert_eq!(m.len(), 3); // [3, 1, 2] occurs, [7, 3, 1, 2] does not
 //! ```
 //!
-//! The on-disk layout is described in [`format`]; see `docs/INFINIGRAM.md` for the design
+//! The on-disk layout is described in [`format`](mod@format); see `docs/INFINIGRAM.md` for the design
 //! and measurements.
 
 pub mod build;

@@ -19,7 +19,11 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 #[derive(Parser)]
-#[command(name = "infinigram", version, about = "Suffix-array n-gram index: build, query, stats")]
+#[command(
+    name = "infinigram",
+    version,
+    about = "Suffix-array n-gram index: build, query, stats"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -186,11 +190,13 @@ struct Bar(ProgressBar);
 impl BuildProgress for Bar {
     fn input(&self, docs: u64, tokens: u64) {
         if docs % 256 == 0 {
-            self.0.set_message(format!("{docs} documents, {tokens} tokens read"));
+            self.0
+                .set_message(format!("{docs} documents, {tokens} tokens read"));
         }
     }
     fn shard_started(&self, shard: usize, slots: u64) {
-        self.0.set_message(format!("sorting shard {shard} ({slots} tokens)"));
+        self.0
+            .set_message(format!("sorting shard {shard} ({slots} tokens)"));
     }
     fn shard_written(&self, shard: usize, _slots: u64) {
         self.0.set_message(format!("shard {shard} written"));
@@ -203,7 +209,9 @@ fn build(a: BuildArgs) -> anyhow::Result<()> {
         bail!("no input files found under {:?}", a.inputs);
     }
     let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")?);
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {msg}",
+    )?);
     bar.enable_steady_tick(std::time::Duration::from_millis(200));
     let progress = Bar(bar);
     let summary = match a.input_format {
@@ -272,7 +280,11 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
         (Some(list), _) => list
             .split(',')
             .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse::<u32>().with_context(|| format!("token id {s:?}")))
+            .map(|s| {
+                s.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("token id {s:?}"))
+            })
             .collect::<anyhow::Result<_>>()?,
         (None, Some(text)) => {
             let tok = tokenizer.as_ref().context("--text needs --tokenizer")?;
@@ -301,8 +313,10 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
             let next: Vec<_> = ntd
                 .next
                 .iter()
-                .map(|n| json!({"token": n.token, "text": piece(n.token), "count": n.count,
-                    "prob": n.count as f64 / ntd.prompt_count.max(1) as f64}))
+                .map(|n| {
+                    json!({"token": n.token, "text": piece(n.token), "count": n.count,
+                    "prob": n.count as f64 / ntd.prompt_count.max(1) as f64})
+                })
                 .collect();
             json!({ "tokens": tokens, "prompt_count": ntd.prompt_count, "approx": ntd.approx, "next": next })
         }
@@ -343,8 +357,10 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
             let nodes: Vec<_> = trie
                 .nodes
                 .iter()
-                .map(|n| json!({"token": n.token, "text": piece(Some(n.token)), "parent": n.parent,
-                    "depth": n.depth, "count": n.count, "prob": n.prob}))
+                .map(|n| {
+                    json!({"token": n.token, "text": piece(Some(n.token)), "parent": n.parent,
+                    "depth": n.depth, "count": n.count, "prob": n.prob})
+                })
                 .collect();
             json!({ "tokens": tokens, "suffix_len": m.len(), "count": trie.root_count, "nodes": nodes })
         }

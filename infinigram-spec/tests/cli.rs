@@ -51,14 +51,29 @@ fn build_query_stats_from_text() {
     std::fs::create_dir_all(corpus.join("sub")).unwrap();
     std::fs::write(corpus.join("a.txt"), "the cat sat on the mat").unwrap();
     std::fs::write(corpus.join("sub/b.txt"), "the cat sat on a dog").unwrap();
-    std::fs::write(corpus.join("c.jsonl"), "{\"text\": \"a cat sat\"}\n{\"text\": \"the dog\"}\n").unwrap();
+    std::fs::write(
+        corpus.join("c.jsonl"),
+        "{\"text\": \"a cat sat\"}\n{\"text\": \"the dog\"}\n",
+    )
+    .unwrap();
     std::fs::write(corpus.join("skip.md"), "the the the").unwrap();
     let index = d.join("idx.igs");
     let (i, t) = (index.to_str().unwrap(), tok.to_str().unwrap());
     let c = corpus.to_str().unwrap();
     let summary = json(&[
-        "build", c, "-o", i, "--tokenizer", t, "--extension", ".txt", "--extension", ".jsonl",
-        "--json", "--shard-tokens", "8",
+        "build",
+        c,
+        "-o",
+        i,
+        "--tokenizer",
+        t,
+        "--extension",
+        ".txt",
+        "--extension",
+        ".jsonl",
+        "--json",
+        "--shard-tokens",
+        "8",
     ]);
     // a.txt 6 + b.txt 6 + 3 + 2 tokens; 4 documents; shards of at most 8 slots.
     assert_eq!(summary["tokens"], 17);
@@ -66,7 +81,18 @@ fn build_query_stats_from_text() {
     assert_eq!(summary["shards"], 3);
 
     let q = |op: &str, text: &str| {
-        json(&["query", "-i", i, "--tokenizer", t, "--op", op, "--text", text, "--json"])
+        json(&[
+            "query",
+            "-i",
+            i,
+            "--tokenizer",
+            t,
+            "--op",
+            op,
+            "--text",
+            text,
+            "--json",
+        ])
     };
     assert_eq!(q("count", "cat sat")["count"], 3);
     assert_eq!(q("count", "the")["count"], 4);
@@ -115,7 +141,10 @@ fn build_query_stats_from_text() {
     assert!(!ok && err.contains("out of range"), "{err}");
     std::fs::write(&index, b"garbage").unwrap();
     let (ok, _, err) = run(&["stats", "-i", i]);
-    assert!(!ok && err.contains("idx.igs") && err.contains("header"), "{err}");
+    assert!(
+        !ok && err.contains("idx.igs") && err.contains("header"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -128,12 +157,23 @@ fn build_from_token_stream() {
     let index = dir.path().join("t.igs");
     let (s, i) = (stream.to_str().unwrap(), index.to_str().unwrap());
     let summary = json(&[
-        "build", s, "-o", i, "--input-format", "tokens", "--vocab-size", "100000", "--json",
+        "build",
+        s,
+        "-o",
+        i,
+        "--input-format",
+        "tokens",
+        "--vocab-size",
+        "100000",
+        "--json",
     ]);
     assert_eq!(summary["tokens"], 6);
     assert_eq!(summary["docs"], 3);
     assert_eq!(summary["token_width"], 3);
-    assert_eq!(json(&["query", "-i", i, "--tokens", "6,7", "--json"])["count"], 2);
+    assert_eq!(
+        json(&["query", "-i", i, "--tokens", "6,7", "--json"])["count"],
+        2
+    );
     let (ok, _, err) = run(&["build", s, "-o", i, "--input-format", "tokens"]);
     assert!(!ok && err.contains("--vocab-size"), "{err}");
 }

@@ -5,9 +5,7 @@
 mod common;
 
 use infinigram_spec::format::{self, ShardEntry, HEADER_BYTES, SHARD_ENTRY_BYTES};
-use infinigram_spec::{
-    ChainOptions, Error, Index, NtdOptions, OpenOptions, Section, TrieOptions,
-};
+use infinigram_spec::{ChainOptions, Error, Index, NtdOptions, OpenOptions, Section, TrieOptions};
 use proptest::prelude::*;
 
 fn corpus() -> Vec<Vec<u32>> {
@@ -18,7 +16,9 @@ fn corpus() -> Vec<Vec<u32>> {
         docs.push(
             (0..len)
                 .map(|_| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((x >> 33) % 5) as u32
                 })
                 .collect(),
@@ -67,7 +67,13 @@ fn exercise(index: &Index<Vec<u8>>) {
     for q in &queries {
         let _ = index.count(q);
         let _ = index.ntd(q, NtdOptions::default());
-        let _ = index.ntd(q, NtdOptions { top_k: Some(2), max_support: 2 });
+        let _ = index.ntd(
+            q,
+            NtdOptions {
+                top_k: Some(2),
+                max_support: 2,
+            },
+        );
         let _ = index.occurrences(q, 50);
         if let Ok(m) = index.longest_suffix(q, 8) {
             let _ = index.chain(&m, ChainOptions::default());
@@ -101,7 +107,11 @@ fn every_truncation_is_an_error() {
         for len in 0..bytes.len() {
             let cut = bytes[..len].to_vec();
             let r = Index::from_bytes(cut, OpenOptions::default());
-            assert!(r.is_err(), "truncation to {len} of {} bytes opened", bytes.len());
+            assert!(
+                r.is_err(),
+                "truncation to {len} of {} bytes opened",
+                bytes.len()
+            );
         }
     }
 }
@@ -119,13 +129,20 @@ fn truncated_file_error_names_file_and_section() {
     let err = Index::open(&path, OpenOptions::default()).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("cut.igs"), "{msg}");
-    assert!(msg.contains("shard table") && msg.contains("truncated"), "{msg}");
+    assert!(
+        msg.contains("shard table") && msg.contains("truncated"),
+        "{msg}"
+    );
     std::fs::write(&path, b"not an index at all, but long enough to hold a header............................................................................").unwrap();
-    assert!(matches!(Index::open(&path, OpenOptions::default()), Err(Error::BadMagic { .. })));
+    assert!(matches!(
+        Index::open(&path, OpenOptions::default()),
+        Err(Error::BadMagic { .. })
+    ));
 }
 
 #[test]
 fn corrupting_each_section_is_caught_by_verify() {
+    let mut exercised = 0;
     for vocab in [5u32, 70_000] {
         let bytes = built(vocab);
         for (section, shard, start, end) in sections(&bytes) {
@@ -141,10 +158,16 @@ fn corrupting_each_section_is_caught_by_verify() {
                 }
                 if let Ok(index) = Index::from_bytes(bad, OpenOptions::default()) {
                     exercise(&index);
+                    exercised += 1;
                 }
             }
         }
     }
+    // Token and suffix-array corruption passes the cheap open: queries must still be safe.
+    assert!(
+        exercised > 100,
+        "only {exercised} corrupted indexes were queried"
+    );
 }
 
 proptest! {
@@ -165,5 +188,20 @@ proptest! {
         if let Ok(index) = Index::from_bytes(bad, OpenOptions::default()) {
             exercise(&index);
         }
+    }
+}
+
+/// A match state used with the wrong index gives meaningless answers but never panics.
+#[test]
+fn foreign_match_state_never_panics() {
+    let many = common::build(&corpus(), 5, 40);
+    let one = common::build(&corpus(), 5, 1 << 20);
+    assert!(many.shard_count() > one.shard_count());
+    let mut state = many.longest_suffix(&[1, 2, 3], 8).unwrap();
+    let _ = one.chain(&state, ChainOptions::default());
+    let _ = one.trie(&state, TrieOptions::default());
+    let _ = state.matched_tokens(&one);
+    for t in [0, 1, 2, 3, 4] {
+        let _ = state.advance(&one, t);
     }
 }

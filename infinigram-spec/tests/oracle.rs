@@ -48,7 +48,11 @@ impl Rng {
 fn corpus(rng: &mut Rng) -> Vec<Vec<u32>> {
     // Phrases repeated across documents give long matches and skewed distributions.
     let phrases: Vec<Vec<u32>> = (0..40)
-        .map(|_| (0..2 + rng.below(12)).map(|_| rng.zipf(LAST as u64)).collect())
+        .map(|_| {
+            (0..2 + rng.below(12))
+                .map(|_| rng.zipf(LAST as u64))
+                .collect()
+        })
         .collect();
     let mut docs: Vec<Vec<u32>> = (0..400)
         .map(|_| {
@@ -145,7 +149,10 @@ fn our_ntd(next: &[infinigram_spec::NextCount]) -> BTreeMap<u32, u64> {
 fn agrees_with_infini_gram() {
     let required = std::env::var("INFINIGRAM_ORACLE").is_ok_and(|v| v == "require");
     let Some(rust_indexing) = interop::find_rust_indexing(&python()) else {
-        assert!(!required, "INFINIGRAM_ORACLE=require but infini-gram is not importable");
+        assert!(
+            !required,
+            "INFINIGRAM_ORACLE=require but infini-gram is not importable"
+        );
         eprintln!("SKIPPED agrees_with_infini_gram: `pip install infini-gram==2.6.0` to run it");
         return;
     };
@@ -180,7 +187,11 @@ fn agrees_with_infini_gram() {
     });
     let reply = ask(&request);
     let results = reply["results"].as_array().unwrap();
-    let (counts, ntds, infgrams) = (&results[0]["answers"], &results[1]["answers"], &results[2]["answers"]);
+    let (counts, ntds, infgrams) = (
+        &results[0]["answers"],
+        &results[1]["answers"],
+        &results[2]["answers"],
+    );
 
     let mut nonzero = 0;
     for (i, q) in ngrams.iter().enumerate() {
@@ -188,7 +199,15 @@ fn agrees_with_infini_gram() {
         assert_eq!(c, counts[i].as_u64().unwrap(), "count {q:?}");
         assert_eq!(c, common::count(&docs, q), "brute count {q:?}");
         nonzero += (c > 0) as usize;
-        let ntd = ours.ntd(q, NtdOptions { top_k: None, max_support: 0 }).unwrap();
+        let ntd = ours
+            .ntd(
+                q,
+                NtdOptions {
+                    top_k: None,
+                    max_support: 0,
+                },
+            )
+            .unwrap();
         assert_eq!(ntd.prompt_count, ntds[i]["prompt_cnt"].as_u64().unwrap());
         assert_eq!(our_ntd(&ntd.next), their_ntd(&ntds[i]), "ntd {q:?}");
     }
@@ -198,16 +217,30 @@ fn agrees_with_infini_gram() {
     for (i, ctx) in contexts.iter().enumerate() {
         let m = ours.longest_suffix(ctx, usize::MAX).unwrap();
         let theirs = &infgrams[i];
-        assert_eq!(m.len() as u64, theirs["suffix_len"].as_u64().unwrap(), "suffix {ctx:?}");
+        assert_eq!(
+            m.len() as u64,
+            theirs["suffix_len"].as_u64().unwrap(),
+            "suffix {ctx:?}"
+        );
         lengths.push(m.len());
-        if m.len() > 0 {
-            let ntd = ours.ntd_of_ranges(m.ranges(), m.len(), NtdOptions { top_k: None, max_support: 0 });
+        if !m.is_empty() {
+            let ntd = ours.ntd_of_ranges(
+                m.ranges(),
+                m.len(),
+                NtdOptions {
+                    top_k: None,
+                    max_support: 0,
+                },
+            );
             assert_eq!(ntd.prompt_count, theirs["prompt_cnt"].as_u64().unwrap());
             assert_eq!(our_ntd(&ntd.next), their_ntd(theirs), "infgram ntd {ctx:?}");
         }
     }
     lengths.sort();
-    assert!(lengths[lengths.len() / 2] >= 2, "median match length {lengths:?}");
+    assert!(
+        lengths[lengths.len() / 2] >= 2,
+        "median match length {lengths:?}"
+    );
     eprintln!(
         "oracle: {} n-grams ({nonzero} present) and {} contexts agree",
         ngrams.len(),

@@ -54,7 +54,9 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
     let docs = &c.docs;
     prop_assert_eq!(index.doc_count(), docs.len() as u64);
     prop_assert_eq!(index.token_count(), common::count(docs, &[]));
-    index.verify().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    index
+        .verify()
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
     for (d, doc) in docs.iter().enumerate() {
         prop_assert_eq!(index.document(d as u64), Some(doc.clone()));
     }
@@ -71,11 +73,22 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
         }
     }
     for q in &queries {
-        prop_assert_eq!(index.count(q).unwrap(), common::count(docs, q), "count {:?}", q);
+        prop_assert_eq!(
+            index.count(q).unwrap(),
+            common::count(docs, q),
+            "count {:?}",
+            q
+        );
         prop_assert_eq!(index.contains(q).unwrap(), common::count(docs, q) > 0);
         // Exact NTD.
         let exact = index
-            .ntd(q, NtdOptions { top_k: None, max_support: 0 })
+            .ntd(
+                q,
+                NtdOptions {
+                    top_k: None,
+                    max_support: 0,
+                },
+            )
             .unwrap();
         let got: BTreeMap<Option<u32>, u64> =
             exact.next.iter().map(|n| (n.token, n.count)).collect();
@@ -84,10 +97,26 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
         prop_assert_eq!(exact.prompt_count, common::count(docs, q));
         // Sorted by count, and top-k is a prefix.
         prop_assert!(exact.next.windows(2).all(|w| w[0].count >= w[1].count));
-        let top2 = index.ntd(q, NtdOptions { top_k: Some(2), max_support: 0 }).unwrap();
+        let top2 = index
+            .ntd(
+                q,
+                NtdOptions {
+                    top_k: Some(2),
+                    max_support: 0,
+                },
+            )
+            .unwrap();
         prop_assert_eq!(&top2.next[..], &exact.next[..exact.next.len().min(2)]);
         // Capped support: counts stay exact, nothing frequent is missed.
-        let capped = index.ntd(q, NtdOptions { top_k: None, max_support: 3 }).unwrap();
+        let capped = index
+            .ntd(
+                q,
+                NtdOptions {
+                    top_k: None,
+                    max_support: 3,
+                },
+            )
+            .unwrap();
         let total = exact.prompt_count.max(1);
         for n in &capped.next {
             prop_assert_eq!(Some(&n.count), got.get(&n.token), "capped count {:?}", q);
@@ -97,7 +126,11 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
             // shards a token of total count >= S * stride has such a run somewhere.
             let stride = total.div_ceil(3);
             if *cnt >= stride * index.shard_count() as u64 {
-                prop_assert!(capped.next.iter().any(|n| n.token == *tok), "missed {:?}", tok);
+                prop_assert!(
+                    capped.next.iter().any(|n| n.token == *tok),
+                    "missed {:?}",
+                    tok
+                );
             }
         }
         // Occurrences and document ids.
@@ -118,11 +151,31 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
             prop_assert_eq!(m.count(), common::count(docs, suffix));
             prop_assert_eq!(m.matched_tokens(&index), suffix.to_vec());
             // Chain from the match.
-            let chain = index.chain(&m, ChainOptions { max_tokens: 5, max_support: 0, ..Default::default() });
+            let chain = index.chain(
+                &m,
+                ChainOptions {
+                    max_tokens: 5,
+                    max_support: 0,
+                    ..Default::default()
+                },
+            );
             let got: Vec<(u32, u64)> = chain.iter().map(|s| (s.token, s.count)).collect();
-            prop_assert_eq!(got, common::chain(docs, suffix, 5), "chain after {:?}", suffix);
+            prop_assert_eq!(
+                got,
+                common::chain(docs, suffix, 5),
+                "chain after {:?}",
+                suffix
+            );
             // Trie: complete when the budget is large; every count is exact.
-            let trie = index.trie(&m, TrieOptions { max_depth: 3, max_nodes: 10_000, max_support: 0, ..Default::default() });
+            let trie = index.trie(
+                &m,
+                TrieOptions {
+                    max_depth: 3,
+                    max_nodes: 10_000,
+                    max_support: 0,
+                    ..Default::default()
+                },
+            );
             let mut paths: Vec<Vec<u32>> = Vec::new();
             for (i, node) in trie.nodes.iter().enumerate() {
                 let mut path: Vec<u32> = match node.parent {
@@ -159,7 +212,10 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
             let seen = &c.stream[..=i];
             let want = common::longest_suffix(docs, seen, max_len);
             prop_assert_eq!(len, want, "advance at {} cap {}", i, max_len);
-            prop_assert_eq!(state.count(), common::count(docs, &seen[seen.len() - want..]));
+            prop_assert_eq!(
+                state.count(),
+                common::count(docs, &seen[seen.len() - want..])
+            );
             let cold = index.longest_suffix(seen, max_len).unwrap();
             prop_assert_eq!(&cold, &state);
         }
@@ -173,7 +229,7 @@ fn check_case(c: &Case) -> Result<(), TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn queries_match_brute_force(c in case(vec![5, 9, 65_535, 65_536, 70_000])) {
@@ -200,7 +256,11 @@ fn file_round_trip_equals_memory() {
     config.shard_tokens = 6;
     let builder = infinigram_spec::IndexBuilder::new(config).unwrap();
     let summary = builder
-        .build_file(&path, docs.iter().cloned().map(Ok), &infinigram_spec::NoProgress)
+        .build_file(
+            &path,
+            docs.iter().cloned().map(Ok),
+            &infinigram_spec::NoProgress,
+        )
         .unwrap();
     assert_eq!(summary.tokens, 9);
     assert_eq!(summary.docs, 3);
@@ -216,7 +276,10 @@ fn file_round_trip_equals_memory() {
 #[test]
 fn config_and_input_errors() {
     use infinigram_spec::{BuildConfig, IndexBuilder};
-    assert!(matches!(IndexBuilder::new(BuildConfig::new(0)), Err(Error::VocabTooLarge { .. })));
+    assert!(matches!(
+        IndexBuilder::new(BuildConfig::new(0)),
+        Err(Error::VocabTooLarge { .. })
+    ));
     let mut c = BuildConfig::new(10);
     c.shard_tokens = 1;
     assert!(matches!(IndexBuilder::new(c), Err(Error::ShardSize { .. })));
@@ -224,7 +287,14 @@ fn config_and_input_errors() {
     c.shard_tokens = 4;
     let b = IndexBuilder::new(c).unwrap();
     let r = b.build_in_memory(vec![Ok(vec![1, 2, 3, 4])].into_iter());
-    assert!(matches!(r, Err(Error::DocumentTooLarge { doc: 0, tokens: 4, .. })));
+    assert!(matches!(
+        r,
+        Err(Error::DocumentTooLarge {
+            doc: 0,
+            tokens: 4,
+            ..
+        })
+    ));
     let r = b.build_in_memory(vec![Ok(vec![1, 10])].into_iter());
     assert!(matches!(r, Err(Error::TokenOutOfRange { token: 10, .. })));
     let r = b.build_in_memory(Vec::new().into_iter());

@@ -104,7 +104,10 @@ fn walk(dir: &Path, extensions: &[String], out: &mut Vec<PathBuf>) -> Result<()>
         if meta.is_dir() {
             walk(&path, extensions, out)?;
         } else if meta.is_file() {
-            let name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default();
             if extensions.is_empty() || extensions.iter().any(|e| name.ends_with(e.as_str())) {
                 out.push(path);
             }
@@ -130,10 +133,11 @@ pub struct TextCorpus {
 impl TextCorpus {
     /// Loads a `tokenizer.json` and prepares to tokenize `files`.
     pub fn new(tokenizer_path: &Path, files: Vec<PathBuf>) -> Result<TextCorpus> {
-        let tokenizer = Tokenizer::from_file(tokenizer_path).map_err(|source| Error::Tokenizer {
-            path: tokenizer_path.to_path_buf(),
-            source,
-        })?;
+        let tokenizer =
+            Tokenizer::from_file(tokenizer_path).map_err(|source| Error::Tokenizer {
+                path: tokenizer_path.to_path_buf(),
+                source,
+            })?;
         Ok(TextCorpus {
             tokenizer,
             tokenizer_path: tokenizer_path.to_path_buf(),
@@ -178,13 +182,13 @@ impl TextCorpus {
         let raw = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         let text = String::from_utf8_lossy(&raw);
         let encode = |text: &str| -> Result<Vec<u32>> {
-            let enc = self
-                .tokenizer
-                .encode_fast(text, false)
-                .map_err(|source| Error::Tokenizer {
-                    path: path.to_path_buf(),
-                    source,
-                })?;
+            let enc =
+                self.tokenizer
+                    .encode_fast(text, false)
+                    .map_err(|source| Error::Tokenizer {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
             Ok(enc.get_ids().to_vec())
         };
         if path.extension().is_some_and(|e| e == "jsonl") {
@@ -225,4 +229,50 @@ impl Iterator for TextCorpus {
 pub fn tokenizer_hash(path: &Path) -> Result<[u8; 32]> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     Ok(Sha256::digest(&bytes).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_stream_documents_and_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.u32");
+        let words = [1u32, 2, STREAM_SEPARATOR, STREAM_SEPARATOR, 3];
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let docs: Vec<Vec<u32>> = TokenStream::open(&path)
+            .unwrap()
+            .collect::<Result<_>>()
+            .unwrap();
+        assert_eq!(docs, vec![vec![1, 2], vec![], vec![3]]);
+        std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+        let err = TokenStream::open(&path).err().unwrap();
+        assert!(
+            matches!(err, Error::TokenStream { offset: 19, .. }),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn collect_files_filters_and_sorts() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        for f in ["b/x.py", "a.py", "c.txt"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let files = collect_files(&[dir.path().to_path_buf()], &[".py".to_string()]).unwrap();
+        let names: Vec<_> = files
+            .iter()
+            .map(|f| {
+                f.strip_prefix(dir.path())
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(names, vec!["a.py", "b/x.py"]);
+        assert!(collect_files(&[dir.path().join("missing")], &[]).is_err());
+    }
 }

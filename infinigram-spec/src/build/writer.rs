@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::shard::{BuiltShard, Text};
 use crate::error::{Error, Result};
-use crate::format::{
-    self, Checksum, Header, ShardEntry, HEADER_BYTES, ORDER_NUMERIC, PAD_BYTES,
-};
+use crate::format::{self, Checksum, Header, ShardEntry, HEADER_BYTES, ORDER_NUMERIC, PAD_BYTES};
 
 /// Bytes converted per write call.
 const CHUNK_BYTES: usize = 1 << 20;

@@ -117,9 +117,7 @@ impl PartialOrd for Candidate {
 impl Ord for Candidate {
     /// Larger count first; among equal counts, the earlier candidate.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.count
-            .cmp(&other.count)
-            .then(other.seq.cmp(&self.seq))
+        self.count.cmp(&other.count).then(other.seq.cmp(&self.seq))
     }
 }
 
@@ -174,7 +172,12 @@ impl<S: AsRef<[u8]>> Index<S> {
         path_prob: f64,
         out: &mut Vec<ChainStep>,
     ) {
-        let Some((s, range)) = ranges.iter().enumerate().find(|(_, r)| !r.is_empty()) else {
+        let Some((s, range)) = ranges
+            .iter()
+            .enumerate()
+            .take(self.shard_count())
+            .find(|(_, r)| !r.is_empty())
+        else {
             return;
         };
         if options.min_count > 1 || path_prob < options.min_prob {
@@ -243,7 +246,13 @@ impl<S: AsRef<[u8]>> Index<S> {
                 prob,
             });
             if c.depth < options.max_depth {
-                expand(&mut heap, &c.ranges, state.len() + c.depth, Some(id), c.depth);
+                expand(
+                    &mut heap,
+                    &c.ranges,
+                    state.len() + c.depth,
+                    Some(id),
+                    c.depth,
+                );
             }
         }
         Trie { root_count, nodes }

@@ -7,7 +7,8 @@ use crate::error::Result;
 
 /// The longest suffix of a token stream that occurs in an index, with its range in every
 /// shard. Cheap to clone (a length and one small range per shard); it does not keep the
-/// tokens, which are read back from the index when needed.
+/// tokens, which are read back from the index when needed. Use a state only with the index
+/// that made it: with another one the answers are meaningless (though nothing panics).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MatchState {
     len: usize,
@@ -47,23 +48,25 @@ impl MatchState {
     /// the length grows by at most one per token, the back-off work is amortized.
     pub fn advance<S: AsRef<[u8]>>(&mut self, index: &Index<S>, token: u32) -> Result<usize> {
         index.check_tokens(&[token])?;
-        let mut narrowed = Vec::with_capacity(self.ranges.len());
+        // Narrow in place, remembering where the old match can be read back.
+        let mut anchor = None;
         let mut found = false;
-        for (s, &range) in self.ranges.iter().enumerate() {
-            let r = if range.is_empty() {
-                SaRange::EMPTY
-            } else {
-                index.shard(s).narrow(range, self.len, token)
-            };
-            found |= !r.is_empty();
-            narrowed.push(r);
+        for (s, range) in self.ranges.iter_mut().enumerate().take(index.shard_count()) {
+            if range.is_empty() {
+                continue;
+            }
+            anchor.get_or_insert((s, range.start));
+            *range = index.shard(s).narrow(*range, self.len, token);
+            found |= !range.is_empty();
         }
         if found && self.len < self.max_len {
-            self.ranges = narrowed;
             self.len += 1;
             return Ok(self.len);
         }
-        let mut tail = self.matched_tokens(index);
+        let mut tail = match anchor {
+            Some((s, rank)) => read_tokens(index, s, rank, self.len),
+            None => Vec::new(),
+        };
         tail.push(token);
         if found {
             // At the length cap and the extension occurs: drop the oldest token.
@@ -79,17 +82,23 @@ impl MatchState {
 
     /// The matched suffix, read back from the index.
     pub fn matched_tokens<S: AsRef<[u8]>>(&self, index: &Index<S>) -> Vec<u32> {
-        for (s, range) in self.ranges.iter().enumerate() {
-            if !range.is_empty() {
-                let shard = index.shard(s);
-                let pos = shard.pointer(range.start);
-                return (0..self.len as u64)
-                    .filter_map(|i| shard.slot(pos.saturating_add(i)))
-                    .collect();
-            }
-        }
-        Vec::new()
+        self.ranges
+            .iter()
+            .enumerate()
+            .take(index.shard_count())
+            .find(|(_, r)| !r.is_empty())
+            .map(|(s, r)| read_tokens(index, s, r.start, self.len))
+            .unwrap_or_default()
     }
+}
+
+/// `len` tokens of the suffix at `rank` of shard `s`.
+fn read_tokens<S: AsRef<[u8]>>(index: &Index<S>, s: usize, rank: u64, len: usize) -> Vec<u32> {
+    let shard = index.shard(s);
+    let pos = shard.pointer(rank);
+    (0..len as u64)
+        .filter_map(|i| shard.slot(pos.saturating_add(i)))
+        .collect()
 }
 
 impl<S: AsRef<[u8]>> Index<S> {
@@ -120,7 +129,19 @@ impl<S: AsRef<[u8]>> Index<S> {
     ) -> MatchState {
         let n = context.len();
         let limit = limit.min(n).min(max_len);
-        let exists = |l: usize| self.shards().any(|s| s.contains(&context[n - l..]));
+        // Each successful probe keeps its range (shard, range) so the best length needs no
+        // second search in that shard.
+        let mut hit: Option<(usize, usize, SaRange)> = None;
+        let mut exists = |l: usize| {
+            let found = self
+                .shards()
+                .enumerate()
+                .find_map(|(s, shard)| shard.find_nonempty(&context[n - l..]).map(|r| (s, r)));
+            if let Some((s, r)) = found {
+                hit = Some((l, s, r));
+            }
+            found.is_some()
+        };
         // Invariant: length `good` occurs, length `bad` does not (or exceeds the limit).
         let (mut good, mut bad) = (0usize, limit + 1);
         let mut l = 1usize;
@@ -145,10 +166,21 @@ impl<S: AsRef<[u8]>> Index<S> {
             }
         }
         let suffix = &context[n - good..];
+        let known = hit.filter(|h| h.0 == good);
+        let ranges = self
+            .shards()
+            .enumerate()
+            .map(|(s, shard)| match known {
+                Some((_, hs, r)) if hs == s => r,
+                // Shards before the hit do not hold the suffix (they were searched first).
+                Some((_, hs, _)) if s < hs => SaRange::EMPTY,
+                _ => shard.find(suffix),
+            })
+            .collect();
         MatchState {
             len: good,
             max_len,
-            ranges: self.shards().map(|s| s.find(suffix)).collect(),
+            ranges,
         }
     }
 }

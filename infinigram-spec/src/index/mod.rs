@@ -160,7 +160,11 @@ impl<S: AsRef<[u8]>> Index<S> {
             docs: e.docs,
             first_doc: e.first_doc,
             token_width: w,
-            token_mask: if w >= 4 { u32::MAX } else { (1u32 << (8 * w)) - 1 },
+            token_mask: if w >= 4 {
+                u32::MAX
+            } else {
+                (1u32 << (8 * w)) - 1
+            },
             pointer_width: p,
             pointer_mask: (1u64 << (8 * p)) - 1,
             separator: format::separator(self.header.token_width),
@@ -284,11 +288,11 @@ fn read_shard_table(bytes: &[u8], origin: &Path, header: &Header) -> Result<Vec<
     let mut shards = Vec::with_capacity(header.shard_count as usize);
     let (mut docs, mut tokens) = (0u64, 0u64);
     for (s, raw) in table.chunks_exact(SHARD_ENTRY_BYTES).enumerate() {
-        let raw: &[u8; SHARD_ENTRY_BYTES] = raw
-            .try_into()
-            .map_err(|_| table_bad("entry size".into()))?;
+        let raw: &[u8; SHARD_ENTRY_BYTES] =
+            raw.try_into().map_err(|_| table_bad("entry size".into()))?;
         let e = ShardEntry::decode(raw);
-        let bad = |section: Section, reason: String| Error::corrupt(origin, section, Some(s), reason);
+        let bad =
+            |section: Section, reason: String| Error::corrupt(origin, section, Some(s), reason);
         if e.pointer_width == 0
             || e.pointer_width > MAX_POINTER_WIDTH
             || e.pointer_width < format::pointer_width_for(e.slots)
@@ -311,13 +315,21 @@ fn read_shard_table(bytes: &[u8], origin: &Path, header: &Header) -> Result<Vec<
             ));
         }
         let sections = [
-            (Section::Tokens, e.tokens_offset, format::section_bytes(e.slots, w)),
+            (
+                Section::Tokens,
+                e.tokens_offset,
+                format::section_bytes(e.slots, w),
+            ),
             (
                 Section::SuffixArray,
                 e.sa_offset,
                 format::section_bytes(e.slots, e.pointer_width as u64),
             ),
-            (Section::DocumentOffsets, e.docs_offset, format::section_bytes(e.docs, 8)),
+            (
+                Section::DocumentOffsets,
+                e.docs_offset,
+                format::section_bytes(e.docs, 8),
+            ),
         ];
         for (section, offset, size) in sections {
             let end = size.and_then(|size| offset.checked_add(size));

@@ -167,7 +167,11 @@ impl<S: AsRef<[u8]>> Index<S> {
         next.sort_by(|a, b| {
             b.count
                 .cmp(&a.count)
-                .then(a.token.unwrap_or(u32::MAX).cmp(&b.token.unwrap_or(u32::MAX)))
+                .then(
+                    a.token
+                        .unwrap_or(u32::MAX)
+                        .cmp(&b.token.unwrap_or(u32::MAX)),
+                )
                 .then(b.token.is_some().cmp(&a.token.is_some()))
         });
         // Several keys (end of text, separator) are "end of document": merge them.
@@ -193,7 +197,8 @@ impl<S: AsRef<[u8]>> Index<S> {
     ) -> (Vec<Child>, bool) {
         let mut per_shard: Vec<Vec<(Key, SaRange)>> = Vec::with_capacity(ranges.len());
         let mut complete = vec![true; ranges.len()];
-        for (s, &range) in ranges.iter().enumerate() {
+        // A state from another index may list more shards: extra ranges are ignored.
+        for (s, &range) in ranges.iter().enumerate().take(self.shard_count()) {
             let mut out = Vec::new();
             if !range.is_empty() {
                 complete[s] = runs(&self.shard(s), range, depth, max_support, &mut out);
@@ -276,7 +281,11 @@ impl<S: AsRef<[u8]>> Index<S> {
 }
 
 fn merge_end_of_document(next: &mut Vec<NextCount>) {
-    let ends: u64 = next.iter().filter(|n| n.token.is_none()).map(|n| n.count).sum();
+    let ends: u64 = next
+        .iter()
+        .filter(|n| n.token.is_none())
+        .map(|n| n.count)
+        .sum();
     let n_ends = next.iter().filter(|n| n.token.is_none()).count();
     if n_ends <= 1 {
         return;

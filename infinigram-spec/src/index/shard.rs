@@ -177,7 +177,24 @@ impl<'a> Shard<'a> {
         if pattern.is_empty() {
             return self.all_tokens();
         }
+        self.range_of(pattern, self.probe(pattern))
+    }
+
+    /// Looks for `pattern` and, when it occurs, returns its range: one search where
+    /// [`Shard::contains`] followed by [`Shard::find`] would take two.
+    pub(crate) fn find_nonempty(&self, pattern: &[u32]) -> Option<SaRange> {
+        if pattern.is_empty() {
+            return (self.tokens() > 0).then(|| self.all_tokens());
+        }
         match self.probe(pattern) {
+            Probe::Absent => None,
+            found => Some(self.range_of(pattern, found)),
+        }
+    }
+
+    /// Finishes a probe: the two boundary searches around the matching rank it found.
+    fn range_of(&self, pattern: &[u32], probe: Probe) -> SaRange {
+        match probe {
             Probe::Absent => SaRange::EMPTY,
             Probe::Found {
                 lo,
@@ -247,7 +264,13 @@ impl<'a> Shard<'a> {
 
     /// First rank in `[lo, hi)` whose key at `depth` fails `before`.
     #[inline]
-    fn partition(&self, mut lo: u64, mut hi: u64, depth: usize, before: impl Fn(Key) -> bool) -> u64 {
+    fn partition(
+        &self,
+        mut lo: u64,
+        mut hi: u64,
+        depth: usize,
+        before: impl Fn(Key) -> bool,
+    ) -> u64 {
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             if before(self.key_at(mid, depth)) {

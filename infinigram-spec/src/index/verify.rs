@@ -26,9 +26,24 @@ impl<S: AsRef<[u8]>> Index<S> {
         let p = e.pointer_width as u64;
         let pad = PAD_BYTES as u64;
         let sections = [
-            (Section::Tokens, e.tokens_offset, e.slots * w + pad, e.tokens_checksum),
-            (Section::SuffixArray, e.sa_offset, e.slots * p + pad, e.sa_checksum),
-            (Section::DocumentOffsets, e.docs_offset, e.docs * 8 + pad, e.docs_checksum),
+            (
+                Section::Tokens,
+                e.tokens_offset,
+                e.slots * w + pad,
+                e.tokens_checksum,
+            ),
+            (
+                Section::SuffixArray,
+                e.sa_offset,
+                e.slots * p + pad,
+                e.sa_checksum,
+            ),
+            (
+                Section::DocumentOffsets,
+                e.docs_offset,
+                e.docs * 8 + pad,
+                e.docs_checksum,
+            ),
         ];
         for (section, offset, len, expected) in sections {
             let bytes = self
@@ -85,7 +100,10 @@ impl<S: AsRef<[u8]>> Index<S> {
             seen[word] |= 1 << bit;
             if let Some(prev) = prev {
                 if compare_suffixes(&shard, prev, pos) != Ordering::Less {
-                    return Err(bad(format!("entries {} and {rank} are out of order", rank - 1)));
+                    return Err(bad(format!(
+                        "entries {} and {rank} are out of order",
+                        rank - 1
+                    )));
                 }
             }
             prev = Some(pos);

@@ -84,7 +84,22 @@ pub trait Attention: Send + Sync {
 
 /// `x (…, in) · Wᵀ (+ b)` for a linear layer stored `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let y = x.broadcast_matmul(&w.t()?)?;
+    // One 2-D GEMM over the flattened rows, never copying the weight. candle's CPU
+    // GEMM is fastest with the weight as the contiguous left operand for few rows and
+    // as a transposed right operand for many (SmolLM2 forward, 2 cores: 8 rows 58 vs
+    // 207 ms, 512 rows 3.07 vs 2.74 s); a broadcast batch matmul was slower still.
+    let dims = x.dims();
+    let k = dims[dims.len() - 1];
+    let rows = x.elem_count() / k;
+    let x2 = x.reshape((rows, k))?;
+    let y2 = if rows < 256 {
+        w.matmul(&x2.t()?)?.t()?.contiguous()?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has at least one dim") = w.dim(0)?;
+    let y = y2.reshape(out_dims)?;
     Ok(match b {
         Some(b) => y.broadcast_add(b)?,
         None => y,
