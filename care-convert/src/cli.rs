@@ -105,6 +105,8 @@ pub fn assets_dir() -> PathBuf {
     if let Some(p) = std::env::var_os("CARE_ASSETS") {
         return PathBuf::from(p);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("care-assets")
 }

@@ -24,6 +24,12 @@ pub enum Error {
     /// The model produced NaN or infinite values.
     #[error("non-finite values in {0}")]
     NonFinite(String),
+    /// A factorization failed (the numeric fact is in the inner error).
+    #[error(transparent)]
+    Factor(#[from] crate::factorize::FactorError),
+    /// A rank plan or budget is infeasible.
+    #[error(transparent)]
+    Ranks(#[from] crate::ranks::RankError),
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -60,7 +60,10 @@ fn bar(len: u64, msg: String, quiet: bool) -> ProgressBar {
 
 /// Write `bytes` to `path` through a temporary file in the same directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let tmp = dir.join(format!(
         ".{}.tmp{}",
@@ -89,7 +92,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         bail!("nothing to evaluate: pass --ppl FILE and/or --tasks LIST");
     }
     let started = Instant::now();
-    let tasks_dir = a.tasks_dir.clone().unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
+    let tasks_dir = a
+        .tasks_dir
+        .clone()
+        .unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
     // Resolve every input before the (slow) model load, so typos fail fast.
     let task_files: Vec<(String, std::path::PathBuf)> = a
         .tasks
@@ -98,7 +104,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         .collect::<care_convert::Result<_>>()?;
     for (t, p) in &task_files {
         if !p.exists() {
-            bail!("task {t}: {} not found (run scripts/fetch_assets.py)", p.display());
+            bail!(
+                "task {t}: {} not found (run scripts/fetch_assets.py)",
+                p.display()
+            );
         }
     }
     for f in &a.ppl_files {
@@ -114,7 +123,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     };
     let mut ppl = Vec::new();
     for f in &a.ppl_files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
         let mut ids = tokenizer::encode(tok, &text)?;
         if ckpt.add_bos {
             if let Some(b) = ckpt.spec.bos_token_id {
@@ -124,7 +134,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         if let Some(m) = a.max_tokens {
             ids.truncate(m);
         }
-        let name = f.file_name().and_then(|n| n.to_str()).unwrap_or("text").to_string();
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("text")
+            .to_string();
         let pb = bar(1, name.clone(), a.quiet);
         let result = perplexity(&model, &ids, &opts, &mut |done, total| {
             pb.set_length(total as u64);
@@ -138,7 +152,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
             result,
         });
     }
-    let prefix_token = ckpt.spec.eos_token_id.or(ckpt.spec.bos_token_id).unwrap_or(0);
+    let prefix_token = ckpt
+        .spec
+        .eos_token_id
+        .or(ckpt.spec.bos_token_id)
+        .unwrap_or(0);
     let mut tasks = Vec::new();
     for (task, path) in &task_files {
         let docs = load_requests(path, a.limit)?;
@@ -151,7 +169,11 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         pb.finish_and_clear();
         tasks.push(summarize(task, &scores));
     }
-    let mc: Vec<_> = tasks.iter().filter(|t| t.task != "lambada").cloned().collect();
+    let mc: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.task != "lambada")
+        .cloned()
+        .collect();
     let report = EvalReport {
         model: a.model.display().to_string(),
         architecture: format!("{:?}", ckpt.spec.arch).to_lowercase(),

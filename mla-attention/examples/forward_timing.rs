@@ -12,7 +12,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let h = model.forward_hidden(&ids, &mut c, None)?;
             let _ = model.logits(&h.narrow(0, t - 1, 1)?)?;
         }
-        println!("t={t}: {:.1} ms", s.elapsed().as_secs_f64() * 1e3 / n as f64);
+        println!(
+            "t={t}: {:.1} ms",
+            s.elapsed().as_secs_f64() * 1e3 / n as f64
+        );
     }
     Ok(())
 }

@@ -90,20 +90,26 @@ impl ModelSpec {
                 return Err(bad(format!("{name} must be positive")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
-            return Err(bad(format!("head_dim {} must be even for RoPE", self.head_dim)));
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            )));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(bad(format!("rope_theta {} must be > 1", self.rope_theta)));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
-            return Err(bad(format!("rms_norm_eps {} must be > 0", self.rms_norm_eps)));
+            return Err(bad(format!(
+                "rms_norm_eps {} must be > 0",
+                self.rms_norm_eps
+            )));
         }
         if let RopeScaling::FreqFactors(f) = &self.rope_scaling {
             if f.len() != self.head_dim / 2 {
@@ -176,7 +182,8 @@ impl HfConfig {
     /// Read and parse `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        serde_json::from_str(&text).map_err(|e| Error::malformed(path, "config.json", e.to_string()))
+        serde_json::from_str(&text)
+            .map_err(|e| Error::malformed(path, "config.json", e.to_string()))
     }
 
     /// Resolve into a [`ModelSpec`]; `path` names the file in errors.
@@ -209,7 +216,9 @@ impl HfConfig {
         };
         let eos_token_id = match &self.eos_token_id {
             Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
-            Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+            Some(serde_json::Value::Array(a)) => {
+                a.first().and_then(|v| v.as_u64()).map(|v| v as u32)
+            }
             _ => None,
         };
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
@@ -305,7 +314,10 @@ mod tests {
         v["model_type"] = serde_json::json!("gpt2");
         let cfg: HfConfig = serde_json::from_value(v).unwrap();
         let err = cfg.into_spec(Path::new("c.json")).unwrap_err();
-        assert!(err.to_string().contains("unsupported architecture `gpt2`"), "{err}");
+        assert!(
+            err.to_string().contains("unsupported architecture `gpt2`"),
+            "{err}"
+        );
 
         let mut v = base();
         v["num_key_value_heads"] = serde_json::json!(3);

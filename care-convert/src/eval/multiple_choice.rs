@@ -52,7 +52,10 @@ pub fn task_path(tasks_dir: &Path, task: &str) -> Result<PathBuf> {
         .map(|(_, p)| *p)
         .ok_or_else(|| {
             let known: Vec<&str> = TASKS.iter().map(|(n, _)| *n).collect();
-            Error::InvalidOption(format!("unknown task `{task}` (known: {})", known.join(", ")))
+            Error::InvalidOption(format!(
+                "unknown task `{task}` (known: {})",
+                known.join(", ")
+            ))
         })?;
     Ok(tasks_dir.join(rel).join("requests.jsonl.gz"))
 }
@@ -100,16 +103,17 @@ pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
         reason: format!("line {line}: {reason}"),
     };
     let mut current: Option<(u64, usize)> = None;
-    let flush = |docs: &mut Vec<McDoc>, cur: Option<(u64, usize)>, pending: &mut Vec<(usize, Choice)>| {
-        if let Some((doc_id, gold)) = cur {
-            pending.sort_by_key(|(i, _)| *i);
-            docs.push(McDoc {
-                doc_id,
-                gold,
-                choices: pending.drain(..).map(|(_, c)| c).collect(),
-            });
-        }
-    };
+    let flush =
+        |docs: &mut Vec<McDoc>, cur: Option<(u64, usize)>, pending: &mut Vec<(usize, Choice)>| {
+            if let Some((doc_id, gold)) = cur {
+                pending.sort_by_key(|(i, _)| *i);
+                docs.push(McDoc {
+                    doc_id,
+                    gold,
+                    choices: pending.drain(..).map(|(_, c)| c).collect(),
+                });
+            }
+        };
     for (n, line) in reader.lines().enumerate() {
         let line = line.map_err(|e| bad(n + 1, format!("read error: {e}")))?;
         if line.trim().is_empty() {
@@ -148,7 +152,12 @@ pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
     if let Some(d) = docs.iter().find(|d| d.gold >= d.choices.len()) {
         return Err(Error::BadData {
             path: path.to_path_buf(),
-            reason: format!("doc {} has gold {} but {} choices", d.doc_id, d.gold, d.choices.len()),
+            reason: format!(
+                "doc {} has gold {} but {} choices",
+                d.doc_id,
+                d.gold,
+                d.choices.len()
+            ),
         });
     }
     if docs.is_empty() {
@@ -306,7 +315,10 @@ pub fn score_doc(
             all_greedy &= s.is_argmax;
         }
         if !ll.is_finite() {
-            return Err(Error::NonFinite(format!("log-likelihood of doc {}", doc.doc_id)));
+            return Err(Error::NonFinite(format!(
+                "log-likelihood of doc {}",
+                doc.doc_id
+            )));
         }
         loglik.push(ll);
         greedy.push(all_greedy);
@@ -337,7 +349,11 @@ fn mean_stderr(xs: &[bool]) -> (f64, f64) {
     if xs.len() < 2 {
         return (mean, 0.0);
     }
-    let var = xs.iter().map(|&x| (x as u8 as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+    let var = xs
+        .iter()
+        .map(|&x| (x as u8 as f64 - mean).powi(2))
+        .sum::<f64>()
+        / (n - 1.0);
     (mean, (var / n).sqrt())
 }
 
@@ -364,7 +380,10 @@ mod tests {
 
     fn gz(lines: &[&str]) -> tempfile::NamedTempFile {
         let f = tempfile::NamedTempFile::new().unwrap();
-        let mut e = flate2::write::GzEncoder::new(std::fs::File::create(f.path()).unwrap(), flate2::Compression::fast());
+        let mut e = flate2::write::GzEncoder::new(
+            std::fs::File::create(f.path()).unwrap(),
+            flate2::Compression::fast(),
+        );
         for l in lines {
             writeln!(e, "{l}").unwrap();
         }
@@ -391,7 +410,9 @@ mod tests {
 
     #[test]
     fn bad_lines_and_gold_are_errors_with_the_line() {
-        let f = gz(&[r#"{"doc_id":0,"idx":0,"label":3,"request":{"context":"Q","continuation":" a"}}"#]);
+        let f = gz(&[
+            r#"{"doc_id":0,"idx":0,"label":3,"request":{"context":"Q","continuation":" a"}}"#,
+        ]);
         let err = load_requests(f.path(), None).unwrap_err().to_string();
         assert!(err.contains("gold 3 but 1 choices"), "{err}");
         let f = gz(&["{not json"]);

@@ -54,7 +54,9 @@ pub fn perplexity(
     let window = opts.window;
     let stride = opts.stride.unwrap_or(window);
     if window < 2 {
-        return Err(Error::InvalidOption(format!("window {window} must be at least 2")));
+        return Err(Error::InvalidOption(format!(
+            "window {window} must be at least 2"
+        )));
     }
     if stride == 0 || stride > window {
         return Err(Error::InvalidOption(format!(

@@ -49,13 +49,20 @@ impl EvalReport {
                 let stride = p.options.stride.unwrap_or(p.options.window);
                 s.push_str(&format!(
                     "| {} | {} | {}/{} | {:.3} | {:.3} |\n",
-                    p.source, p.result.scored, p.options.window, stride, p.result.ppl, p.result.top1_acc
+                    p.source,
+                    p.result.scored,
+                    p.options.window,
+                    stride,
+                    p.result.ppl,
+                    p.result.top1_acc
                 ));
             }
             s.push('\n');
         }
         if !self.tasks.is_empty() {
-            s.push_str("| task | docs | acc | ± | acc_norm | ± |\n|---|---:|---:|---:|---:|---:|\n");
+            s.push_str(
+                "| task | docs | acc | ± | acc_norm | ± |\n|---|---:|---:|---:|---:|---:|\n",
+            );
             for t in &self.tasks {
                 s.push_str(&format!(
                     "| {} | {} | {:.4} | {:.4} | {:.4} | {:.4} |\n",

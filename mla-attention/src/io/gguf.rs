@@ -130,7 +130,11 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, reason: String) -> Error {
-        Error::malformed(self.path, "GGUF", format!("{reason} (at byte {})", self.pos))
+        Error::malformed(
+            self.path,
+            "GGUF",
+            format!("{reason} (at byte {})", self.pos),
+        )
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
@@ -306,7 +310,9 @@ impl GgufFile {
             .and_then(Value::as_u64)
             .unwrap_or(DEFAULT_ALIGNMENT);
         if alignment == 0 || !alignment.is_power_of_two() {
-            return Err(c.err(format!("general.alignment {alignment} is not a power of two")));
+            return Err(c.err(format!(
+                "general.alignment {alignment} is not a power of two"
+            )));
         }
         let data_start = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = mmap.len() as u64;
@@ -382,9 +388,7 @@ impl GgufFile {
         })?;
         let bytes = &self.mmap[info.start..info.start + info.n_bytes];
         let q = ggml_file::qtensor_from_ggml(info.dtype, bytes, info.dims.clone(), &Device::Cpu)
-            .map_err(|e| {
-                Error::malformed(&self.path, "GGUF", format!("tensor `{name}`: {e}"))
-            })?;
+            .map_err(|e| Error::malformed(&self.path, "GGUF", format!("tensor `{name}`: {e}")))?;
         let t = q
             .dequantize(&Device::Cpu)
             .map_err(|e| Error::malformed(&self.path, "GGUF", format!("tensor `{name}`: {e}")))?;
@@ -459,7 +463,10 @@ pub(crate) mod tests {
         );
         let f = tmp(&bytes);
         let g = GgufFile::open(f.path()).unwrap();
-        assert_eq!(g.get("general.architecture").unwrap().as_str(), Some("llama"));
+        assert_eq!(
+            g.get("general.architecture").unwrap().as_str(),
+            Some("llama")
+        );
         let t = g.tensor_f32("w").unwrap();
         assert_eq!(t.dims(), &[2, 3]);
         assert_eq!(t.to_vec2::<f32>().unwrap()[1], vec![4., 5., 6.]);
@@ -506,6 +513,9 @@ pub(crate) mod tests {
         let mut bad_magic = good;
         bad_magic[0] = b'X';
         let f = tmp(&bad_magic);
-        assert!(GgufFile::open(f.path()).unwrap_err().to_string().contains("bad magic"));
+        assert!(GgufFile::open(f.path())
+            .unwrap_err()
+            .to_string()
+            .contains("bad magic"));
     }
 }

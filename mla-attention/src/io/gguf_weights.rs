@@ -77,7 +77,7 @@ pub fn unpermute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
     let inner: usize = dims[1..].iter().product();
-    if rows % (2 * n_head) != 0 {
+    if !rows.is_multiple_of(2 * n_head) {
         return Err(Error::InvalidInput(format!(
             "cannot un-permute {rows} rows into {n_head} heads of even size"
         )));
@@ -249,6 +249,9 @@ mod tests {
             GgufWeights::gguf_name("model.layers.0.mlp.down_proj.weight").as_deref(),
             Some("blk.0.ffn_down.weight")
         );
-        assert_eq!(GgufWeights::gguf_name("model.layers.x.mlp.up_proj.weight"), None);
+        assert_eq!(
+            GgufWeights::gguf_name("model.layers.x.mlp.up_proj.weight"),
+            None
+        );
     }
 }

@@ -64,9 +64,12 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::malformed(&index, "safetensors index", e.to_string()))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            Error::malformed(&index, "safetensors index", "no `weight_map` object")
-        })?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                Error::malformed(&index, "safetensors index", "no `weight_map` object")
+            })?;
         let mut files: Vec<String> = Vec::new();
         for (tensor, f) in map {
             let f = f.as_str().ok_or_else(|| {
@@ -145,10 +148,16 @@ mod tests {
     #[test]
     fn truncated_and_garbage_files_are_errors_naming_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let t = Tensor::arange(0f32, 12., &Device::Cpu).unwrap().reshape((3, 4)).unwrap();
-        let p = dir.path().join("model.safetensors");
-        candle_core::safetensors::save(&BTreeMap::from([("w".to_string(), t)]).into_iter().collect(), &p)
+        let t = Tensor::arange(0f32, 12., &Device::Cpu)
+            .unwrap()
+            .reshape((3, 4))
             .unwrap();
+        let p = dir.path().join("model.safetensors");
+        candle_core::safetensors::save(
+            &BTreeMap::from([("w".to_string(), t)]).into_iter().collect(),
+            &p,
+        )
+        .unwrap();
         let full = std::fs::read(&p).unwrap();
         let ok = SafetensorsWeights::open_files(dir.path(), std::slice::from_ref(&p)).unwrap();
         assert_eq!(ok.tensor("w").unwrap().dims(), &[3, 4]);

@@ -44,12 +44,18 @@ pub fn json_from_gguf(file: &GgufFile) -> Result<Json> {
             .and_then(Value::as_array)
             .ok_or_else(|| bad(format!("missing array {key}")))?;
         arr.iter()
-            .map(|v| v.as_str().ok_or_else(|| bad(format!("{key} holds a non-string"))))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| bad(format!("{key} holds a non-string")))
+            })
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
     let merges = strings("tokenizer.ggml.merges")?;
-    let types: Vec<u64> = match file.get("tokenizer.ggml.token_type").and_then(Value::as_array) {
+    let types: Vec<u64> = match file
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+    {
         Some(a) => a.iter().map(|v| v.as_u64().unwrap_or(1)).collect(),
         None => vec![1; tokens.len()],
     };
@@ -64,18 +70,20 @@ pub fn json_from_gguf(file: &GgufFile) -> Result<Json> {
         .get("tokenizer.ggml.pre")
         .and_then(Value::as_str)
         .unwrap_or("default");
-    let byte_level = |use_regex: bool| {
-        json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex})
-    };
-    let split = |re: &str| {
-        json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false})
-    };
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     let (normalizer, pretokenizers) = match pre {
         "smollm" => (
             Json::Null,
-            vec![json!({"type": "Digits", "individual_digits": true}), byte_level(true)],
+            vec![
+                json!({"type": "Digits", "individual_digits": true}),
+                byte_level(true),
+            ],
         ),
-        "qwen2" => (json!({"type": "NFC"}), vec![split(QWEN2_REGEX), byte_level(false)]),
+        "qwen2" => (
+            json!({"type": "NFC"}),
+            vec![split(QWEN2_REGEX), byte_level(false)],
+        ),
         "llama-bpe" | "llama3" => (Json::Null, vec![split(LLAMA3_REGEX), byte_level(false)]),
         "default" | "gpt2" => (Json::Null, vec![byte_level(true)]),
         other => {
@@ -100,7 +108,9 @@ pub fn json_from_gguf(file: &GgufFile) -> Result<Json> {
     }
     for m in &merges {
         if m.split(' ').count() != 2 {
-            return Err(bad(format!("merge `{m}` is not two space-separated tokens")));
+            return Err(bad(format!(
+                "merge `{m}` is not two space-separated tokens"
+            )));
         }
     }
     Ok(json!({
@@ -126,7 +136,10 @@ pub fn from_gguf(file: &GgufFile) -> Result<tokenizers::Tokenizer> {
     let doc = json_from_gguf(file)?;
     let text = serde_json::to_string(&doc).map_err(|e| Error::Tokenizer(e.to_string()))?;
     text.parse::<tokenizers::Tokenizer>().map_err(|e| {
-        Error::Tokenizer(format!("{}: rebuilt tokenizer.json: {e}", file.path().display()))
+        Error::Tokenizer(format!(
+            "{}: rebuilt tokenizer.json: {e}",
+            file.path().display()
+        ))
     })
 }
 

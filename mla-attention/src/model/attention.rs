@@ -119,7 +119,15 @@ pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
 pub fn causal_mask(seq: usize, total: usize, device: &Device) -> Result<Tensor> {
     let start = total - seq;
     let data: Vec<f32> = (0..seq)
-        .flat_map(|i| (0..total).map(move |j| if j <= start + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..total).map(move |j| {
+                if j <= start + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(data, (seq, total), device)?)
 }
@@ -185,7 +193,11 @@ impl Attention for GqaAttention {
 
 /// Convert to f32 if needed (the reference forward runs in f32).
 pub fn ensure_f32(t: Tensor) -> Result<Tensor> {
-    Ok(if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? })
+    Ok(if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    })
 }
 
 #[cfg(test)]
@@ -198,7 +210,10 @@ mod tests {
         //        k0   k1   k2
         // q0  [  0    0  -inf ]
         // q1  [  0    0    0  ]
-        let m = causal_mask(2, 3, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
+        let m = causal_mask(2, 3, &Device::Cpu)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         assert_eq!(m[0][..2], [0.0, 0.0]);
         assert!(m[0][2].is_infinite());
         assert_eq!(m[1], vec![0.0, 0.0, 0.0]);
@@ -214,13 +229,25 @@ mod tests {
         // Repeat each KV head for its 2 query heads, then plain attention per head.
         let rep = |x: &Tensor| {
             let (b, n, t, d) = x.dims4().unwrap();
-            x.unsqueeze(2).unwrap().expand((b, n, 2, t, d)).unwrap().reshape((b, n * 2, t, d)).unwrap()
+            x.unsqueeze(2)
+                .unwrap()
+                .expand((b, n, 2, t, d))
+                .unwrap()
+                .reshape((b, n * 2, t, d))
+                .unwrap()
         };
         let (kr, vr) = (rep(&k), rep(&v));
         let s = (q.matmul(&kr.t().unwrap()).unwrap() * 0.3).unwrap();
         let s = s.broadcast_add(&causal_mask(3, 5, &dev).unwrap()).unwrap();
         let want = softmax_last(&s).unwrap().matmul(&vr).unwrap();
-        let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "max diff {diff}");
     }
 }

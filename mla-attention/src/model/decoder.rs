@@ -115,7 +115,11 @@ impl Decoder {
 
     /// Assemble a decoder from already-built layers plus embedding, norm and head
     /// read from `w`.
-    pub fn from_layers(spec: ModelSpec, w: &dyn WeightSource, layers: Vec<DecoderLayer>) -> Result<Self> {
+    pub fn from_layers(
+        spec: ModelSpec,
+        w: &dyn WeightSource,
+        layers: Vec<DecoderLayer>,
+    ) -> Result<Self> {
         let (v, h) = (spec.vocab_size, spec.hidden_size);
         let embed_tokens = load_checked(w, "model.embed_tokens.weight", &[v, h])?;
         let lm_head = if w.contains("lm_head.weight") {
@@ -219,14 +223,26 @@ impl Decoder {
 
     /// Cached values per token over all layers (as the attention forms declare them).
     pub fn cache_values_per_token(&self) -> usize {
-        self.layers.iter().map(|l| l.attn.cache_values_per_token()).sum()
+        self.layers
+            .iter()
+            .map(|l| l.attn.cache_values_per_token())
+            .sum()
     }
 }
 
 /// The GQA attention of layer `l` from HF-named weights.
-pub fn load_gqa_attention(spec: &ModelSpec, w: &dyn WeightSource, l: usize) -> Result<GqaAttention> {
+pub fn load_gqa_attention(
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    l: usize,
+) -> Result<GqaAttention> {
     let p = format!("model.layers.{l}.self_attn");
-    let (h, nh, nkv, d) = (spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim);
+    let (h, nh, nkv, d) = (
+        spec.hidden_size,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_dim,
+    );
     let bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
         let full = format!("{p}.{name}.bias");
         if spec.arch.has_qkv_bias() {

@@ -50,8 +50,8 @@ impl Rope {
                     if wavelen > low_wavelen {
                         *q /= s.factor;
                     } else if wavelen >= high_wavelen {
-                        let smooth =
-                            (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                        let smooth = (old / wavelen - s.low_freq_factor)
+                            / (s.high_freq_factor - s.low_freq_factor);
                         *q = (1.0 - smooth) * *q / s.factor + smooth * *q;
                     }
                 }
@@ -121,7 +121,13 @@ mod tests {
         let rope = Rope::with_dim(10_000.0, 8, &RopeScaling::None);
         let data: Vec<f32> = (0..2 * 3 * 8).map(|v| (v as f32 * 0.37).sin()).collect();
         let x = Tensor::from_vec(data.clone(), (1, 2, 3, 8), &Device::Cpu).unwrap();
-        let y = rope.apply(&x, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = rope
+            .apply(&x, 5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for h in 0..2 {
             for t in 0..3 {
                 let o = (h * 3 + t) * 8;
