@@ -115,6 +115,15 @@ pub enum Error {
     /// The corpus has no documents.
     #[error("no input documents")]
     NoInput,
+    /// An argument of a drafting, policy or generation call is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The target model broke its contract (wrong number of logit rows, no finite logit).
+    #[error("target model: {0}")]
+    Target(String),
+    /// Writing a draft log failed.
+    #[error("draft log: {0}")]
+    Log(#[source] std::io::Error),
 }
 
 /// The crate's result type.

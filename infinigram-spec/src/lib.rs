@@ -13,6 +13,12 @@
 //! - [`Index::chain`] / [`Index::trie`]: continuations of a match, for drafting;
 //! - [`Index::occurrences`]: positions and document ids.
 //!
+//! The [`spec`] module builds speculative decoding on it: an [`NgramDrafter`] proposes chains
+//! and trees from the corpus match and a per-request index of the prompt and generated
+//! tokens, a [`DraftPolicy`] decides how much to verify (up to a calibrated, cost-aware one),
+//! and lossless greedy / sample-and-match verification drives [`speculative_generate`]
+//! against any [`TargetModel`].
+//!
 //! Results over several shards add up. The same engine runs over a memory-mapped file
 //! ([`Index::open`]) or any in-memory byte buffer ([`IndexBuilder::build_in_memory`]).
 //!
@@ -38,10 +44,15 @@ mod error;
 pub mod format;
 mod index;
 pub mod interop;
+pub mod spec;
 
 pub use build::{BuildConfig, BuildProgress, BuildSummary, IndexBuilder, NoProgress};
 pub use error::{Error, Result, Section};
 pub use index::{
     ChainOptions, ChainStep, Index, MatchState, NextCount, Ntd, NtdOptions, Occurrence,
     OpenOptions, SaRange, Shard, Trie, TrieNode, TrieOptions,
+};
+pub use spec::{
+    speculative_generate, CalibratedPolicy, Draft, DraftLog, DraftPolicy, DraftTree, Drafter,
+    NgramDrafter, NgramDrafterConfig, Sampling, TargetModel, TokenFeatures,
 };

@@ -80,6 +80,15 @@ impl MatchState {
         Ok(self.len)
     }
 
+    /// A state for a suffix of length `len` whose ranges are already known.
+    pub(crate) fn from_ranges(len: usize, max_len: usize, ranges: Vec<SaRange>) -> MatchState {
+        MatchState {
+            len,
+            max_len,
+            ranges,
+        }
+    }
+
     /// The matched suffix, read back from the index.
     pub fn matched_tokens<S: AsRef<[u8]>>(&self, index: &Index<S>) -> Vec<u32> {
         self.ranges

@@ -174,7 +174,9 @@ impl<'a> Cursor<'a> {
         // cannot hold is corrupt; checking here keeps allocations bounded by file size.
         let max = (self.remaining() / min_item_bytes.max(1)) as u64;
         if n > max {
-            return Err(self.err(format!("{what} = {n} exceeds what the file can hold")));
+            return Err(self.err(format!(
+                "{what} = {n} exceeds what the rest of the file can hold (truncated or corrupt)"
+            )));
         }
         Ok(n as usize)
     }

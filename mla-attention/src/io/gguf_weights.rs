@@ -91,6 +91,24 @@ pub fn unpermute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(t)
 }
 
+/// llama.cpp's Q/K permutation (the inverse of [`unpermute_qk`]): rows
+/// `(head, h, j)` → `(head, j, h)`. Used by tests to show the layout matters.
+pub fn permute_qk(t: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = t.dims().to_vec();
+    let rows = dims[0];
+    let inner: usize = dims[1..].iter().product();
+    if !rows.is_multiple_of(2 * n_head) {
+        return Err(Error::InvalidInput(format!(
+            "cannot permute {rows} rows into {n_head} heads of even size"
+        )));
+    }
+    let half = rows / n_head / 2;
+    Ok(t.reshape((n_head, 2, half, inner))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape(dims)?)
+}
+
 impl WeightSource for GgufWeights {
     fn path(&self) -> &Path {
         self.file.path()

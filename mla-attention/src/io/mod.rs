@@ -19,7 +19,7 @@ use candle_core::Tensor;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 
-pub use gguf_weights::{spec_from_gguf, GgufWeights};
+pub use gguf_weights::{permute_qk, spec_from_gguf, unpermute_qk, GgufWeights};
 pub use safetensors::SafetensorsWeights;
 
 /// Tensors of a checkpoint by their Hugging Face name, dequantized to f32 on the CPU.

