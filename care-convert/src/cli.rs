@@ -22,6 +22,10 @@ pub struct Cli {
 pub enum Command {
     /// Evaluate a model: perplexity on text files and zero-shot multiple choice.
     Eval(EvalArgs),
+    /// Convert a GQA model to the one-shot low-rank (CARE) form and write a checkpoint.
+    Convert(ConvertArgs),
+    /// Run the method × KV-budget grid on one model and write the result table.
+    Compare(CompareArgs),
     /// Write the tokenizer.json rebuilt from a GGUF file's metadata.
     Tokenizer(TokenizerArgs),
     /// Print a checkpoint's resolved architecture as JSON.
@@ -78,6 +82,96 @@ pub struct EvalArgs {
     /// Format of the results printed on stdout.
     #[arg(long, value_enum, default_value_t = Format::Markdown)]
     pub format: Format,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Calibration corpus and sampling.
+#[derive(Debug, Args, Clone)]
+pub struct CalibArgs {
+    /// Calibration text file(s) (repeatable). Default: ExLlamaV2's c4, wiki and code
+    /// samples from the asset cache. Must not overlap the evaluation text.
+    #[arg(long = "calib", value_name = "FILE")]
+    pub calib: Vec<PathBuf>,
+    /// Calibration windows (the paper: 256).
+    #[arg(long, default_value_t = 256)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window (the paper: 32; also try 256).
+    #[arg(long, default_value_t = 32)]
+    pub calib_seq_len: usize,
+    /// Seed of the window offsets.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Relative damping δ: C + δ·mean(diag C)·I.
+    #[arg(long, default_value_t = care_convert::factorize::DEFAULT_DAMPING)]
+    pub damping: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Source model: a `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Conversion method.
+    #[arg(long, value_enum, default_value_t = care_convert::convert::ConvertMethod::CareU)]
+    pub method: care_convert::convert::ConvertMethod,
+    /// Fraction of the original per-layer K and V width kept as latent rank, in (0, 1].
+    #[arg(long, default_value_t = 0.5)]
+    pub kv_keep: f64,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Calibrate layer l on the outputs of the already-converted layers 0..l-1.
+    #[arg(long)]
+    pub sequential: bool,
+    /// Output checkpoint directory (must not exist; written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Source model: a `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Methods to compare (comma-separated; default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub methods: Vec<care_convert::convert::ConvertMethod>,
+    /// KV fractions kept (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.25,0.125")]
+    pub kv_keep: Vec<f64>,
+    #[command(flatten)]
+    pub calib: CalibArgs,
+    /// Held-out text file(s) for perplexity (repeatable).
+    #[arg(long = "ppl", value_name = "FILE")]
+    pub ppl_files: Vec<PathBuf>,
+    /// Score only the first N tokens of each text.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+    /// Tokens per perplexity window.
+    #[arg(long, default_value_t = 512)]
+    pub window: usize,
+    /// Zero-shot tasks (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    pub tasks: Vec<String>,
+    /// Documents per task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Directory of OLMES task folders (default: in the asset cache).
+    #[arg(long)]
+    pub tasks_dir: Option<PathBuf>,
+    /// Write all reports as JSON here (atomically).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the markdown table here (atomically); it is also printed on stdout.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Directory for rank-plan PNGs of water-filling methods.
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,

@@ -18,8 +18,12 @@
 //! # Ok::<(), care_convert::Error>(())
 //! ```
 
+pub mod calibrate;
+pub mod compare;
+pub mod convert;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod factorize;
 pub mod ranks;
 

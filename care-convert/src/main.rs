@@ -12,10 +12,13 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use care_convert::eval::multiple_choice::{load_requests, score_doc, summarize, task_path};
-use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
-use care_convert::eval::report::{EvalReport, TextEval};
-use cli::{Cli, Command, EvalArgs, Format, InspectArgs, TokenizerArgs};
+use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
+use care_convert::compare::{markdown_table, CompareRow};
+use care_convert::convert::{convert_one_pass, convert_sequential, ConvertMethod, ConvertOptions};
+use care_convert::eval::perplexity::PerplexityOptions;
+use care_convert::eval::run::{evaluate, EvalPlan, Progress};
+use care_convert::export::{sha256_path, write_oneshot, CalibrationRecord, Provenance};
+use cli::{CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, TokenizerArgs};
 use mla_attention::io::{tokenizer, Checkpoint};
 use mla_attention::model::Decoder;
 
@@ -27,6 +30,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Eval(a) => run_eval(a),
+        Command::Convert(a) => run_convert(a),
+        Command::Compare(a) => run_compare(a),
         Command::Tokenizer(a) => run_tokenizer(a),
         Command::Inspect(a) => run_inspect(a),
     };
@@ -87,102 +92,58 @@ fn open_model(path: &Path, tok: Option<&Path>) -> Result<(Checkpoint, Decoder)> 
     Ok((ckpt, model))
 }
 
+/// indicatif bars for the library's progress callbacks.
+struct Bars {
+    quiet: bool,
+    bar: Option<ProgressBar>,
+}
+
+impl Bars {
+    fn new(quiet: bool) -> Self {
+        Bars { quiet, bar: None }
+    }
+}
+
+impl Progress for Bars {
+    fn start(&mut self, label: &str, total: usize) {
+        self.bar = Some(bar(total as u64, label.to_string(), self.quiet));
+    }
+    fn set(&mut self, done: usize) {
+        if let Some(b) = &self.bar {
+            if b.length().is_some_and(|l| (done as u64) > l) {
+                b.set_length(done as u64);
+            }
+            b.set_position(done as u64);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
 fn run_eval(a: EvalArgs) -> Result<()> {
     if a.ppl_files.is_empty() && a.tasks.is_empty() {
         bail!("nothing to evaluate: pass --ppl FILE and/or --tasks LIST");
     }
-    let started = Instant::now();
-    let tasks_dir = a
-        .tasks_dir
-        .clone()
-        .unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
+    let tasks_dir = a.tasks_dir.clone().unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
     // Resolve every input before the (slow) model load, so typos fail fast.
-    let task_files: Vec<(String, std::path::PathBuf)> = a
-        .tasks
-        .iter()
-        .map(|t| Ok((t.clone(), task_path(&tasks_dir, t)?)))
-        .collect::<care_convert::Result<_>>()?;
-    for (t, p) in &task_files {
-        if !p.exists() {
-            bail!(
-                "task {t}: {} not found (run scripts/fetch_assets.py)",
-                p.display()
-            );
-        }
-    }
-    for f in &a.ppl_files {
-        if !f.is_file() {
-            bail!("{}: not a file", f.display());
-        }
-    }
+    let (ppl_files, tasks) = EvalPlan::resolve(a.ppl_files.clone(), &a.tasks, &tasks_dir)?;
+    let plan = EvalPlan {
+        ppl_files,
+        max_tokens: a.max_tokens,
+        ppl: PerplexityOptions { window: a.window, stride: a.stride },
+        tasks,
+        limit: a.limit,
+        max_len: a.max_len,
+    };
+    plan.ppl.validate()?;
     let (ckpt, model) = open_model(&a.model, a.tokenizer.as_deref())?;
     let tok = ckpt.tokenizer()?;
-    let opts = PerplexityOptions {
-        window: a.window,
-        stride: a.stride,
-    };
-    let mut ppl = Vec::new();
-    for f in &a.ppl_files {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let mut ids = tokenizer::encode(tok, &text)?;
-        if ckpt.add_bos {
-            if let Some(b) = ckpt.spec.bos_token_id {
-                ids.insert(0, b);
-            }
-        }
-        if let Some(m) = a.max_tokens {
-            ids.truncate(m);
-        }
-        let name = f
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("text")
-            .to_string();
-        let pb = bar(1, name.clone(), a.quiet);
-        let result = perplexity(&model, &ids, &opts, &mut |done, total| {
-            pb.set_length(total as u64);
-            pb.set_position(done as u64);
-        })?;
-        pb.finish_and_clear();
-        ppl.push(TextEval {
-            source: f.display().to_string(),
-            max_tokens: a.max_tokens,
-            options: opts.clone(),
-            result,
-        });
-    }
-    let prefix_token = ckpt
-        .spec
-        .eos_token_id
-        .or(ckpt.spec.bos_token_id)
-        .unwrap_or(0);
-    let mut tasks = Vec::new();
-    for (task, path) in &task_files {
-        let docs = load_requests(path, a.limit)?;
-        let pb = bar(docs.len() as u64, task.clone(), a.quiet);
-        let mut scores = Vec::with_capacity(docs.len());
-        for d in &docs {
-            scores.push(score_doc(&model, tok, d, prefix_token, a.max_len)?);
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
-        tasks.push(summarize(task, &scores));
-    }
-    let mc: Vec<_> = tasks
-        .iter()
-        .filter(|t| t.task != "lambada")
-        .cloned()
-        .collect();
-    let report = EvalReport {
-        model: a.model.display().to_string(),
-        architecture: format!("{:?}", ckpt.spec.arch).to_lowercase(),
-        kv_values_per_token: model.spec.num_layers * ckpt.spec.kv_values_per_token_per_layer(),
-        perplexity: ppl,
-        average_acc: EvalReport::average(&mc),
-        tasks,
-        seconds: started.elapsed().as_secs_f64(),
-    };
+    let bos = if ckpt.add_bos { ckpt.spec.bos_token_id } else { None };
+    let prefix = ckpt.spec.eos_token_id.or(ckpt.spec.bos_token_id).unwrap_or(0);
+    let report = evaluate(&model, &a.model.display().to_string(), tok, bos, prefix, &plan, &mut Bars::new(a.quiet))?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.json {
         write_atomic(p, json.as_bytes())?;
@@ -192,6 +153,160 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         Format::Json => writeln!(out, "{json}")?,
         Format::Markdown => write!(out, "{}", report.to_markdown())?,
     }
+    Ok(())
+}
+
+/// Tokenized calibration windows and their provenance.
+fn calibration_windows(c: &CalibArgs, tok: &tokenizers::Tokenizer) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
+    let files = if c.calib.is_empty() {
+        let d = cli::assets_dir().join("data/exllamav2-cal");
+        vec![d.join("c4.utf8"), d.join("wiki.utf8"), d.join("code.utf8")]
+    } else {
+        c.calib.clone()
+    };
+    let mut ids = Vec::new();
+    for f in &files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading calibration file {}", f.display()))?;
+        ids.extend(tokenizer::encode(tok, &text)?);
+    }
+    let opts = CalibrationOptions { samples: c.calib_samples, seq_len: c.calib_seq_len, seed: c.seed };
+    let windows = sample_windows(&ids, &opts)?;
+    Ok((windows, files.iter().map(|f| f.display().to_string()).collect()))
+}
+
+fn collect_stats(model: &Decoder, windows: &[Vec<u32>], quiet: bool) -> Result<Vec<care_convert::factorize::InputStats>> {
+    let pb = bar(windows.len() as u64, "calibrate".into(), quiet);
+    let stats = collect_all(model, windows, &mut |d, _| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    Ok(stats)
+}
+
+fn run_convert(a: ConvertArgs) -> Result<()> {
+    if a.out.exists() {
+        bail!("{} already exists; choose another --out or remove it", a.out.display());
+    }
+    let started = Instant::now();
+    let (ckpt, mut model) = open_model(&a.model, None)?;
+    let tok = ckpt.tokenizer()?;
+    let (windows, sources) = calibration_windows(&a.calib, tok)?;
+    let t_cal = Instant::now();
+    let stats = collect_stats(&model, &windows, a.quiet)?;
+    let calib_s = t_cal.elapsed().as_secs_f64();
+    let opts = ConvertOptions { method: a.method, kv_keep: a.kv_keep, damping: a.calib.damping, ..Default::default() };
+    let pb = bar(1, "factorize".into(), a.quiet);
+    let mut cb = |d: usize, t: usize| {
+        pb.set_length(t as u64);
+        pb.set_position(d as u64);
+    };
+    let (factors, summary) = if a.sequential {
+        // Ranks from one-pass spectra, then layer-by-layer statistics on converted prefixes.
+        let (_, planned) = convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+        let mut fresh = Decoder::load(&ckpt)?;
+        let r = convert_sequential(&mut fresh, ckpt.weights.as_ref(), &windows, &planned.plan, &opts, &mut cb)?;
+        model = fresh;
+        r
+    } else {
+        convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut cb)?
+    };
+    pb.finish_and_clear();
+    let tokens = (windows.len() * a.calib.calib_seq_len) as u64;
+    let prov = Provenance {
+        format: "care-oneshot",
+        format_version: 1,
+        source_model: a.model.display().to_string(),
+        source_sha256: sha256_path(&a.model)?,
+        conversion: summary.clone(),
+        calibration: CalibrationRecord {
+            sources,
+            samples: a.calib.calib_samples,
+            seq_len: a.calib.calib_seq_len,
+            seed: a.calib.seed,
+            tokens,
+            sequential: a.sequential,
+        },
+        tool: format!("care-convert {}", env!("CARGO_PKG_VERSION")),
+    };
+    write_oneshot(&a.out, &model.spec, ckpt.weights.as_ref(), &factors, ckpt.tokenizer.as_ref(), &prov)?;
+    if let Err(e) = care_convert::ranks::plot_png(
+        &summary.plan,
+        &format!("{} ranks, {:.1}% KV kept", a.method.name(), a.kv_keep * 100.0),
+        &a.out.join("ranks.png"),
+    ) {
+        tracing::warn!("rank plot not written: {e}");
+    }
+    eprintln!(
+        "wrote {} ({}: KV values/token {} -> {}, calibration {:.1} s, factorization {:.1} s, total {:.1} s)",
+        a.out.display(),
+        a.method.name(),
+        summary.kv_values_per_token_original,
+        summary.kv_values_per_token_converted,
+        calib_s,
+        summary.factorize_seconds,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let tasks_dir = a.tasks_dir.clone().unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
+    let (ppl_files, tasks) = EvalPlan::resolve(a.ppl_files.clone(), &a.tasks, &tasks_dir)?;
+    if ppl_files.is_empty() && tasks.is_empty() {
+        bail!("nothing to evaluate: pass --ppl FILE and/or --tasks LIST");
+    }
+    for &k in &a.kv_keep {
+        if !(k > 0.0 && k <= 1.0) {
+            bail!("--kv-keep {k} must be in (0, 1]");
+        }
+    }
+    let plan = EvalPlan {
+        ppl_files,
+        max_tokens: a.max_tokens,
+        ppl: PerplexityOptions { window: a.window, stride: None },
+        tasks,
+        limit: a.limit,
+        max_len: 2048,
+    };
+    plan.ppl.validate()?;
+    let methods = if a.methods.is_empty() { ConvertMethod::ALL.to_vec() } else { a.methods.clone() };
+    let (ckpt, original) = open_model(&a.model, None)?;
+    let tok = ckpt.tokenizer()?;
+    let bos = if ckpt.add_bos { ckpt.spec.bos_token_id } else { None };
+    let prefix = ckpt.spec.eos_token_id.or(ckpt.spec.bos_token_id).unwrap_or(0);
+    let (windows, _sources) = calibration_windows(&a.calib, tok)?;
+    let stats = collect_stats(&original, &windows, a.quiet)?;
+    let mut bars = Bars::new(a.quiet);
+    let mut rows = vec![CompareRow {
+        method: "original".into(),
+        kv_keep: 1.0,
+        report: evaluate(&original, "original", tok, bos, prefix, &plan, &mut bars)?,
+        conversion: None,
+    }];
+    drop(original);
+    for &keep in &a.kv_keep {
+        for &m in &methods {
+            let mut model = Decoder::load(&ckpt)?;
+            let opts = ConvertOptions { method: m, kv_keep: keep, damping: a.calib.damping, ..Default::default() };
+            let (_, summary) = convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+            if let (Some(dir), ConvertMethod::CareE | ConvertMethod::CareEDepth) = (&a.plots, m) {
+                let p = dir.join(format!("ranks-{}-{}.png", m.name(), (keep * 1000.0).round()));
+                std::fs::create_dir_all(dir)?;
+                care_convert::ranks::plot_png(&summary.plan, &format!("{} {:.1}% KV", m.name(), keep * 100.0), &p)?;
+            }
+            let name = format!("{} @ {:.1}%", m.name(), keep * 100.0);
+            let report = evaluate(&model, &name, tok, bos, prefix, &plan, &mut bars)?;
+            eprintln!("{name}: {}", report.perplexity.iter().map(|p| format!("PPL {:.2}", p.result.ppl)).collect::<Vec<_>>().join(", "));
+            rows.push(CompareRow { method: m.name().into(), kv_keep: keep, report, conversion: Some(summary) });
+        }
+    }
+    let md = markdown_table(&rows);
+    if let Some(p) = &a.json {
+        write_atomic(p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+    }
+    if let Some(p) = &a.markdown {
+        write_atomic(p, md.as_bytes())?;
+    }
+    print!("{md}");
     Ok(())
 }
 

@@ -81,6 +81,7 @@ fn build_index(tokenizer: &Path, out: &Path) -> anyhow::Result<()> {
 struct Replay {
     steps: usize,
     draft_us: f64,
+    accept_us: f64,
     verify_ms: f64,
 }
 
@@ -99,6 +100,7 @@ fn replay(
         Replay {
             steps: 0,
             draft_us: 0.0,
+            accept_us: 0.0,
             verify_ms: 0.0,
         },
     );
@@ -116,7 +118,9 @@ fn replay(
             .count();
         policy.observe(&draft, k, accepted);
         let emit = (accepted + 1).min(rest.len());
+        let t = Instant::now();
         drafter.accept(&rest[..emit])?;
+        r.accept_us += t.elapsed().as_secs_f64() * 1e6;
         pos += emit;
         r.steps += 1;
     }
@@ -270,25 +274,27 @@ fn main() -> anyhow::Result<()> {
             Ok((full[..common].to_vec(), full[common..].to_vec()))
         })
         .collect::<anyhow::Result<_>>()?;
-    println!("| policy | tokens / step | drafted tokens accepted (≈) | tokens / s (modelled) | draft µs / step |");
-    println!("|---|---|---|---|---|");
+    println!("| policy | tokens / step | drafted tokens accepted (≈) | tokens / s (modelled) | draft µs / step | accept µs / token |");
+    println!("|---|---|---|---|---|---|");
     // One policy object across problems, so the calibrated one keeps learning.
     for (name, mut policy) in policies {
-        let (mut steps, mut tokens, mut us, mut ms) = (0, 0, 0.0, 0.0);
+        let (mut steps, mut tokens, mut us, mut ms, mut acc) = (0, 0, 0.0, 0.0, 0.0);
         for (prompt, solution) in &cases {
             let r = replay(&mut drafter, &mut policy, prompt, solution, &cpu_ms)?;
             steps += r.steps;
             tokens += solution.len();
             us += r.draft_us;
             ms += r.verify_ms;
+            acc += r.accept_us;
         }
         println!(
-            "| {name} | {:.2} | {} of {} | {:.1} | {:.1} |",
+            "| {name} | {:.2} | {} of {} | {:.1} | {:.1} | {:.2} |",
             tokens as f64 / steps.max(1) as f64,
             tokens - steps,
             tokens,
             tokens as f64 / (ms + us / 1e3) * 1e3,
-            us / steps.max(1) as f64
+            us / steps.max(1) as f64,
+            acc / tokens.max(1) as f64
         );
     }
     Ok(())

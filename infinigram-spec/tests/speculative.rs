@@ -167,7 +167,7 @@ fn run(case: &Case, sampling: Sampling) -> (Vec<u32>, Vec<u32>, usize, Vec<Draft
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
     fn greedy_speculative_equals_plain_greedy(case in case()) {

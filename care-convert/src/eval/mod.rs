@@ -8,6 +8,7 @@
 pub mod multiple_choice;
 pub mod perplexity;
 pub mod report;
+pub mod run;
 
 /// Log-softmax statistics of one logits row for one target token.
 #[derive(Debug, Clone, Copy)]

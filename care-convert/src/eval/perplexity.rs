@@ -29,6 +29,23 @@ impl Default for PerplexityOptions {
     }
 }
 
+impl PerplexityOptions {
+    /// Check window ≥ 2 and 1 ≤ stride ≤ window.
+    pub fn validate(&self) -> Result<()> {
+        let stride = self.stride.unwrap_or(self.window);
+        if self.window < 2 {
+            return Err(Error::InvalidOption(format!("window {} must be at least 2", self.window)));
+        }
+        if stride == 0 || stride > self.window {
+            return Err(Error::InvalidOption(format!(
+                "stride {stride} must be in 1..={} (the window)",
+                self.window
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Result of a perplexity run.
 #[derive(Debug, Clone, Serialize)]
 pub struct PerplexityResult {

@@ -213,7 +213,7 @@ impl<C: VerifyCost> AcceptModel for CalibratedPolicy<C> {
 
 impl<C: VerifyCost> DraftPolicy for CalibratedPolicy<C> {
     fn draft_len(&self, draft: &Draft, ctx: &PolicyContext) -> usize {
-        let n = draft.len().min(self.max_len);
+        let n = draft.len().min(draft.features.len()).min(self.max_len);
         let e = expected_accepted(self, &draft.features[..n]);
         let k = self.best(ctx.batch_size, &e);
         self.explore(k, n)
@@ -239,10 +239,9 @@ impl<C: VerifyCost> DraftPolicy for CalibratedPolicy<C> {
     }
 
     fn observe(&mut self, draft: &Draft, submitted: usize, accepted: usize) {
-        let submitted = submitted.min(draft.len());
-        for i in 0..submitted.min(accepted + 1) {
-            let f = draft.features[i];
-            self.record(&f, i < accepted);
+        let reached = submitted.min(accepted.saturating_add(1));
+        for (i, f) in draft.features.iter().take(reached).enumerate() {
+            self.record(f, i < accepted);
         }
     }
 }

@@ -140,6 +140,13 @@ pub fn speculative_generate_with(
         } else {
             drafter.draft(options.max_draft.min(room), &*policy)?
         };
+        if draft.tokens.len() != draft.features.len() {
+            return Err(Error::InvalidArgument(format!(
+                "drafter returned {} tokens with {} feature entries",
+                draft.tokens.len(),
+                draft.features.len()
+            )));
+        }
         let k = policy.draft_len(&draft, &ctx).min(draft.len()).min(room);
         let mut input = Vec::with_capacity(k + 1);
         input.push(pending);

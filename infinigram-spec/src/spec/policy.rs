@@ -189,7 +189,7 @@ impl<M: AcceptModel> AcceptModel for ScoreGate<M> {
 
 impl<M: AcceptModel> DraftPolicy for ScoreGate<M> {
     fn draft_len(&self, draft: &Draft, _: &PolicyContext) -> usize {
-        let n = draft.len().min(self.max_len);
+        let n = draft.len().min(draft.features.len()).min(self.max_len);
         let e = expected_accepted(&self.model, &draft.features[..n]);
         // Marginal gain of token i is e[i + 1] − e[i]: its path acceptance probability.
         let k = (0..n)
