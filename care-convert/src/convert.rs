@@ -74,9 +74,11 @@ impl ConvertMethod {
     /// The factorization behind the method.
     pub fn factorization(self) -> Method {
         match self {
-            ConvertMethod::CareU | ConvertMethod::CareE | ConvertMethod::CareEDepth => Method::Care {
-                root: SquareRoot::Symmetric,
-            },
+            ConvertMethod::CareU | ConvertMethod::CareE | ConvertMethod::CareEDepth => {
+                Method::Care {
+                    root: SquareRoot::Symmetric,
+                }
+            }
             ConvertMethod::CareC => Method::CareCBased,
             ConvertMethod::Palu => Method::PlainSvd,
             ConvertMethod::Asvd => Method::Asvd {
@@ -149,7 +151,11 @@ fn to_tensor(m: &Mat<f64>) -> Result<Tensor> {
         .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
         .map(|(i, j)| m[(i, j)] as f32)
         .collect();
-    Ok(Tensor::from_vec(data, (m.nrows(), m.ncols()), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        data,
+        (m.nrows(), m.ncols()),
+        &Device::Cpu,
+    )?)
 }
 
 /// The K and V weights of layer `l` as f64 matrices.
@@ -163,7 +169,10 @@ fn kv_weights(w: &dyn WeightSource, l: usize) -> Result<(Mat<f64>, Mat<f64>)> {
 
 /// Decompositions of one layer, before truncation.
 enum LayerDecomp {
-    Separate(crate::factorize::Decomposition, crate::factorize::Decomposition),
+    Separate(
+        crate::factorize::Decomposition,
+        crate::factorize::Decomposition,
+    ),
     Shared(crate::factorize::JointDecomposition),
 }
 
@@ -185,7 +194,11 @@ fn decompose_layer(
 }
 
 /// Per-branch rank plan from the layers' spectra.
-fn plan_ranks(opts: &ConvertOptions, spec: &ModelSpec, decomps: &[LayerDecomp]) -> Result<RankPlan> {
+fn plan_ranks(
+    opts: &ConvertOptions,
+    spec: &ModelSpec,
+    decomps: &[LayerDecomp],
+) -> Result<RankPlan> {
     let n = spec.num_layers;
     let width = spec.num_kv_heads * spec.head_dim;
     let budget = budget_from_keep(opts.kv_keep, n, width)?;
@@ -212,7 +225,10 @@ fn plan_ranks(opts: &ConvertOptions, spec: &ModelSpec, decomps: &[LayerDecomp]) 
                     water_fill(s, budget.total, min, max, None)
                 }
             };
-            Ok(RankPlan::new(fill(&spectra(true))?, fill(&spectra(false))?)?)
+            Ok(RankPlan::new(
+                fill(&spectra(true))?,
+                fill(&spectra(false))?,
+            )?)
         }
         ConvertMethod::Mha2mla => Ok(RankPlan::new(vec![r; n], vec![r; n])?),
         _ => Ok(RankPlan::uniform(n, r)),
@@ -231,17 +247,32 @@ fn truncate(d: &LayerDecomp, rk: usize, rv: usize) -> Result<LayerFactors> {
 }
 
 /// Install converted attention for layer `l` of `model` from `factors`.
-pub fn install(model: &mut Decoder, w: &dyn WeightSource, l: usize, f: &LayerFactors) -> Result<()> {
+pub fn install(
+    model: &mut Decoder,
+    w: &dyn WeightSource,
+    l: usize,
+    f: &LayerFactors,
+) -> Result<()> {
     let spec = model.spec.clone();
     let p = format!("model.layers.{l}.self_attn");
     let get = |n: &str| -> Result<Tensor> { Ok(w.tensor(&format!("{p}.{n}"))?) };
     let bias = |n: &str| -> Result<Option<Tensor>> {
-        Ok(if spec.arch.has_qkv_bias() { Some(get(&format!("{n}.bias"))?) } else { None })
+        Ok(if spec.arch.has_qkv_bias() {
+            Some(get(&format!("{n}.bias"))?)
+        } else {
+            None
+        })
     };
     let kv = match f {
         LayerFactors::Separate { k, v } => LatentKv::Separate {
-            k: LatentFactors { a: to_tensor(&k.a)?, b: to_tensor(&k.b)? },
-            v: LatentFactors { a: to_tensor(&v.a)?, b: to_tensor(&v.b)? },
+            k: LatentFactors {
+                a: to_tensor(&k.a)?,
+                b: to_tensor(&k.b)?,
+            },
+            v: LatentFactors {
+                a: to_tensor(&v.a)?,
+                b: to_tensor(&v.b)?,
+            },
         },
         LayerFactors::Shared(j) => LatentKv::Shared {
             a: to_tensor(&j.a)?,
@@ -276,7 +307,10 @@ pub fn convert_one_pass(
 ) -> Result<(Vec<LayerFactors>, ConversionSummary)> {
     let n = model.layers.len();
     if stats.len() != n {
-        return Err(Error::InvalidOption(format!("{} layer statistics for {n} layers", stats.len())));
+        return Err(Error::InvalidOption(format!(
+            "{} layer statistics for {n} layers",
+            stats.len()
+        )));
     }
     let started = Instant::now();
     let method = opts.method.factorization();
@@ -313,7 +347,10 @@ pub fn convert_sequential(
     let n = model.layers.len();
     let started = Instant::now();
     let method = opts.method.factorization();
-    let mut xs: Vec<Tensor> = windows.iter().map(|t| model.embed(t)).collect::<std::result::Result<_, _>>()?;
+    let mut xs: Vec<Tensor> = windows
+        .iter()
+        .map(|t| model.embed(t))
+        .collect::<std::result::Result<_, _>>()?;
     let mut factors = Vec::with_capacity(n);
     let mut rescues = Vec::with_capacity(n);
     for l in 0..n {
@@ -336,10 +373,19 @@ pub fn convert_sequential(
         rescues.push(r);
         progress(l + 1, n);
     }
-    Ok((factors, summary(opts, &model.spec, plan.clone(), rescues, started)))
+    Ok((
+        factors,
+        summary(opts, &model.spec, plan.clone(), rescues, started),
+    ))
 }
 
-fn summary(opts: &ConvertOptions, spec: &ModelSpec, plan: RankPlan, rescues: Vec<Rescues>, started: Instant) -> ConversionSummary {
+fn summary(
+    opts: &ConvertOptions,
+    spec: &ModelSpec,
+    plan: RankPlan,
+    rescues: Vec<Rescues>,
+    started: Instant,
+) -> ConversionSummary {
     let width = spec.num_kv_heads * spec.head_dim;
     let (tk, tv) = plan.totals();
     ConversionSummary {

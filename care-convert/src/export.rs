@@ -118,7 +118,11 @@ fn to_tensor(m: &faer::Mat<f64>) -> Result<Tensor> {
     let data: Vec<f32> = (0..m.nrows())
         .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)] as f32))
         .collect();
-    Ok(Tensor::from_vec(data, (m.nrows(), m.ncols()), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        data,
+        (m.nrows(), m.ncols()),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// Write the one-shot checkpoint to `out` (which must not exist).
@@ -137,9 +141,16 @@ pub fn write_oneshot(
         )));
     }
     if factors.len() != spec.num_layers {
-        return Err(Error::InvalidOption(format!("{} layer factors for {} layers", factors.len(), spec.num_layers)));
+        return Err(Error::InvalidOption(format!(
+            "{} layer factors for {} layers",
+            factors.len(),
+            spec.num_layers
+        )));
     }
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = parent.join(format!(
         ".{}.partial-{}",
@@ -214,19 +225,30 @@ fn write_into(
         }
     }
     let st = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &st)
-        .map_err(|e| Error::BadData { path: st.clone(), reason: e.to_string() })?;
+    candle_core::safetensors::save(&tensors, &st).map_err(|e| Error::BadData {
+        path: st.clone(),
+        reason: e.to_string(),
+    })?;
     let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = dir.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(|e| Error::BadData { path: p.clone(), reason: e.to_string() })?;
+        let text = serde_json::to_string_pretty(v).map_err(|e| Error::BadData {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
     };
     write_json("config.json", &hf_config(spec))?;
-    let prov = serde_json::to_value(provenance).map_err(|e| Error::BadData { path: dir.join("care.json"), reason: e.to_string() })?;
+    let prov = serde_json::to_value(provenance).map_err(|e| Error::BadData {
+        path: dir.join("care.json"),
+        reason: e.to_string(),
+    })?;
     write_json("care.json", &prov)?;
     if let Some(tok) = tokenizer {
         let p = dir.join("tokenizer.json");
-        let text = tok.to_string(false).map_err(|e| Error::BadData { path: p.clone(), reason: e.to_string() })?;
+        let text = tok.to_string(false).map_err(|e| Error::BadData {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
         std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
     }
     Ok(())

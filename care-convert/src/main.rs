@@ -18,7 +18,9 @@ use care_convert::convert::{convert_one_pass, convert_sequential, ConvertMethod,
 use care_convert::eval::perplexity::PerplexityOptions;
 use care_convert::eval::run::{evaluate, EvalPlan, Progress};
 use care_convert::export::{sha256_path, write_oneshot, CalibrationRecord, Provenance};
-use cli::{CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, TokenizerArgs};
+use cli::{
+    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, TokenizerArgs,
+};
 use mla_attention::io::{tokenizer, Checkpoint};
 use mla_attention::model::Decoder;
 
@@ -127,13 +129,19 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if a.ppl_files.is_empty() && a.tasks.is_empty() {
         bail!("nothing to evaluate: pass --ppl FILE and/or --tasks LIST");
     }
-    let tasks_dir = a.tasks_dir.clone().unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
+    let tasks_dir = a
+        .tasks_dir
+        .clone()
+        .unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
     // Resolve every input before the (slow) model load, so typos fail fast.
     let (ppl_files, tasks) = EvalPlan::resolve(a.ppl_files.clone(), &a.tasks, &tasks_dir)?;
     let plan = EvalPlan {
         ppl_files,
         max_tokens: a.max_tokens,
-        ppl: PerplexityOptions { window: a.window, stride: a.stride },
+        ppl: PerplexityOptions {
+            window: a.window,
+            stride: a.stride,
+        },
         tasks,
         limit: a.limit,
         max_len: a.max_len,
@@ -141,9 +149,25 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     plan.ppl.validate()?;
     let (ckpt, model) = open_model(&a.model, a.tokenizer.as_deref())?;
     let tok = ckpt.tokenizer()?;
-    let bos = if ckpt.add_bos { ckpt.spec.bos_token_id } else { None };
-    let prefix = ckpt.spec.eos_token_id.or(ckpt.spec.bos_token_id).unwrap_or(0);
-    let report = evaluate(&model, &a.model.display().to_string(), tok, bos, prefix, &plan, &mut Bars::new(a.quiet))?;
+    let bos = if ckpt.add_bos {
+        ckpt.spec.bos_token_id
+    } else {
+        None
+    };
+    let prefix = ckpt
+        .spec
+        .eos_token_id
+        .or(ckpt.spec.bos_token_id)
+        .unwrap_or(0);
+    let report = evaluate(
+        &model,
+        &a.model.display().to_string(),
+        tok,
+        bos,
+        prefix,
+        &plan,
+        &mut Bars::new(a.quiet),
+    )?;
     let json = serde_json::to_string_pretty(&report)?;
     if let Some(p) = &a.json {
         write_atomic(p, json.as_bytes())?;
@@ -157,7 +181,10 @@ fn run_eval(a: EvalArgs) -> Result<()> {
 }
 
 /// Tokenized calibration windows and their provenance.
-fn calibration_windows(c: &CalibArgs, tok: &tokenizers::Tokenizer) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
+fn calibration_windows(
+    c: &CalibArgs,
+    tok: &tokenizers::Tokenizer,
+) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
     let files = if c.calib.is_empty() {
         let d = cli::assets_dir().join("data/exllamav2-cal");
         vec![d.join("c4.utf8"), d.join("wiki.utf8"), d.join("code.utf8")]
@@ -166,15 +193,27 @@ fn calibration_windows(c: &CalibArgs, tok: &tokenizers::Tokenizer) -> Result<(Ve
     };
     let mut ids = Vec::new();
     for f in &files {
-        let text = std::fs::read_to_string(f).with_context(|| format!("reading calibration file {}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading calibration file {}", f.display()))?;
         ids.extend(tokenizer::encode(tok, &text)?);
     }
-    let opts = CalibrationOptions { samples: c.calib_samples, seq_len: c.calib_seq_len, seed: c.seed };
+    let opts = CalibrationOptions {
+        samples: c.calib_samples,
+        seq_len: c.calib_seq_len,
+        seed: c.seed,
+    };
     let windows = sample_windows(&ids, &opts)?;
-    Ok((windows, files.iter().map(|f| f.display().to_string()).collect()))
+    Ok((
+        windows,
+        files.iter().map(|f| f.display().to_string()).collect(),
+    ))
 }
 
-fn collect_stats(model: &Decoder, windows: &[Vec<u32>], quiet: bool) -> Result<Vec<care_convert::factorize::InputStats>> {
+fn collect_stats(
+    model: &Decoder,
+    windows: &[Vec<u32>],
+    quiet: bool,
+) -> Result<Vec<care_convert::factorize::InputStats>> {
     let pb = bar(windows.len() as u64, "calibrate".into(), quiet);
     let stats = collect_all(model, windows, &mut |d, _| pb.set_position(d as u64))?;
     pb.finish_and_clear();
@@ -183,7 +222,16 @@ fn collect_stats(model: &Decoder, windows: &[Vec<u32>], quiet: bool) -> Result<V
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
     if a.out.exists() {
-        bail!("{} already exists; choose another --out or remove it", a.out.display());
+        bail!(
+            "{} already exists; choose another --out or remove it",
+            a.out.display()
+        );
+    }
+    if !(a.kv_keep > 0.0 && a.kv_keep <= 1.0) {
+        bail!(
+            "--kv-keep {} must be in (0, 1] (the fraction of the K/V width kept)",
+            a.kv_keep
+        );
     }
     let started = Instant::now();
     let (ckpt, mut model) = open_model(&a.model, None)?;
@@ -192,7 +240,12 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     let t_cal = Instant::now();
     let stats = collect_stats(&model, &windows, a.quiet)?;
     let calib_s = t_cal.elapsed().as_secs_f64();
-    let opts = ConvertOptions { method: a.method, kv_keep: a.kv_keep, damping: a.calib.damping, ..Default::default() };
+    let opts = ConvertOptions {
+        method: a.method,
+        kv_keep: a.kv_keep,
+        damping: a.calib.damping,
+        ..Default::default()
+    };
     let pb = bar(1, "factorize".into(), a.quiet);
     let mut cb = |d: usize, t: usize| {
         pb.set_length(t as u64);
@@ -200,9 +253,22 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     };
     let (factors, summary) = if a.sequential {
         // Ranks from one-pass spectra, then layer-by-layer statistics on converted prefixes.
-        let (_, planned) = convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+        let (_, planned) = convert_one_pass(
+            &mut model,
+            ckpt.weights.as_ref(),
+            &stats,
+            &opts,
+            &mut |_, _| {},
+        )?;
         let mut fresh = Decoder::load(&ckpt)?;
-        let r = convert_sequential(&mut fresh, ckpt.weights.as_ref(), &windows, &planned.plan, &opts, &mut cb)?;
+        let r = convert_sequential(
+            &mut fresh,
+            ckpt.weights.as_ref(),
+            &windows,
+            &planned.plan,
+            &opts,
+            &mut cb,
+        )?;
         model = fresh;
         r
     } else {
@@ -226,10 +292,21 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         },
         tool: format!("care-convert {}", env!("CARGO_PKG_VERSION")),
     };
-    write_oneshot(&a.out, &model.spec, ckpt.weights.as_ref(), &factors, ckpt.tokenizer.as_ref(), &prov)?;
+    write_oneshot(
+        &a.out,
+        &model.spec,
+        ckpt.weights.as_ref(),
+        &factors,
+        ckpt.tokenizer.as_ref(),
+        &prov,
+    )?;
     if let Err(e) = care_convert::ranks::plot_png(
         &summary.plan,
-        &format!("{} ranks, {:.1}% KV kept", a.method.name(), a.kv_keep * 100.0),
+        &format!(
+            "{} ranks, {:.1}% KV kept",
+            a.method.name(),
+            a.kv_keep * 100.0
+        ),
         &a.out.join("ranks.png"),
     ) {
         tracing::warn!("rank plot not written: {e}");
@@ -249,7 +326,10 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
 }
 
 fn run_compare(a: CompareArgs) -> Result<()> {
-    let tasks_dir = a.tasks_dir.clone().unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
+    let tasks_dir = a
+        .tasks_dir
+        .clone()
+        .unwrap_or_else(|| cli::assets_dir().join("data/oe_eval_tasks"));
     let (ppl_files, tasks) = EvalPlan::resolve(a.ppl_files.clone(), &a.tasks, &tasks_dir)?;
     if ppl_files.is_empty() && tasks.is_empty() {
         bail!("nothing to evaluate: pass --ppl FILE and/or --tasks LIST");
@@ -262,17 +342,32 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     let plan = EvalPlan {
         ppl_files,
         max_tokens: a.max_tokens,
-        ppl: PerplexityOptions { window: a.window, stride: None },
+        ppl: PerplexityOptions {
+            window: a.window,
+            stride: None,
+        },
         tasks,
         limit: a.limit,
         max_len: 2048,
     };
     plan.ppl.validate()?;
-    let methods = if a.methods.is_empty() { ConvertMethod::ALL.to_vec() } else { a.methods.clone() };
+    let methods = if a.methods.is_empty() {
+        ConvertMethod::ALL.to_vec()
+    } else {
+        a.methods.clone()
+    };
     let (ckpt, original) = open_model(&a.model, None)?;
     let tok = ckpt.tokenizer()?;
-    let bos = if ckpt.add_bos { ckpt.spec.bos_token_id } else { None };
-    let prefix = ckpt.spec.eos_token_id.or(ckpt.spec.bos_token_id).unwrap_or(0);
+    let bos = if ckpt.add_bos {
+        ckpt.spec.bos_token_id
+    } else {
+        None
+    };
+    let prefix = ckpt
+        .spec
+        .eos_token_id
+        .or(ckpt.spec.bos_token_id)
+        .unwrap_or(0);
     let (windows, _sources) = calibration_windows(&a.calib, tok)?;
     let stats = collect_stats(&original, &windows, a.quiet)?;
     let mut bars = Bars::new(a.quiet);
@@ -286,17 +381,49 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     for &keep in &a.kv_keep {
         for &m in &methods {
             let mut model = Decoder::load(&ckpt)?;
-            let opts = ConvertOptions { method: m, kv_keep: keep, damping: a.calib.damping, ..Default::default() };
-            let (_, summary) = convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+            let opts = ConvertOptions {
+                method: m,
+                kv_keep: keep,
+                damping: a.calib.damping,
+                ..Default::default()
+            };
+            let (_, summary) = convert_one_pass(
+                &mut model,
+                ckpt.weights.as_ref(),
+                &stats,
+                &opts,
+                &mut |_, _| {},
+            )?;
             if let (Some(dir), ConvertMethod::CareE | ConvertMethod::CareEDepth) = (&a.plots, m) {
-                let p = dir.join(format!("ranks-{}-{}.png", m.name(), (keep * 1000.0).round()));
+                let p = dir.join(format!(
+                    "ranks-{}-{}.png",
+                    m.name(),
+                    (keep * 1000.0).round()
+                ));
                 std::fs::create_dir_all(dir)?;
-                care_convert::ranks::plot_png(&summary.plan, &format!("{} {:.1}% KV", m.name(), keep * 100.0), &p)?;
+                care_convert::ranks::plot_png(
+                    &summary.plan,
+                    &format!("{} {:.1}% KV", m.name(), keep * 100.0),
+                    &p,
+                )?;
             }
             let name = format!("{} @ {:.1}%", m.name(), keep * 100.0);
             let report = evaluate(&model, &name, tok, bos, prefix, &plan, &mut bars)?;
-            eprintln!("{name}: {}", report.perplexity.iter().map(|p| format!("PPL {:.2}", p.result.ppl)).collect::<Vec<_>>().join(", "));
-            rows.push(CompareRow { method: m.name().into(), kv_keep: keep, report, conversion: Some(summary) });
+            eprintln!(
+                "{name}: {}",
+                report
+                    .perplexity
+                    .iter()
+                    .map(|p| format!("PPL {:.2}", p.result.ppl))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            rows.push(CompareRow {
+                method: m.name().into(),
+                kv_keep: keep,
+                report,
+                conversion: Some(summary),
+            });
         }
     }
     let md = markdown_table(&rows);

@@ -34,7 +34,10 @@ impl PerplexityOptions {
     pub fn validate(&self) -> Result<()> {
         let stride = self.stride.unwrap_or(self.window);
         if self.window < 2 {
-            return Err(Error::InvalidOption(format!("window {} must be at least 2", self.window)));
+            return Err(Error::InvalidOption(format!(
+                "window {} must be at least 2",
+                self.window
+            )));
         }
         if stride == 0 || stride > self.window {
             return Err(Error::InvalidOption(format!(

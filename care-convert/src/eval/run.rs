@@ -55,13 +55,18 @@ impl EvalPlan {
             if !p.exists() {
                 return Err(Error::BadData {
                     path: p.clone(),
-                    reason: format!("request file of task {t} not found (run scripts/fetch_assets.py)"),
+                    reason: format!(
+                        "request file of task {t} not found (run scripts/fetch_assets.py)"
+                    ),
                 });
             }
         }
         for f in &ppl_files {
             if !f.is_file() {
-                return Err(Error::BadData { path: f.clone(), reason: "not a file".into() });
+                return Err(Error::BadData {
+                    path: f.clone(),
+                    reason: "not a file".into(),
+                });
             }
         }
         Ok((ppl_files, tasks))
@@ -69,7 +74,12 @@ impl EvalPlan {
 }
 
 /// Text a model reads for perplexity: the file's tokens, BOS first if the tokenizer asks.
-pub fn text_tokens(tok: &tokenizers::Tokenizer, path: &std::path::Path, bos: Option<u32>, max: Option<usize>) -> Result<Vec<u32>> {
+pub fn text_tokens(
+    tok: &tokenizers::Tokenizer,
+    path: &std::path::Path,
+    bos: Option<u32>,
+    max: Option<usize>,
+) -> Result<Vec<u32>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut ids = encode(tok, &text)?;
     if let Some(b) = bos {
@@ -96,9 +106,15 @@ pub fn evaluate(
     let mut ppl = Vec::new();
     for f in &plan.ppl_files {
         let ids = text_tokens(tok, f, bos, plan.max_tokens)?;
-        let label = f.file_name().and_then(|n| n.to_str()).unwrap_or("text").to_string();
+        let label = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("text")
+            .to_string();
         progress.start(&label, 1);
-        let result = perplexity(model, &ids, &plan.ppl, &mut |done, _total| progress.set(done))?;
+        let result = perplexity(model, &ids, &plan.ppl, &mut |done, _total| {
+            progress.set(done)
+        })?;
         progress.finish();
         ppl.push(TextEval {
             source: f.display().to_string(),
@@ -119,7 +135,11 @@ pub fn evaluate(
         progress.finish();
         tasks.push(summarize(task, &scores));
     }
-    let mc: Vec<_> = tasks.iter().filter(|t| t.task != "lambada").cloned().collect();
+    let mc: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.task != "lambada")
+        .cloned()
+        .collect();
     Ok(EvalReport {
         model: name.to_string(),
         architecture: format!("{:?}", model.spec.arch).to_lowercase(),
