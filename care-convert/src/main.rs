@@ -424,17 +424,25 @@ fn run_compare(a: CompareArgs) -> Result<()> {
                 report,
                 conversion: Some(summary),
             });
+            // Save after every row: a long grid that is interrupted keeps what it measured.
+            save_rows(&a, &rows)?;
         }
     }
-    let md = markdown_table(&rows);
+    let md = save_rows(&a, &rows)?;
+    print!("{md}");
+    Ok(())
+}
+
+/// Write the JSON and markdown outputs of `compare` (atomically); returns the markdown.
+fn save_rows(a: &CompareArgs, rows: &[CompareRow]) -> Result<String> {
+    let md = markdown_table(rows);
     if let Some(p) = &a.json {
-        write_atomic(p, serde_json::to_string_pretty(&rows)?.as_bytes())?;
+        write_atomic(p, serde_json::to_string_pretty(rows)?.as_bytes())?;
     }
     if let Some(p) = &a.markdown {
         write_atomic(p, md.as_bytes())?;
     }
-    print!("{md}");
-    Ok(())
+    Ok(md)
 }
 
 fn run_tokenizer(a: TokenizerArgs) -> Result<()> {
