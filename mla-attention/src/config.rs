@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::mla::config::{DeepseekV2Context, DeepseekV2Fields, MlaSpec};
 
 /// The decoder families this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -29,6 +30,9 @@ impl Architecture {
     }
 }
 
+/// Architectures accepted in `config.json` (GGUF: [`Architecture::SUPPORTED`]).
+const HF_SUPPORTED: &str = "llama, mistral, qwen2, deepseek_v2 (dense, no q-LoRA)";
+
 /// Llama 3 style RoPE frequency scaling (`rope_scaling.rope_type == "llama3"`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Llama3RopeScaling {
@@ -49,8 +53,13 @@ pub enum RopeScaling {
     FreqFactors(Vec<f32>),
 }
 
-/// The resolved architecture of a GQA decoder. Built once from `config.json` or GGUF
+/// The resolved architecture of a decoder. Built once from `config.json` or GGUF
 /// metadata; every field is checked for consistency by [`ModelSpec::validate`].
+///
+/// A DeepSeek-V2 checkpoint (dense MLP) resolves to `arch: Llama` (its norms, SwiGLU
+/// MLP, embedding and head are Llama's) with `mla: Some(..)`, `num_kv_heads =
+/// num_heads` and `head_dim = qk_nope_head_dim + qk_rope_head_dim`; its RoPE settings
+/// live in the [`MlaSpec`] (`rope_scaling` here stays `None`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     pub arch: Architecture,
@@ -68,6 +77,9 @@ pub struct ModelSpec {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    /// Multi-Head Latent Attention (DeepSeek-V2) instead of GQA, in every layer.
+    #[serde(default)]
+    pub mla: Option<MlaSpec>,
 }
 
 impl ModelSpec {
@@ -96,7 +108,15 @@ impl ModelSpec {
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if !self.head_dim.is_multiple_of(2) {
+        if let Some(mla) = &self.mla {
+            mla.validate().map_err(|e| bad(e.to_string()))?;
+            if mla.shape.num_heads != self.num_heads {
+                return Err(bad(format!(
+                    "MLA has {} heads, num_attention_heads is {}",
+                    mla.shape.num_heads, self.num_heads
+                )));
+            }
+        } else if !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!(
                 "head_dim {} must be even for RoPE",
                 self.head_dim
@@ -134,7 +154,8 @@ impl ModelSpec {
     }
 }
 
-/// `config.json` of a Llama/Mistral/Qwen2 checkpoint, as written by HF transformers.
+/// `config.json` of a Llama/Mistral/Qwen2 or DeepSeek-V2 checkpoint, as written by HF
+/// transformers.
 #[derive(Debug, Clone, Deserialize)]
 pub struct HfConfig {
     #[serde(default)]
@@ -166,6 +187,9 @@ pub struct HfConfig {
     pub eos_token_id: Option<serde_json::Value>,
     #[serde(default)]
     pub attention_bias: Option<bool>,
+    /// DeepSeek-V2 keys (`kv_lora_rank`, `qk_rope_head_dim`, …); all `None` otherwise.
+    #[serde(flatten)]
+    pub deepseek_v2: DeepseekV2Fields,
 }
 
 fn default_rope_theta() -> f64 {
@@ -196,11 +220,12 @@ impl HfConfig {
         let arch = match arch_name.as_str() {
             "llama" | "mistral" | "LlamaForCausalLM" | "MistralForCausalLM" => Architecture::Llama,
             "qwen2" | "Qwen2ForCausalLM" => Architecture::Qwen2,
+            "deepseek_v2" | "DeepseekV2ForCausalLM" => return self.into_deepseek_v2_spec(path),
             other => {
                 return Err(Error::UnsupportedArchitecture {
                     path: path.to_path_buf(),
                     arch: other.to_string(),
-                    supported: Architecture::SUPPORTED,
+                    supported: HF_SUPPORTED,
                 })
             }
         };
@@ -214,13 +239,7 @@ impl HfConfig {
             None | Some(serde_json::Value::Null) => RopeScaling::None,
             Some(v) => parse_rope_scaling(v, path)?,
         };
-        let eos_token_id = match &self.eos_token_id {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
-            Some(serde_json::Value::Array(a)) => {
-                a.first().and_then(|v| v.as_u64()).map(|v| v as u32)
-            }
-            _ => None,
-        };
+        let eos_token_id = eos_id(&self.eos_token_id);
         let num_kv_heads = self.num_key_value_heads.unwrap_or(self.num_attention_heads);
         if self.num_attention_heads == 0 {
             return Err(Error::InvalidConfig {
@@ -247,9 +266,52 @@ impl HfConfig {
             max_position_embeddings: self.max_position_embeddings,
             bos_token_id: self.bos_token_id,
             eos_token_id,
+            mla: None,
         };
         spec.validate(path)?;
         Ok(spec)
+    }
+
+    /// DeepSeek-V2 (dense): the Llama decoder around [`MlaSpec`] attention.
+    fn into_deepseek_v2_spec(self, path: &Path) -> Result<ModelSpec> {
+        let cx = DeepseekV2Context {
+            num_heads: self.num_attention_heads,
+            num_layers: self.num_hidden_layers,
+            rope_theta: self.rope_theta,
+            rms_norm_eps: self.rms_norm_eps,
+            attention_bias: self.attention_bias.unwrap_or(false),
+            rope_scaling: self.rope_scaling.as_ref(),
+        };
+        let mla = self.deepseek_v2.resolve(cx, path)?;
+        let spec = ModelSpec {
+            arch: Architecture::Llama,
+            hidden_size: self.hidden_size,
+            num_layers: self.num_hidden_layers,
+            num_heads: self.num_attention_heads,
+            num_kv_heads: self.num_attention_heads,
+            head_dim: mla.shape.q_head_dim(),
+            intermediate_size: self.intermediate_size,
+            vocab_size: self.vocab_size,
+            rope_theta: self.rope_theta,
+            rope_scaling: RopeScaling::None,
+            rms_norm_eps: self.rms_norm_eps,
+            tie_word_embeddings: self.tie_word_embeddings,
+            max_position_embeddings: self.max_position_embeddings,
+            bos_token_id: self.bos_token_id,
+            eos_token_id: eos_id(&self.eos_token_id),
+            mla: Some(mla),
+        };
+        spec.validate(path)?;
+        Ok(spec)
+    }
+}
+
+/// The first id of `eos_token_id` (a number or a list).
+fn eos_id(v: &Option<serde_json::Value>) -> Option<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| v as u32),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|v| v.as_u64()).map(|v| v as u32),
+        _ => None,
     }
 }
 

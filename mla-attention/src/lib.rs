@@ -21,6 +21,7 @@
 pub mod config;
 pub mod error;
 pub mod io;
+pub mod mla;
 pub mod model;
 
 pub use error::{Error, Result};

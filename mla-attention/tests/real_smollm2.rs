@@ -265,7 +265,7 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
         "",
     );
     let hf = Checkpoint::open(dir.path()).unwrap();
-    let err = Decoder::load(&hf).err().expect("missing tensor accepted");
+    let err = Decoder::load(&hf).expect_err("missing tensor accepted");
     assert!(matches!(err, Error::MissingTensor { .. }), "{err}");
     assert!(
         err.to_string()
@@ -284,7 +284,7 @@ fn missing_tensor_and_shape_mismatch_name_the_tensor() {
         "model.layers.0.self_attn.k_proj.weight",
     );
     let hf = Checkpoint::open(dir.path()).unwrap();
-    let err = Decoder::load(&hf).err().expect("wrong shape accepted");
+    let err = Decoder::load(&hf).expect_err("wrong shape accepted");
     let msg = err.to_string();
     assert!(
         msg.contains("model.layers.0.self_attn.k_proj.weight") && msg.contains("[128, 576]"),
@@ -311,8 +311,7 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
     // Truncated in the middle of the tensor data.
     let f = patched_copy(|b| b.truncate(60_000_000));
     let msg = Checkpoint::open(f.path())
-        .err()
-        .expect("truncated file accepted")
+        .expect_err("truncated file accepted")
         .to_string();
     assert!(msg.contains(&f.path().display().to_string()), "{msg}");
     assert!(
@@ -323,8 +322,7 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
     // Truncated inside the header.
     let f = patched_copy(|b| b.truncate(100_000));
     let msg = Checkpoint::open(f.path())
-        .err()
-        .expect("truncated header accepted")
+        .expect_err("truncated header accepted")
         .to_string();
     assert!(
         msg.contains("malformed GGUF") && msg.contains("truncated"),
@@ -337,8 +335,7 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
         b[at..at + 4].copy_from_slice(&99u32.to_le_bytes());
     });
     let msg = Checkpoint::open(f.path())
-        .err()
-        .expect("unknown type accepted")
+        .expect_err("unknown type accepted")
         .to_string();
     assert!(
         msg.contains("tensor `token_embd.weight` has unsupported type ggml type id 99"),
@@ -351,8 +348,7 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
         b[at..at + 5].copy_from_slice(b"gemma");
     });
     let msg = Checkpoint::open(f.path())
-        .err()
-        .expect("unknown architecture accepted")
+        .expect_err("unknown architecture accepted")
         .to_string();
     assert!(msg.contains("unsupported architecture `gemma`"), "{msg}");
 
@@ -363,8 +359,7 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
     let model = Decoder::load_gqa(&spec1, ckpt.weights.as_ref()).unwrap();
     let err = model
         .forward(&[5, 49_152], &mut model.new_cache())
-        .err()
-        .expect("bad id accepted");
+        .expect_err("bad id accepted");
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let _ = Device::Cpu;
 }

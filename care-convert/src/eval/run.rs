@@ -27,6 +27,9 @@ impl Progress for NoProgress {
     fn finish(&mut self) {}
 }
 
+/// A task name and its request file.
+pub type TaskFile = (String, PathBuf);
+
 /// What to evaluate.
 #[derive(Debug, Clone)]
 pub struct EvalPlan {
@@ -35,7 +38,7 @@ pub struct EvalPlan {
     pub max_tokens: Option<usize>,
     pub ppl: PerplexityOptions,
     /// (task name, request file).
-    pub tasks: Vec<(String, PathBuf)>,
+    pub tasks: Vec<TaskFile>,
     pub limit: Option<usize>,
     pub max_len: usize,
 }
@@ -46,7 +49,7 @@ impl EvalPlan {
         ppl_files: Vec<PathBuf>,
         tasks: &[String],
         tasks_dir: &std::path::Path,
-    ) -> Result<(Vec<PathBuf>, Vec<(String, PathBuf)>)> {
+    ) -> Result<(Vec<PathBuf>, Vec<TaskFile>)> {
         let tasks = tasks
             .iter()
             .map(|t| Ok((t.clone(), task_path(tasks_dir, t)?)))

@@ -236,6 +236,7 @@ pub fn spec_from_gguf(file: &GgufFile) -> Result<ModelSpec> {
             .unwrap_or(4096) as usize,
         bos_token_id: tok_u32("tokenizer.ggml.bos_token_id"),
         eos_token_id: tok_u32("tokenizer.ggml.eos_token_id"),
+        mla: None,
     };
     spec.validate(path)?;
     Ok(spec)

@@ -218,9 +218,15 @@ impl MlaSpec {
             )));
         }
         if let MlaRopeScaling::Yarn(y) = &self.rope_scaling {
-            let finite = [y.factor, y.beta_fast, y.beta_slow, y.mscale, y.mscale_all_dim]
-                .iter()
-                .all(|v| v.is_finite());
+            let finite = [
+                y.factor,
+                y.beta_fast,
+                y.beta_slow,
+                y.mscale,
+                y.mscale_all_dim,
+            ]
+            .iter()
+            .all(|v| v.is_finite());
             if !finite || y.factor <= 0.0 || y.beta_fast <= 0.0 || y.beta_slow <= 0.0 {
                 return Err(Error::InvalidInput(format!(
                     "YaRN factor and betas must be finite and positive: {y:?}"
@@ -392,10 +398,16 @@ mod tests {
         for (i, &fi) in f.iter().enumerate() {
             let ramp = ((i as f64 - 10.0) / 13.0).clamp(0.0, 1.0);
             let want = plain(i) * (1.0 - ramp) + plain(i) / 40.0 * ramp;
-            assert!((fi - want).abs() <= 1e-15 * plain(0), "pair {i}: {fi} vs {want}");
+            assert!(
+                (fi - want).abs() <= 1e-15 * plain(0),
+                "pair {i}: {fi} vs {want}"
+            );
         }
         assert_eq!(f[9], plain(9), "pairs below `low` are unscaled");
-        assert!((f[31] - plain(31) / 40.0).abs() < 1e-18, "pairs above `high` / factor");
+        assert!(
+            (f[31] - plain(31) / 40.0).abs() < 1e-18,
+            "pairs above `high` / factor"
+        );
         assert!((y.cos_sin_factor() - 1.0).abs() < 1e-15);
         let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
         assert!((y.softmax_factor() - m * m).abs() < 1e-12);
@@ -426,7 +438,10 @@ mod tests {
             first_k_dense_replace: Some(4),
             ..dense.clone()
         };
-        assert!(all_dense.resolve(cx, p).is_ok(), "first_k_dense_replace = L");
+        assert!(
+            all_dense.resolve(cx, p).is_ok(),
+            "first_k_dense_replace = L"
+        );
         let moe = DeepseekV2Fields {
             first_k_dense_replace: Some(1),
             moe_layer_freq: Some(2),
@@ -466,9 +481,11 @@ mod tests {
         let d = parse_yarn(&serde_json::json!({"type": "yarn", "factor": 2.0,
             "original_max_position_embeddings": 100}))
         .unwrap();
-        assert!(matches!(d, MlaRopeScaling::Yarn(y) if y.beta_fast == 32.0 && y.mscale_all_dim == 0.0));
-        let err = parse_yarn(&serde_json::json!({"rope_type": "llama3", "factor": 8.0}))
-            .unwrap_err();
+        assert!(
+            matches!(d, MlaRopeScaling::Yarn(y) if y.beta_fast == 32.0 && y.mscale_all_dim == 0.0)
+        );
+        let err =
+            parse_yarn(&serde_json::json!({"rope_type": "llama3", "factor": 8.0})).unwrap_err();
         assert!(err.contains("`llama3` is not supported"), "{err}");
         let err = parse_yarn(&serde_json::json!({"type": "yarn"})).unwrap_err();
         assert!(err.contains("rope_scaling.factor"), "{err}");

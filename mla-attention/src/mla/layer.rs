@@ -111,12 +111,20 @@ impl MlaAttention {
         };
         let w = &weights;
         expect("q_proj", &w.q_proj, &[s.q_rows(), hidden])?;
-        expect("kv_a_proj_with_mqa", &w.kv_a_proj_with_mqa, &[s.kv_a_rows(), hidden])?;
+        expect(
+            "kv_a_proj_with_mqa",
+            &w.kv_a_proj_with_mqa,
+            &[s.kv_a_rows(), hidden],
+        )?;
         expect("kv_a_layernorm", &w.kv_a_layernorm, &[s.kv_lora_rank])?;
         expect("kv_b_proj", &w.kv_b_proj, &[s.kv_b_rows(), s.kv_lora_rank])?;
         expect("o_proj", &w.o_proj, &[hidden, s.o_cols()])?;
         for (name, bias, n) in [
-            ("kv_a_proj_with_mqa bias", &w.kv_a_proj_with_mqa_bias, s.kv_a_rows()),
+            (
+                "kv_a_proj_with_mqa bias",
+                &w.kv_a_proj_with_mqa_bias,
+                s.kv_a_rows(),
+            ),
             ("o_proj bias", &w.o_proj_bias, hidden),
         ] {
             match (bias, spec.attention_bias) {
@@ -131,7 +139,12 @@ impl MlaAttention {
             }
         }
         // (n_h·(d_nope + d_v), r) → (n_h, d_nope + d_v, r), then split per head.
-        let (nh, dn, dv, r) = (s.num_heads, s.qk_nope_head_dim, s.v_head_dim, s.kv_lora_rank);
+        let (nh, dn, dv, r) = (
+            s.num_heads,
+            s.qk_nope_head_dim,
+            s.v_head_dim,
+            s.kv_lora_rank,
+        );
         let kv_b = w.kv_b_proj.reshape((nh, dn + dv, r))?;
         let w_uk = kv_b.narrow(1, 0, dn)?.contiguous()?;
         let w_uv_t = kv_b.narrow(1, dn, dv)?.transpose(1, 2)?.contiguous()?;
@@ -195,11 +208,7 @@ impl MlaAttention {
             ..
         } = self.spec.shape;
         let w = &self.weights;
-        let a = linear(
-            x,
-            &w.kv_a_proj_with_mqa,
-            w.kv_a_proj_with_mqa_bias.as_ref(),
-        )?;
+        let a = linear(x, &w.kv_a_proj_with_mqa, w.kv_a_proj_with_mqa_bias.as_ref())?;
         let c = self.kv_norm.forward(&a.narrow(2, 0, r)?.contiguous()?)?;
         let k_pe = a.narrow(2, r, dr)?.reshape((b, 1, t, dr))?;
         let k_pe = self.rope.apply(&k_pe, start)?;

@@ -197,7 +197,10 @@ mod tests {
             assert_eq!(y[i], 0.0, "dim {i} untouched");
         }
         let err = rope
-            .apply(&Tensor::zeros((1, 1, 1, 6), candle_core::DType::F32, &Device::Cpu).unwrap(), 0)
+            .apply(
+                &Tensor::zeros((1, 1, 1, 6), candle_core::DType::F32, &Device::Cpu).unwrap(),
+                0,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("expected d_rope = 8"), "{err}");
     }

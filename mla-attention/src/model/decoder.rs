@@ -98,6 +98,16 @@ pub struct Decoder {
     pub rope: Rope,
 }
 
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("spec", &self.spec)
+            .field("layers", &self.layers.len())
+            .field("cache_values_per_token", &self.cache_values_per_token())
+            .finish()
+    }
+}
+
 impl Decoder {
     /// Load a model from a checkpoint: the original GQA attention, or the one-shot
     /// low-rank form where the checkpoint carries latent factors (see
@@ -275,14 +285,18 @@ pub mod lowrank_names {
     pub const KV_A: &str = "kv_latent_a.weight";
 }
 
-/// The attention of layer `l`: low-rank (separate or shared latents) when the
-/// checkpoint has latent factors for it, otherwise GQA.
+/// The attention of layer `l`: MLA for a DeepSeek-V2 spec ([`ModelSpec::mla`]),
+/// low-rank (separate or shared latents) when the checkpoint has latent factors for
+/// it, otherwise GQA.
 pub fn load_attention(
     spec: &ModelSpec,
     w: &dyn WeightSource,
     l: usize,
 ) -> Result<Box<dyn Attention>> {
     use lowrank_names::*;
+    if spec.mla.is_some() {
+        return Ok(Box::new(crate::mla::load_mla_attention(spec, w, l)?));
+    }
     let p = format!("model.layers.{l}.self_attn");
     let has = |n: &str| w.contains(&format!("{p}.{n}"));
     if !has(K_B) {
