@@ -275,6 +275,20 @@ fn load_tokenizer(path: &Path) -> anyhow::Result<Tokenizer> {
 
 fn query(a: QueryArgs) -> anyhow::Result<()> {
     let index = Index::open(&a.index, OpenOptions { verify: a.verify })?;
+    if let Some(path) = &a.tokenizer {
+        // Token ids mean nothing under another tokenizer: refuse a mismatch outright.
+        let recorded = index.tokenizer_hash();
+        let given = infinigram_spec::build::tokenizer_hash(path)?;
+        if recorded != [0u8; 32] && recorded != given {
+            anyhow::bail!(
+                "{} was built with another tokenizer (sha256 {}) than {} (sha256 {})",
+                a.index.display(),
+                hex(&recorded),
+                path.display(),
+                hex(&given)
+            );
+        }
+    }
     let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
     let tokens: Vec<u32> = match (&a.tokens, &a.text) {
         (Some(list), _) => list
@@ -408,4 +422,8 @@ fn stats(a: StatsArgs) -> anyhow::Result<()> {
     } else {
         print(serde_json::to_string_pretty(&result)?)
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -177,3 +177,51 @@ fn build_from_token_stream() {
     let (ok, _, err) = run(&["build", s, "-o", i, "--input-format", "tokens"]);
     assert!(!ok && err.contains("--vocab-size"), "{err}");
 }
+
+#[test]
+fn query_with_another_tokenizer_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tok = d.join("tokenizer.json");
+    write_tokenizer(&tok);
+    // Same vocabulary, different file: a different tokenizer as far as the index knows.
+    let other = d.join("other.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    v["pre_tokenizer"] = serde_json::json!({"type": "WhitespaceSplit"});
+    std::fs::write(&other, v.to_string()).unwrap();
+    std::fs::write(d.join("a.txt"), "the cat sat on the mat").unwrap();
+    let index = d.join("idx.igs");
+    let (i, t, o) = (
+        index.to_str().unwrap(),
+        tok.to_str().unwrap(),
+        other.to_str().unwrap(),
+    );
+    let a = d.join("a.txt");
+    let (ok, _, err) = run(&["build", a.to_str().unwrap(), "-o", i, "--tokenizer", t]);
+    assert!(ok, "{err}");
+    let (ok, _, _) = run(&[
+        "query",
+        "--index",
+        i,
+        "--op",
+        "count",
+        "--text",
+        "the cat",
+        "--tokenizer",
+        t,
+    ]);
+    assert!(ok);
+    let (ok, _, err) = run(&[
+        "query",
+        "--index",
+        i,
+        "--op",
+        "count",
+        "--text",
+        "the cat",
+        "--tokenizer",
+        o,
+    ]);
+    assert!(!ok, "mismatched tokenizer accepted");
+    assert!(err.contains("built with another tokenizer"), "{err}");
+}

@@ -58,6 +58,36 @@ pub enum Error {
     /// An argument (token id, position, shape) is out of range.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// The paged latent cache has too few free blocks for an append or fork; nothing
+    /// was written.
+    #[error(
+        "latent cache full: layer {layer} needs {needed_blocks} more block(s), \
+         {free_blocks} free of {total_blocks}"
+    )]
+    CacheFull {
+        layer: usize,
+        needed_blocks: usize,
+        free_blocks: usize,
+        total_blocks: usize,
+    },
+    /// A sequence id the paged cache does not hold (never added, or already freed).
+    #[error("unknown sequence {seq}")]
+    UnknownSequence { seq: u64 },
+    /// Latent rows or queries whose width does not match the layer's `rank + rope`.
+    #[error("layer {layer}: {what} has width {got}, expected {expected}")]
+    WidthMismatch {
+        layer: usize,
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    /// A block id outside the pool, or a block table too short for its length.
+    #[error("bad block {block} (pool has {num_blocks} blocks): {reason}")]
+    BadBlock {
+        block: usize,
+        num_blocks: usize,
+        reason: String,
+    },
     /// A tensor operation failed (shape errors inside the math are bugs or bad weights).
     #[error("tensor op: {0}")]
     Candle(#[from] candle_core::Error),
