@@ -20,6 +20,14 @@ pub struct LayerWidth {
 }
 
 impl LayerWidth {
+    /// The row of an MLA layer of `shape`: `kv_lora_rank + qk_rope_head_dim`.
+    pub fn of_shape(shape: &crate::mla::MlaShape) -> Self {
+        LayerWidth {
+            rank: shape.kv_lora_rank,
+            rope: shape.qk_rope_head_dim,
+        }
+    }
+
     /// Values per cached row: `rank + rope`.
     pub fn width(&self) -> usize {
         self.rank + self.rope
@@ -140,10 +148,22 @@ impl<T: LatentElem> LatentPagedCache<T> {
                 "latent cache layer {l}: rank must be positive ({w:?})"
             )));
         }
+        let pool_len = |w: &LayerWidth| {
+            num_blocks
+                .checked_mul(block_size)
+                .and_then(|n| n.checked_mul(w.width()))
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!(
+                        "latent cache: {num_blocks} blocks x {block_size} tokens x {} values \
+                         overflow",
+                        w.width()
+                    ))
+                })
+        };
         let pools = layers
             .iter()
-            .map(|w| vec![T::default(); num_blocks * block_size * w.width()])
-            .collect();
+            .map(|w| Ok(vec![T::default(); pool_len(w)?]))
+            .collect::<Result<_>>()?;
         Ok(LatentPagedCache {
             block_size,
             layers,
@@ -330,13 +350,20 @@ impl<T: LatentElem> LatentPagedCache<T> {
         // Checked: from here on nothing fails.
         let mut blocks = self.table(seq)?.blocks.clone();
         for i in cow {
-            let fresh = self.alloc.allocate().expect("counted against the free list");
+            let fresh = self
+                .alloc
+                .allocate()
+                .expect("counted against the free list");
             self.copy_block(blocks[i], fresh);
             self.alloc.release(blocks[i]);
             blocks[i] = fresh;
         }
         for _ in 0..new_blocks {
-            blocks.push(self.alloc.allocate().expect("counted against the free list"));
+            blocks.push(
+                self.alloc
+                    .allocate()
+                    .expect("counted against the free list"),
+            );
         }
         let pool = &mut self.pools[layer];
         for (t, row) in (start..end).zip(rows.chunks_exact(width)) {

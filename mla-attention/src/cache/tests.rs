@@ -23,7 +23,9 @@ fn cache(block_size: usize, num_blocks: usize, spec: &[(usize, usize)]) -> Laten
 /// Distinct, exactly representable rows: value = tag·1000 + token·10 + i/width.
 fn rows(tag: usize, from: usize, n: usize, width: usize) -> Vec<f32> {
     (from..from + n)
-        .flat_map(|t| (0..width).map(move |i| (tag * 1000 + t * 10) as f32 + i as f32 / width as f32))
+        .flat_map(|t| {
+            (0..width).map(move |i| (tag * 1000 + t * 10) as f32 + i as f32 / width as f32)
+        })
         .collect()
 }
 
@@ -43,11 +45,19 @@ fn bytes_per_token_is_sum_of_layer_widths() {
     let want: usize = plan.iter().map(|(r, d)| (r + d) * 4).sum();
     assert_eq!(c.bytes_per_token(), want);
     assert_eq!(c.bytes_per_block(), want * 16);
-    assert_eq!(c.pool_bytes(), want * c.capacity_tokens(), "pools hold exactly that");
+    assert_eq!(
+        c.pool_bytes(),
+        want * c.capacity_tokens(),
+        "pools hold exactly that"
+    );
     let gqa_bytes = plan.len() * 2 * 8 * 128 * 4;
     assert!(c.bytes_per_token() < gqa_bytes);
     // A smaller rank costs exactly its width.
-    let smaller = cache(16, 3, &[(448, 64), (255, 64), (512, 64), (128, 64), (16, 8), (64, 8)]);
+    let smaller = cache(
+        16,
+        3,
+        &[(448, 64), (255, 64), (512, 64), (128, 64), (16, 8), (64, 8)],
+    );
     assert_eq!(c.bytes_per_token() - smaller.bytes_per_token(), 4);
 
     let b = LatentPagedCache::<bf16>::new(CacheConfig {
@@ -77,11 +87,21 @@ fn append_and_gather_across_block_boundaries() {
                 at += n;
             }
             assert_eq!(c.tokens(s, l).unwrap(), len);
-            assert_eq!(c.gather(s, l).unwrap(), rows(tag, 0, len, w), "len {len} layer {l}");
+            assert_eq!(
+                c.gather(s, l).unwrap(),
+                rows(tag, 0, len, w),
+                "len {len} layer {l}"
+            );
         }
         assert_eq!(c.block_table(s).unwrap().blocks().len(), len.div_ceil(4));
     }
-    assert_eq!(c.used_blocks(), [1usize, 3, 4, 5, 8, 9, 12].iter().map(|n| n.div_ceil(4)).sum());
+    assert_eq!(
+        c.used_blocks(),
+        [1usize, 3, 4, 5, 8, 9, 12]
+            .iter()
+            .map(|n| n.div_ceil(4))
+            .sum::<usize>()
+    );
 }
 
 #[test]
@@ -101,7 +121,10 @@ fn fork_shares_blocks_and_copies_on_write() {
     // b writes into the shared partial block: it gets a private copy.
     c.append(b, 0, 24, &rows(2, 6, 1, 24)).unwrap();
     assert_eq!(c.used_blocks(), 3);
-    let (ta, tb) = (c.block_table(a).unwrap().clone(), c.block_table(b).unwrap().clone());
+    let (ta, tb) = (
+        c.block_table(a).unwrap().clone(),
+        c.block_table(b).unwrap().clone(),
+    );
     assert_eq!(ta.blocks()[0], tb.blocks()[0], "full block still shared");
     assert_ne!(ta.blocks()[1], tb.blocks()[1]);
     assert_eq!(c.refcount(ta.blocks()[0]), 2);
@@ -133,7 +156,11 @@ fn fork_at_block_boundary_needs_no_copy() {
     for (i, &k) in kids.iter().enumerate() {
         c.append(k, 0, 24, &rows(10 + i, 8, 2, 24)).unwrap();
     }
-    assert_eq!(c.used_blocks(), 2 + 3, "one new block per child, prefix shared");
+    assert_eq!(
+        c.used_blocks(),
+        2 + 3,
+        "one new block per child, prefix shared"
+    );
     assert_eq!(c.refcount(c.block_table(a).unwrap().blocks()[0]), 4);
     for s in kids.iter().chain([&a]) {
         c.free(*s).unwrap();
@@ -150,7 +177,11 @@ fn cache_full_is_an_error_and_changes_nothing() {
     c.append(a, 0, 24, &rows(1, 0, 6, 24)).unwrap();
     c.append(a, 1, 16, &rows(1, 0, 6, 16)).unwrap();
     let b = c.fork(a).unwrap();
-    let before = (snapshot(&c, &[a, b]), c.free_blocks(), c.block_table(b).unwrap().clone());
+    let before = (
+        snapshot(&c, &[a, b]),
+        c.free_blocks(),
+        c.block_table(b).unwrap().clone(),
+    );
     // A sequence longer than the cache can hold.
     let e = c.append(b, 0, 24, &rows(2, 6, 100, 24)).unwrap_err();
     assert!(matches!(e, Error::CacheFull { layer: 0, .. }), "{e}");
@@ -159,7 +190,17 @@ fn cache_full_is_an_error_and_changes_nothing() {
     c.append(d, 0, 24, &rows(3, 0, 8, 24)).unwrap();
     assert_eq!(c.free_blocks(), 0);
     let e = c.append(b, 1, 16, &rows(2, 6, 1, 16)).unwrap_err();
-    assert!(matches!(e, Error::CacheFull { needed_blocks: 1, free_blocks: 0, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::CacheFull {
+                needed_blocks: 1,
+                free_blocks: 0,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert_eq!(snapshot(&c, &[a, b]), before.0);
     assert_eq!(c.block_table(b).unwrap(), &before.2);
     assert_eq!(c.tokens(b, 1).unwrap(), 6);
@@ -183,15 +224,30 @@ fn unknown_sequence_width_mismatch_and_bad_layer_are_errors() {
         c.free(gone).unwrap_err(),
         c.fork(gone).unwrap_err(),
         c.view(gone, 0).unwrap_err(),
-        c.append(SeqId::from_raw(999), 0, 24, &rows(2, 0, 1, 24)).unwrap_err(),
+        c.append(SeqId::from_raw(999), 0, 24, &rows(2, 0, 1, 24))
+            .unwrap_err(),
     ] {
         assert!(matches!(e, Error::UnknownSequence { .. }), "{e}");
     }
     // Rows of layer 1's width into layer 0, and a ragged row buffer.
     let e = c.append(a, 0, 72, &rows(2, 5, 1, 72)).unwrap_err();
-    assert!(matches!(e, Error::WidthMismatch { layer: 0, got: 72, expected: 24, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::WidthMismatch {
+                layer: 0,
+                got: 72,
+                expected: 24,
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(c.append(a, 0, 24, &[1.0; 25]).is_err());
-    assert!(c.append(a, 2, 24, &rows(2, 5, 1, 24)).is_err(), "no layer 2");
+    assert!(
+        c.append(a, 2, 24, &rows(2, 5, 1, 24)).is_err(),
+        "no layer 2"
+    );
     assert_eq!((snapshot(&c, &[a]), c.used_blocks()), before);
 }
 
@@ -199,11 +255,28 @@ fn unknown_sequence_width_mismatch_and_bad_layer_are_errors() {
 fn bad_block_ids_are_rejected_by_views() {
     let c = cache(4, 8, &[(16, 8)]);
     let layer = c.layer(0).unwrap();
-    let out_of_range = SeqView { blocks: &[0, 8], tokens: 5 };
-    assert!(matches!(layer.check(&out_of_range), Err(Error::BadBlock { block: 8, .. })));
-    let too_short = SeqView { blocks: &[1], tokens: 5 };
-    assert!(matches!(layer.check(&too_short), Err(Error::BadBlock { .. })));
-    assert!(layer.check(&SeqView { blocks: &[7, 1], tokens: 8 }).is_ok());
+    let out_of_range = SeqView {
+        blocks: &[0, 8],
+        tokens: 5,
+    };
+    assert!(matches!(
+        layer.check(&out_of_range),
+        Err(Error::BadBlock { block: 8, .. })
+    ));
+    let too_short = SeqView {
+        blocks: &[1],
+        tokens: 5,
+    };
+    assert!(matches!(
+        layer.check(&too_short),
+        Err(Error::BadBlock { .. })
+    ));
+    assert!(layer
+        .check(&SeqView {
+            blocks: &[7, 1],
+            tokens: 8
+        })
+        .is_ok());
 }
 
 #[test]
@@ -215,7 +288,11 @@ fn truncate_releases_unneeded_blocks() {
     c.append(a, 1, 16, &rows(1, 0, 5, 16)).unwrap();
     assert_eq!(c.used_blocks(), 3);
     c.truncate(a, 0, 6).unwrap();
-    assert_eq!(c.used_blocks(), 2, "layer 0 now needs 2 blocks, layer 1 needs 2");
+    assert_eq!(
+        c.used_blocks(),
+        2,
+        "layer 0 now needs 2 blocks, layer 1 needs 2"
+    );
     c.truncate(a, 1, 0).unwrap();
     assert_eq!(c.used_blocks(), 2);
     assert_eq!(c.gather(a, 0).unwrap(), rows(1, 0, 6, 24));
@@ -242,7 +319,12 @@ fn bf16_rows_round_trip_within_half_precision() {
 
 #[test]
 fn bad_configs_are_errors() {
-    for (bs, n, spec) in [(0, 4, vec![(16, 8)]), (4, 0, vec![(16, 8)]), (4, 4, vec![]), (4, 4, vec![(0, 8)])] {
+    for (bs, n, spec) in [
+        (0, 4, vec![(16, 8)]),
+        (4, 0, vec![(16, 8)]),
+        (4, 4, vec![]),
+        (4, 4, vec![(0, 8)]),
+    ] {
         let r = LatentPagedCache::<f32>::new(CacheConfig {
             block_size: bs,
             num_blocks: n,

@@ -236,7 +236,9 @@ fn merge_partials<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut 
     for p in parts {
         let wgt = (p[r] - m).exp();
         total += wgt;
-        out.iter_mut().zip(&p[..r]).for_each(|(o, &v)| *o += wgt * v);
+        out.iter_mut()
+            .zip(&p[..r])
+            .for_each(|(o, &v)| *o += wgt * v);
     }
     let inv = 1.0 / total;
     out.iter_mut().for_each(|o| *o *= inv);

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::absorb::LatentProjections;
 use super::decode::{absorbed_decode, DecodeParams, DecodeQuery};
-use crate::cache::{LatentElem, LatentPagedCache, SeqId};
+use crate::cache::{LatentElem, LatentPagedCache, LayerWidth, SeqId};
 use crate::error::{Error, Result};
 use crate::mla::{MlaAttention, MlaShape};
 use crate::model::attention::linear;
@@ -67,7 +67,7 @@ impl PagedMlaLayer {
             kv_lora_rank: r,
         } = self.attn.shape();
         let lw = cache.layer(self.layer)?.width;
-        if (lw.rank, lw.rope) != (r, dr) {
+        if lw != LayerWidth::of_shape(&self.attn.shape()) {
             return Err(Error::WidthMismatch {
                 layer: self.layer,
                 what: "MLA layer rank + rope vs cache layer",
@@ -92,7 +92,10 @@ impl PagedMlaLayer {
         let mut q_pe = Vec::with_capacity(b * nh * dr);
         let mut latents = Vec::with_capacity(b);
         for (i, &p) in pos.iter().enumerate() {
-            let qi = q.narrow(0, i, 1)?.narrow(2, dn, dr)?.reshape((1, nh, 1, dr))?;
+            let qi = q
+                .narrow(0, i, 1)?
+                .narrow(2, dn, dr)?
+                .reshape((1, nh, 1, dr))?;
             let qi = self.attn.rope().apply(&qi.contiguous()?, p)?;
             q_pe.extend(qi.flatten_all()?.to_vec1::<f32>()?);
             let lat = self.attn.latents(&x.narrow(0, i, 1)?, p)?;
