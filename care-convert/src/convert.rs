@@ -146,7 +146,8 @@ fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
     Ok(Mat::from_fn(r, c, |i, j| v[i][j]))
 }
 
-fn to_tensor(m: &Mat<f64>) -> Result<Tensor> {
+/// An f64 matrix as an f32 CPU tensor of the same shape.
+pub(crate) fn to_tensor(m: &Mat<f64>) -> Result<Tensor> {
     let data: Vec<f32> = (0..m.nrows())
         .flat_map(|i| (0..m.ncols()).map(move |j| (i, j)))
         .map(|(i, j)| m[(i, j)] as f32)

@@ -18,7 +18,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::convert::{ConversionSummary, LayerFactors};
+use crate::convert::{to_tensor, ConversionSummary, LayerFactors};
 use crate::error::{Error, Result};
 use mla_attention::config::{Architecture, ModelSpec, RopeScaling};
 use mla_attention::io::WeightSource;
@@ -112,17 +112,6 @@ pub fn hf_config(spec: &ModelSpec) -> serde_json::Value {
         "eos_token_id": spec.eos_token_id,
         "torch_dtype": "float32",
     })
-}
-
-fn to_tensor(m: &faer::Mat<f64>) -> Result<Tensor> {
-    let data: Vec<f32> = (0..m.nrows())
-        .flat_map(|i| (0..m.ncols()).map(move |j| m[(i, j)] as f32))
-        .collect();
-    Ok(Tensor::from_vec(
-        data,
-        (m.nrows(), m.ncols()),
-        &candle_core::Device::Cpu,
-    )?)
 }
 
 /// Write the one-shot checkpoint to `out` (which must not exist).
