@@ -88,6 +88,19 @@ pub fn sample_windows(tokens: &[u32], opts: &CalibrationOptions) -> Result<Vec<V
         .collect())
 }
 
+/// How many calibration windows share an `n`-token run with `held_out` (evaluation text).
+/// The pipeline refuses overlap: calibration and evaluation text must be disjoint.
+pub fn overlapping_windows(windows: &[Vec<u32>], held_out: &[u32], n: usize) -> usize {
+    if n == 0 || held_out.len() < n {
+        return 0;
+    }
+    let seen: std::collections::HashSet<&[u32]> = held_out.windows(n).collect();
+    windows
+        .iter()
+        .filter(|w| w.windows(n).any(|g| seen.contains(g)))
+        .count()
+}
+
 /// Running sums of one layer.
 #[derive(Debug, Clone)]
 struct Accum {
@@ -216,6 +229,20 @@ mod tests {
         assert_ne!(a, b);
         assert!(sample_windows(&toks[..5], &o).is_err());
         assert!(sample_windows(&toks, &CalibrationOptions { samples: 0, ..o }).is_err());
+    }
+
+    #[test]
+    fn overlap_detects_shared_runs_only() {
+        let held: Vec<u32> = (100..200).collect();
+        let disjoint = vec![(0..32).collect::<Vec<u32>>()];
+        assert_eq!(overlapping_windows(&disjoint, &held, 16), 0);
+        let mut w: Vec<u32> = (0..16).collect();
+        w.extend(150..166);
+        assert_eq!(
+            overlapping_windows(&[w.clone(), disjoint[0].clone()], &held, 16),
+            1
+        );
+        assert_eq!(overlapping_windows(&[w], &held, 17), 0);
     }
 
     #[test]

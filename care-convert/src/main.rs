@@ -12,7 +12,12 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
+use care_convert::calibrate::{
+    collect_all, overlapping_windows, sample_windows, CalibrationOptions,
+};
+
+/// Shared token run that counts as calibration/evaluation overlap.
+const OVERLAP_TOKENS: usize = 16;
 use care_convert::compare::{markdown_table, CompareRow};
 use care_convert::convert::{convert_one_pass, convert_sequential, ConvertMethod, ConvertOptions};
 use care_convert::eval::perplexity::PerplexityOptions;
@@ -369,6 +374,17 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         .or(ckpt.spec.bos_token_id)
         .unwrap_or(0);
     let (windows, _sources) = calibration_windows(&a.calib, tok)?;
+    for f in &plan.ppl_files {
+        let held_out = care_convert::eval::run::text_tokens(tok, f, None, None)?;
+        let n = overlapping_windows(&windows, &held_out, OVERLAP_TOKENS);
+        if n > 0 {
+            bail!(
+                "{n} calibration windows share a {OVERLAP_TOKENS}-token run with the evaluation text {}: \
+                 calibration and evaluation text must not overlap",
+                f.display()
+            );
+        }
+    }
     let stats = collect_stats(&original, &windows, a.quiet)?;
     let mut bars = Bars::new(a.quiet);
     let mut rows = vec![CompareRow {
