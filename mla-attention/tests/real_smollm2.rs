@@ -363,3 +363,31 @@ fn malformed_real_gguf_files_are_errors_naming_file_and_tensor() {
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     let _ = Device::Cpu;
 }
+
+#[test]
+fn batched_padded_continuations_equal_single_runs() {
+    let ckpt = Checkpoint::open(smollm2()).unwrap();
+    let mut spec = ckpt.spec.clone();
+    spec.num_layers = 3;
+    let model = Decoder::load_weights(&spec, ckpt.weights.as_ref()).unwrap();
+    let ids = encode(ckpt.tokenizer().unwrap(), &sotu_2016()).unwrap();
+    let (prefix, a, b) = (&ids[..10], &ids[10..15], &ids[20..22]);
+    let mut pc = model.new_cache();
+    model.forward_hidden(prefix, &mut pc, None).unwrap();
+    let single = |row: &[u32]| model.forward_hidden(row, &mut pc.clone(), None).unwrap();
+    let (ha, hb) = (single(a), single(b));
+    let mut padded_b = b.to_vec();
+    padded_b.resize(a.len(), 7);
+    let mut cache = pc.repeat_batch(2).unwrap();
+    assert_eq!(cache.batch_size(), Some(2));
+    let h = model
+        .forward_hidden_batch(&[a, &padded_b], &mut cache, None)
+        .unwrap();
+    assert!(max_abs_diff(&h.get(0).unwrap(), &ha) < 1e-4);
+    assert!(max_abs_diff(&h.get(1).unwrap().narrow(0, 0, b.len()).unwrap(), &hb) < 1e-4);
+    // A batch that does not match the cache's batch size is an error.
+    let err = model
+        .forward_hidden_batch(&[a], &mut cache, None)
+        .unwrap_err();
+    assert!(err.to_string().contains("batch of 2"), "{err}");
+}

@@ -300,18 +300,39 @@ pub fn score_doc(
     } else {
         None
     };
+    // All choices' remaining tokens run as one right-padded batch continuing the shared
+    // prefix (causal attention: padding never affects a row's real positions).
+    let inputs: Vec<&[u32]> = enc
+        .iter()
+        .map(|e| &e.whole[shared..e.whole.len() - 1])
+        .collect();
+    let width = inputs.iter().map(|i| i.len()).max().unwrap_or(0);
+    let batch_hidden = if width > 0 {
+        let pad = enc[0].whole[0];
+        let padded: Vec<Vec<u32>> = inputs
+            .iter()
+            .map(|i| {
+                let mut v = i.to_vec();
+                v.resize(width, pad);
+                v
+            })
+            .collect();
+        let rows: Vec<&[u32]> = padded.iter().map(Vec::as_slice).collect();
+        let mut cache = prefix_cache.repeat_batch(rows.len())?;
+        Some(model.forward_hidden_batch(&rows, &mut cache, None)?)
+    } else {
+        None
+    };
     let mut loglik = Vec::with_capacity(enc.len());
     let mut greedy = Vec::with_capacity(enc.len());
-    for e in &enc {
-        let mut cache = prefix_cache.clone();
-        let input = &e.whole[shared..e.whole.len() - 1];
+    for (c, e) in enc.iter().enumerate() {
         // Hidden rows for positions shared-1 .. len-2 (row r predicts whole[shared + r]).
         let mut parts = Vec::new();
         if let Some(p) = &prefix_last {
             parts.push(p.clone());
         }
-        if !input.is_empty() {
-            parts.push(model.forward_hidden(input, &mut cache, None)?);
+        if let (Some(h), n @ 1..) = (&batch_hidden, inputs[c].len()) {
+            parts.push(h.get(c)?.narrow(0, 0, n)?);
         }
         let hidden = candle_core::Tensor::cat(&parts, 0)?;
         // With no shared prefix, row r predicts whole[r + 1].

@@ -81,6 +81,41 @@ impl DecoderCache {
         self.len() == 0
     }
 
+    /// The batch size of the cached state (`None` while empty).
+    pub fn batch_size(&self) -> Option<usize> {
+        self.layers
+            .first()
+            .and_then(|l| l.entries.first())
+            .map(|t| t.dims()[0])
+    }
+
+    /// This single-sequence cache repeated `batch` times along the batch axis, so
+    /// several continuations of one prefix run as one batch.
+    pub fn repeat_batch(&self, batch: usize) -> Result<DecoderCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                let entries = l
+                    .entries
+                    .iter()
+                    .map(|t| {
+                        let d = t.dims();
+                        if d[0] != 1 {
+                            return Err(Error::InvalidInput(format!(
+                                "repeat_batch needs a batch-1 cache, got {}",
+                                d[0]
+                            )));
+                        }
+                        Ok(t.repeat((batch, 1, 1, 1))?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(LayerCache { entries })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(DecoderCache { layers })
+    }
+
     /// Cached values per token, summed over layers.
     pub fn values_per_token(&self) -> usize {
         self.layers.iter().map(LayerCache::values_per_token).sum()
@@ -193,12 +228,37 @@ impl Decoder {
         &self,
         tokens: &[u32],
         cache: &mut DecoderCache,
+        observer: Option<&mut dyn ForwardObserver>,
+    ) -> Result<Tensor> {
+        Ok(self
+            .forward_hidden_batch(&[tokens], cache, observer)?
+            .squeeze(0)?)
+    }
+
+    /// Run a batch of equally long token rows after what `cache` holds (a cache of the
+    /// same batch size, or an empty one); returns `(batch, seq, hidden)`.
+    ///
+    /// Rows of different true lengths may be right-padded with any valid id: attention is
+    /// causal, so padding after a row's last real token never changes that row's earlier
+    /// positions (but it does enter the cache, so do not continue such a cache).
+    pub fn forward_hidden_batch(
+        &self,
+        rows: &[&[u32]],
+        cache: &mut DecoderCache,
         mut observer: Option<&mut dyn ForwardObserver>,
     ) -> Result<Tensor> {
-        if tokens.is_empty() {
+        let seq = rows.first().map_or(0, |r| r.len());
+        if seq == 0 {
             return Err(Error::InvalidInput("empty token sequence".into()));
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.spec.vocab_size) {
+        if rows.iter().any(|r| r.len() != seq) {
+            return Err(Error::InvalidInput("batch rows differ in length".into()));
+        }
+        if let Some(&bad) = rows
+            .iter()
+            .flat_map(|r| r.iter())
+            .find(|&&t| t as usize >= self.spec.vocab_size)
+        {
             return Err(Error::InvalidInput(format!(
                 "token id {bad} is outside the vocabulary (size {})",
                 self.spec.vocab_size
@@ -211,8 +271,19 @@ impl Decoder {
                 self.layers.len()
             )));
         }
+        if let Some(b) = cache.batch_size() {
+            if b != rows.len() {
+                return Err(Error::InvalidInput(format!(
+                    "cache holds a batch of {b}, input has {} rows",
+                    rows.len()
+                )));
+            }
+        }
         let start_pos = cache.len();
-        let mut x = self.embed(tokens)?;
+        let flat: Vec<u32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
+        let mut x = self
+            .embed(&flat)?
+            .reshape((rows.len(), seq, self.spec.hidden_size))?;
         for l in 0..self.layers.len() {
             let _span = tracing::trace_span!("layer", l).entered();
             let obs = observer
@@ -220,7 +291,7 @@ impl Decoder {
                 .map(|o| &mut **o as &mut dyn ForwardObserver);
             x = self.layer_forward(l, &x, start_pos, &mut cache.layers[l], obs)?;
         }
-        Ok(self.norm.forward(&x)?.squeeze(0)?)
+        self.norm.forward(&x)
     }
 
     /// Token embeddings `(1, seq, hidden)`.
