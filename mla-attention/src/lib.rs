@@ -17,6 +17,7 @@
 //! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
 //! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
 //! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
+//! - [`runner`]: continuous-batching greedy generation over the paged latent cache (CPU).
 //! - [`cache`]: [`cache::LatentPagedCache`], the paged MLA latent cache.
 //! - [`cpu`]: absorbed MLA decode over the paged cache ([`cpu::absorbed_decode`]).
 
@@ -27,5 +28,6 @@ pub mod error;
 pub mod io;
 pub mod mla;
 pub mod model;
+pub mod runner;
 
 pub use error::{Error, Result};
