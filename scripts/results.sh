@@ -4,7 +4,8 @@
 #   scripts/results.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B
 #   MODELS="smollm2-135m-instruct" LIMIT=100 scripts/results.sh
 # Knobs (environment): MODELS, LIMIT (docs per task), PPL_TOKENS (tokens per text),
-# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED; SKIP_RUN=1 only re-assembles. Raw reports: docs/results/<model>.{json,md}.
+# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED; SKIP_RUN=1 only re-assembles; RESUME=1 continues an
+# interrupted grid from docs/results/<model>.json. Raw reports: docs/results/<model>.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
@@ -31,7 +32,8 @@ for m in $MODELS; do
     --calib-samples "$CALIB_SAMPLES" --calib-seq-len "$CALIB_SEQ_LEN" --seed "$SEED" \
     --ppl "$PROSE" --ppl "$CODE" --max-tokens "$PPL_TOKENS" --window 512 \
     --tasks "$TASKS" --limit "$LIMIT" \
-    --json "docs/results/$m.json" --markdown "docs/results/$m.md" --plots "docs/results/plots-$m" >/dev/null
+    --json "docs/results/$m.json" --markdown "docs/results/$m.md" --plots "docs/results/plots-$m" \
+    ${RESUME:+--resume} >/dev/null
 done
 
 python3 - "$LIMIT" "$PPL_TOKENS" "$CALIB_SAMPLES" "$CALIB_SEQ_LEN" "$SEED" $MODELS <<'PY'

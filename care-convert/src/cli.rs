@@ -169,6 +169,10 @@ pub struct CompareArgs {
     /// Write the markdown table here (atomically); it is also printed on stdout.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Continue an interrupted run: keep the rows already in the --json report and
+    /// compute only the missing configurations.
+    #[arg(long)]
+    pub resume: bool,
     /// Directory for rank-plan PNGs of water-filling methods.
     #[arg(long)]
     pub plots: Option<PathBuf>,

@@ -1,12 +1,12 @@
 //! The method × KV-budget comparison table.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::convert::ConversionSummary;
 use crate::eval::report::EvalReport;
 
 /// One row: a converted model (or the original, `method = "original"`) and its scores.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CompareRow {
     pub method: String,
     pub kv_keep: f64,

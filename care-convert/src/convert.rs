@@ -116,7 +116,7 @@ impl Default for ConvertOptions {
 }
 
 /// What a conversion did, for the report and `care.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ConversionSummary {
     pub method: ConvertMethod,
     pub kv_keep: f64,

@@ -387,15 +387,40 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     }
     let stats = collect_stats(&original, &windows, a.quiet)?;
     let mut bars = Bars::new(a.quiet);
-    let mut rows = vec![CompareRow {
-        method: "original".into(),
-        kv_keep: 1.0,
-        report: evaluate(&original, "original", tok, bos, prefix, &plan, &mut bars)?,
-        conversion: None,
-    }];
+    // --resume: keep the rows an interrupted run already saved to --json.
+    let mut rows: Vec<CompareRow> = match (&a.json, a.resume) {
+        (Some(p), true) if p.exists() => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a compare report", p.display()))?
+        }
+        (None, true) => bail!("--resume needs --json (the report it continues)"),
+        _ => Vec::new(),
+    };
+    let done = |rows: &[CompareRow], method: &str, keep: f64| {
+        rows.iter()
+            .any(|r| r.method == method && (r.kv_keep - keep).abs() < 1e-9)
+    };
+    if !done(&rows, "original", 1.0) {
+        let report = evaluate(&original, "original", tok, bos, prefix, &plan, &mut bars)?;
+        rows.insert(
+            0,
+            CompareRow {
+                method: "original".into(),
+                kv_keep: 1.0,
+                report,
+                conversion: None,
+            },
+        );
+        save_rows(&a, &rows)?;
+    }
     drop(original);
     for &keep in &a.kv_keep {
         for &m in &methods {
+            if done(&rows, m.name(), keep) {
+                continue;
+            }
             let mut model = Decoder::load(&ckpt)?;
             let opts = ConvertOptions {
                 method: m,

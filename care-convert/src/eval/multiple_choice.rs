@@ -367,7 +367,7 @@ pub fn score_doc(
 }
 
 /// Accuracy of a task with its standard error (sample std / √n, as the harness).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TaskResult {
     pub task: String,
     pub docs: usize,

@@ -5,14 +5,14 @@
 //! recipe). With `stride == window` the windows do not overlap and the first token of
 //! each window is context only. The very first token of the text is never a target.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::score_row;
 use crate::error::{Error, Result};
 use mla_attention::model::Decoder;
 
 /// Options of a perplexity run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PerplexityOptions {
     /// Tokens per forward pass.
     pub window: usize,
@@ -50,7 +50,7 @@ impl PerplexityOptions {
 }
 
 /// Result of a perplexity run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PerplexityResult {
     /// Tokens in the evaluated stream.
     pub tokens: usize,

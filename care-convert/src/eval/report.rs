@@ -1,12 +1,12 @@
 //! Evaluation reports: one JSON document for scripts and a markdown table for people.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::multiple_choice::TaskResult;
 use super::perplexity::{PerplexityOptions, PerplexityResult};
 
 /// Perplexity on one text source.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TextEval {
     /// The file (or files) the text came from.
     pub source: String,
@@ -17,7 +17,7 @@ pub struct TextEval {
 }
 
 /// Everything `care-convert eval` measured on one model.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvalReport {
     pub model: String,
     pub architecture: String,
