@@ -15,11 +15,7 @@ use mla_attention::model::Decoder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bench_mode = std::env::args().any(|a| a == "--bench");
-    let assets = std::env::var("CARE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/care-assets")
-        });
+    let assets = mla_attention::io::asset_cache_dir();
     let mut models: Vec<PathBuf> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))

@@ -15,13 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let default = std::env::var("CARE_ASSETS")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                .join(".cache/care-assets")
-        })
-        .join("models/smollm2-135m-instruct/model.gguf");
+    let default =
+        mla_attention::io::asset_cache_dir().join("models/smollm2-135m-instruct/model.gguf");
     let path = args
         .first()
         .map(std::path::PathBuf::from)

@@ -3,8 +3,6 @@
 //!
 //! `cargo run --release -p care-convert --example convert_and_generate -- [KV_KEEP] [PROMPT]`
 
-use std::path::PathBuf;
-
 use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
 use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions};
 use mla_attention::io::tokenizer::{decode, encode};
@@ -30,11 +28,7 @@ fn greedy(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let assets = std::env::var("CARE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/care-assets")
-        });
+    let assets = mla_attention::io::asset_cache_dir();
     let mut args = std::env::args().skip(1);
     let keep: f64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0.5);
     let prompt = args

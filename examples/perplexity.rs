@@ -11,11 +11,7 @@ use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::model::Decoder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let assets = std::env::var("CARE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/care-assets")
-        });
+    let assets = mla_attention::io::asset_cache_dir();
     let mut args = std::env::args().skip(1);
     let model = args
         .next()

@@ -200,11 +200,5 @@ pub struct InspectArgs {
 
 /// The asset cache written by `scripts/fetch_assets.py`.
 pub fn assets_dir() -> PathBuf {
-    if let Some(p) = std::env::var_os("CARE_ASSETS") {
-        return PathBuf::from(p);
-    }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
-    home.join(".cache").join("care-assets")
+    mla_attention::io::asset_cache_dir()
 }

@@ -87,6 +87,22 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// BOS to prepend to texts (only if the tokenizer asks for one) and the token that
+/// stands for an empty multiple-choice context (EOS, else BOS, as the harness).
+fn special_tokens(ckpt: &Checkpoint) -> (Option<u32>, u32) {
+    let bos = if ckpt.add_bos {
+        ckpt.spec.bos_token_id
+    } else {
+        None
+    };
+    let prefix = ckpt
+        .spec
+        .eos_token_id
+        .or(ckpt.spec.bos_token_id)
+        .unwrap_or(0);
+    (bos, prefix)
+}
+
 fn open_model(path: &Path, tok: Option<&Path>) -> Result<(Checkpoint, Decoder)> {
     let mut ckpt = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
     if let Some(t) = tok {
@@ -154,16 +170,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     plan.ppl.validate()?;
     let (ckpt, model) = open_model(&a.model, a.tokenizer.as_deref())?;
     let tok = ckpt.tokenizer()?;
-    let bos = if ckpt.add_bos {
-        ckpt.spec.bos_token_id
-    } else {
-        None
-    };
-    let prefix = ckpt
-        .spec
-        .eos_token_id
-        .or(ckpt.spec.bos_token_id)
-        .unwrap_or(0);
+    let (bos, prefix) = special_tokens(&ckpt);
     let report = evaluate(
         &model,
         &a.model.display().to_string(),
@@ -363,16 +370,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     };
     let (ckpt, original) = open_model(&a.model, None)?;
     let tok = ckpt.tokenizer()?;
-    let bos = if ckpt.add_bos {
-        ckpt.spec.bos_token_id
-    } else {
-        None
-    };
-    let prefix = ckpt
-        .spec
-        .eos_token_id
-        .or(ckpt.spec.bos_token_id)
-        .unwrap_or(0);
+    let (bos, prefix) = special_tokens(&ckpt);
     let (windows, _sources) = calibration_windows(&a.calib, tok)?;
     for f in &plan.ppl_files {
         let held_out = care_convert::eval::run::text_tokens(tok, f, None, None)?;

@@ -16,11 +16,7 @@ use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::model::Decoder;
 
 fn assets() -> PathBuf {
-    let root = std::env::var_os("CARE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/care-assets")
-        });
+    let root = mla_attention::io::asset_cache_dir();
     assert!(
         root.join("models/smollm2-135m-instruct/model.gguf")
             .exists(),

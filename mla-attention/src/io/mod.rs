@@ -22,6 +22,18 @@ use crate::error::{Error, Result};
 pub use gguf_weights::{permute_qk, spec_from_gguf, unpermute_qk, GgufWeights};
 pub use safetensors::SafetensorsWeights;
 
+/// The asset cache that `scripts/fetch_assets.py` fills: `$CARE_ASSETS`, else
+/// `~/.cache/care-assets`. Tests, benches, examples and CLI defaults read from here.
+pub fn asset_cache_dir() -> PathBuf {
+    if let Some(p) = std::env::var_os("CARE_ASSETS") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("care-assets")
+}
+
 /// Tensors of a checkpoint by their Hugging Face name, dequantized to f32 on the CPU.
 pub trait WeightSource: Send + Sync {
     /// The file or directory the weights come from (for error messages).
