@@ -58,7 +58,9 @@ out = ["# Results", "",
 for m in models:
     rows = json.loads(pathlib.Path(f"docs/results/{m}.json").read_text())
     docs = rows[0]["report"]["tasks"][0]["docs"] if rows[0]["report"]["tasks"] else 0
-    out += [f"### {m}", "", f"Zero-shot subsets: first {docs} documents per task.", "", pathlib.Path(f"docs/results/{m}.md").read_text(), ""]
+    expected = 1 + 8 * 3
+    status = "" if len(rows) >= expected else f" **Partial: {len(rows)} of {expected} configurations measured so far** (continue with `RESUME=1`)."
+    out += [f"### {m}", "", f"Zero-shot subsets: first {docs} documents per task.{status}", "", pathlib.Path(f"docs/results/{m}.md").read_text(), ""]
     # Best CARE vs baselines per budget (PPL on each text).
     out += ["CARE (best of U/E) vs baselines, PPL prose / code:", ""]
     for keep in sorted({r["kv_keep"] for r in rows if r["method"] != "original"}, reverse=True):
