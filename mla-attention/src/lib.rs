@@ -20,10 +20,13 @@
 //! - [`runner`]: continuous-batching greedy generation over the paged latent cache (CPU).
 //! - [`cache`]: [`cache::LatentPagedCache`], the paged MLA latent cache.
 //! - [`cpu`]: absorbed MLA decode over the paged cache ([`cpu::absorbed_decode`]).
+//! - `cuda` (feature `cuda`): the paged cache in device memory and CUDA decode kernels.
 
 pub mod cache;
 pub mod config;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod io;
 pub mod mla;

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Runs on the device machine, from the repo root, with .devcarry/ carried:
+#   run(command="bash scripts/gpu/run-device.sh quick", carry=[".devcarry"])
+#   run(command="bash scripts/gpu/run-device.sh full",  carry=[".devcarry"])
+# Unpacks the binaries built by scripts/gpu/build.sh, records the card, runs our
+# checks and benchmarks (mla_cuda_bench) and the mistral.rs 0.8.1 kernel anchor
+# (anchor-kbench) at the same cells, in one call. Everything lands in $OUT
+# (results.json, results.md, ours.log, anchor.csv, anchor.log, gpu.txt).
+set -uo pipefail
+MODE="${1:-quick}"
+OUT="${OUT:-/tmp/mla-out}"
+mkdir -p "$OUT"
+BIN=/tmp/mla-bin
+mkdir -p "$BIN"
+for name in mla_cuda_bench anchor-kbench; do
+  if [[ -f ".devcarry/$name.xz" ]]; then
+    python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[2],'wb'))" \
+      ".devcarry/$name.xz" "$BIN/$name" && chmod +x "$BIN/$name"
+  fi
+done
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv \
+  | tee "$OUT/gpu.txt"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+
+case "$MODE" in
+  quick) OURS=(--quick --ctx 4096,32768 --batch 1,8); ANCHOR=(--ctx 4096,32768 --batch 1,8); T=300 ;;
+  full)  OURS=(--mode bench --e2e); ANCHOR=(); T=400 ;;
+  all)   OURS=(--e2e); ANCHOR=(); T=420 ;;
+  profile)
+    for force in "" ${CHECK_FORCE:-}; do
+      MLA_TC_FORCE=$force timeout -k 5 120 "$BIN/mla_cuda_bench" --mode check --quick --out /tmp/chk 2>&1 \
+        | grep -E "checks:|FAILED|rror|bench:" | sed "s/^/[force=$force] /" | head -20
+    done
+    # Kernel variants compiled here with nvcc (MLA_KERNEL_DIR overrides the embedded
+    # fatbins), timed by difference; then Nsight Compute on the real kernel.
+    KV=/tmp/kv
+    GEN="arch=compute_90,code=[sm_90,compute_90]"
+    for v in ${VARIANTS:-base:-lineinfo skip_score:-DMLA_SKIP_SCORE skip_out:-DMLA_SKIP_OUT skip_load:-DMLA_SKIP_LOAD}; do
+      name=${v%%:*}; flags=${v#*:}; mkdir -p "$KV/$name"
+      for k in mla_decode_tc mla_decode_generic; do
+        nvcc -std=c++17 -O3 -fatbin -gencode "$GEN" ${flags//,/ } -o "$KV/$name/$k.fatbin" \
+          mla-attention/kernels/$k.cu &
+      done
+    done
+    wait
+    for d in "$KV"/*/ ${HOST_VARIANTS:-}; do
+      name=$(basename "$d")
+      echo "== variant $name"
+      [[ -d "$d" ]] || { export MLA_TC_FORCE="$name"; d=/nonexistent; }
+      MLA_KERNEL_DIR="$d" timeout -k 5 120 "$BIN/mla_cuda_bench" --mode kernel --ctx ${PCTX:-32768} --batch 1,8 \
+        --out "/tmp/o_$name" 2>&1 | grep -E "bf16 512|error|Error|cell"
+      unset MLA_TC_FORCE
+    done 2>&1 | tee "$OUT/variants.log"
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    if [[ -n "$NCU" && -z "${NO_NCU:-}" ]]; then
+      MLA_KERNEL_DIR=$KV/base timeout -k 5 120 "$NCU" --clock-control none --section SpeedOfLight \
+        -k regex:"mla_split|mla_combine" --launch-skip 40 --launch-count 4 "$BIN/mla_cuda_bench" --mode kernel \
+        --ctx 32768 --batch 1 --out /tmp/ncu_o > "$OUT/ncu_b1.txt" 2>&1
+      grep -E "mla_|Duration" "$OUT/ncu_b1.txt"
+      MLA_KERNEL_DIR=$KV/base timeout -k 5 200 "$NCU" --clock-control none --section WarpStateStats \
+        --section SourceCounters --section SpeedOfLight --import-source no -k regex:mla_split_tc --launch-skip 20 \
+        --launch-count 1 --page source --print-source sass --csv "$BIN/mla_cuda_bench" --mode kernel \
+        --ctx 32768 --batch 8 --out /tmp/ncu_o > "$OUT/ncu_src.csv" 2> "$OUT/ncu_src.log"
+      echo "ncu source exit $? $(wc -l < "$OUT/ncu_src.csv") lines"
+    fi
+    exit 0 ;;
+  *) echo "run-device.sh: mode quick|full|all|profile" >&2; exit 2 ;;
+esac
+
+rc=0
+if [[ -x "$BIN/mla_cuda_bench" ]]; then
+  timeout -k 5 "$T" "$BIN/mla_cuda_bench" "${OURS[@]}" --out "$OUT" 2> "$OUT/ours.log" > /dev/null
+  rc=$?
+  echo "mla_cuda_bench exit $rc"
+  tail -n 40 "$OUT/ours.log"
+else
+  echo "no mla_cuda_bench in .devcarry" ; rc=2
+fi
+if [[ -x "$BIN/anchor-kbench" ]]; then
+  timeout -k 5 150 "$BIN/anchor-kbench" "${ANCHOR[@]}" > "$OUT/anchor.csv" 2> "$OUT/anchor.log"
+  echo "anchor-kbench exit $?"
+  cat "$OUT/anchor.csv"
+fi
+[[ -f "$OUT/results.md" ]] && cat "$OUT/results.md"
+exit "$rc"
