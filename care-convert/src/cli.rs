@@ -24,6 +24,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Convert a GQA model to the one-shot low-rank (CARE) form and write a checkpoint.
     Convert(ConvertArgs),
+    /// Convert a GQA model into stock DeepSeek-V2 MLA (decoupled RoPE, joint latent) that
+    /// mistral.rs (`-a deepseekv2`) and HF transformers load unchanged.
+    Mla(MlaArgs),
     /// Run the method × KV-budget grid on one model and write the result table.
     Compare(CompareArgs),
     /// Write the tokenizer.json rebuilt from a GGUF file's metadata.
@@ -124,6 +127,63 @@ pub struct ConvertArgs {
     /// Calibrate layer l on the outputs of the already-converted layers 0..l-1.
     #[arg(long)]
     pub sequential: bool,
+    /// Output checkpoint directory (must not exist; written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MlaArgs {
+    /// Source model: a `.gguf` file or a Hugging Face directory (Llama family, no
+    /// attention biases, unscaled RoPE).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// `kv_lora_rank` of the output: the cached latent width per layer (padded). With
+    /// `--rope-dim 64`, 512 is the shape mistral.rs's CUDA MLA decode kernel accepts.
+    /// Default: from --kv-keep.
+    #[arg(long, conflicts_with = "kv_keep")]
+    pub kv_lora_rank: Option<usize>,
+    /// Alternative to --kv-lora-rank: fraction of the original per-token KV values kept,
+    /// in (0, 1]; kv_lora_rank = keep·2·n_kv·head_dim − rope_dim.
+    #[arg(long)]
+    pub kv_keep: Option<f64>,
+    /// Real latent rank (≤ kv_lora_rank − 1 with the bias anchor); default: all that fit.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// Width of the shared RoPE key `qk_rope_head_dim` (even; head_dim/rope_dim integer).
+    /// Default: head_dim / 2.
+    #[arg(long)]
+    pub rope_dim: Option<usize>,
+    /// Adjacent frequencies per RoRoPE PCA block (a multiple of head_dim/rope_dim that
+    /// divides head_dim/2). Default: the smallest legal value (most exact).
+    #[arg(long)]
+    pub freqfold: Option<usize>,
+    /// Choose RoPE pairs by energy without PCA across heads (MHA2MLA-style partial RoPE)
+    /// instead of RoRoPE.
+    #[arg(long)]
+    pub no_rorope: bool,
+    /// Joint latent basis: CARE or the TransMLA PCA baseline.
+    #[arg(long, value_enum, default_value_t = care_convert::stock::LatentBasis::Care)]
+    pub basis: care_convert::stock::LatentBasis,
+    /// Skip the K/V norm balancing before the joint factorization.
+    #[arg(long)]
+    pub no_balance: bool,
+    /// How the stock `kv_a_layernorm` is neutralized.
+    #[arg(long, value_enum, default_value_t = care_convert::stock::LatentNorm::BiasAnchor)]
+    pub latent_norm: care_convert::stock::LatentNorm,
+    /// Keep `v_head_dim = head_dim` instead of zero-padding values to the query head width
+    /// (smaller `o_proj`; mistral.rs 0.8.1 then runs the model only on CUDA, its CPU
+    /// attention needs equal query and value head widths).
+    #[arg(long)]
+    pub no_pad_v: bool,
+    /// Weight dtype of the written safetensors.
+    #[arg(long, value_enum, default_value_t = care_convert::export::deepseek::SaveDtype::F32)]
+    pub dtype: care_convert::export::deepseek::SaveDtype,
+    #[command(flatten)]
+    pub calib: CalibArgs,
     /// Output checkpoint directory (must not exist; written atomically).
     #[arg(long)]
     pub out: PathBuf,

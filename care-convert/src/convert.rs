@@ -44,10 +44,13 @@ pub enum ConvertMethod {
     SvdLlm,
     /// MHA2MLA joint-SVD init: one shared latent of 2r for K and V.
     Mha2mla,
+    /// CARE in the joint form: one shared latent of 2r for K and V, covariance-aware
+    /// (the same latent layout as MHA2MLA, CARE's objective).
+    CareJoint,
 }
 
 impl ConvertMethod {
-    pub const ALL: [ConvertMethod; 8] = [
+    pub const ALL: [ConvertMethod; 9] = [
         ConvertMethod::CareU,
         ConvertMethod::CareE,
         ConvertMethod::CareEDepth,
@@ -56,6 +59,7 @@ impl ConvertMethod {
         ConvertMethod::Asvd,
         ConvertMethod::SvdLlm,
         ConvertMethod::Mha2mla,
+        ConvertMethod::CareJoint,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,13 +72,17 @@ impl ConvertMethod {
             ConvertMethod::Asvd => "asvd",
             ConvertMethod::SvdLlm => "svd-llm",
             ConvertMethod::Mha2mla => "mha2mla",
+            ConvertMethod::CareJoint => "care-joint",
         }
     }
 
     /// The factorization behind the method.
     pub fn factorization(self) -> Method {
         match self {
-            ConvertMethod::CareU | ConvertMethod::CareE | ConvertMethod::CareEDepth => {
+            ConvertMethod::CareU
+            | ConvertMethod::CareE
+            | ConvertMethod::CareEDepth
+            | ConvertMethod::CareJoint => {
                 Method::Care {
                     root: SquareRoot::Symmetric,
                 }
@@ -87,6 +95,11 @@ impl ConvertMethod {
             ConvertMethod::SvdLlm => Method::SvdLlm,
             ConvertMethod::Mha2mla => Method::Mha2MlaJoint,
         }
+    }
+
+    /// Whether K and V share one latent (of r_K + r_V values).
+    pub fn shared_latent(self) -> bool {
+        matches!(self, ConvertMethod::Mha2mla | ConvertMethod::CareJoint)
     }
 }
 
@@ -179,6 +192,7 @@ enum LayerDecomp {
 
 fn decompose_layer(
     method: Method,
+    joint: bool,
     stats: &InputStats,
     damping: f64,
     w: &dyn WeightSource,
@@ -186,7 +200,7 @@ fn decompose_layer(
 ) -> Result<(LayerDecomp, Rescues)> {
     let (wk, wv) = kv_weights(w, l)?;
     let wh = Whitening::new(method, stats, &FactorOptions { damping })?;
-    let d = if method.is_joint() {
+    let d = if joint {
         LayerDecomp::Shared(wh.decompose_joint(&[wk.as_ref(), wv.as_ref()])?)
     } else {
         LayerDecomp::Separate(wh.decompose(wk.as_ref())?, wh.decompose(wv.as_ref())?)
@@ -231,7 +245,9 @@ fn plan_ranks(
                 fill(&spectra(false))?,
             )?)
         }
-        ConvertMethod::Mha2mla => Ok(RankPlan::new(vec![r; n], vec![r; n])?),
+        ConvertMethod::Mha2mla | ConvertMethod::CareJoint => {
+            Ok(RankPlan::new(vec![r; n], vec![r; n])?)
+        }
         _ => Ok(RankPlan::uniform(n, r)),
     }
 }
@@ -318,7 +334,7 @@ pub fn convert_one_pass(
     let mut decomps = Vec::with_capacity(n);
     let mut rescues = Vec::with_capacity(n);
     for (l, s) in stats.iter().enumerate() {
-        let (d, r) = decompose_layer(method, s, opts.damping, w, l)?;
+        let (d, r) = decompose_layer(method, opts.method.shared_latent(), s, opts.damping, w, l)?;
         decomps.push(d);
         rescues.push(r);
         progress(l + 1, 2 * n);
@@ -362,7 +378,7 @@ pub fn convert_sequential(
             model.layer_forward(l, x, 0, &mut c, Some(&mut obs))?;
         }
         let stats = obs.finish(l)?;
-        let (d, r) = decompose_layer(method, &stats, opts.damping, w, l)?;
+        let (d, r) = decompose_layer(method, opts.method.shared_latent(), &stats, opts.damping, w, l)?;
         let f = truncate(&d, plan.k[l], plan.v[l])?;
         install(model, w, l, &f)?;
         // Advance the residual streams through the converted layer.

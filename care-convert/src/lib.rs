@@ -5,7 +5,8 @@
 //! every conversion on real text and real benchmarks.
 //!
 //! The data path reads in one direction: load (`mla_attention::io`) → calibrate →
-//! factorize → allocate ranks → assemble → export → evaluate ([`eval`]).
+//! factorize → allocate ranks → assemble ([`convert`] one-shot, [`stock`] DeepSeek-V2 MLA)
+//! → export → evaluate ([`eval`]).
 //!
 //! ```no_run
 //! use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
@@ -26,5 +27,6 @@ pub mod eval;
 pub mod export;
 pub mod factorize;
 pub mod ranks;
+pub mod stock;
 
 pub use error::{Error, Result};

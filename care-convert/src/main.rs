@@ -22,9 +22,12 @@ use care_convert::compare::{markdown_table, CompareRow};
 use care_convert::convert::{convert_one_pass, convert_sequential, ConvertMethod, ConvertOptions};
 use care_convert::eval::perplexity::PerplexityOptions;
 use care_convert::eval::run::{evaluate, EvalPlan, Progress};
+use care_convert::export::deepseek::{write_deepseek_v2, StockProvenance, TokenizerFiles};
 use care_convert::export::{sha256_path, write_oneshot, CalibrationRecord, Provenance};
+use care_convert::stock::{convert_stock, RopeSplitOptions, StockOptions};
 use cli::{
-    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, TokenizerArgs,
+    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, MlaArgs,
+    TokenizerArgs,
 };
 use mla_attention::io::{tokenizer, Checkpoint};
 use mla_attention::model::Decoder;
@@ -38,6 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Eval(a) => run_eval(a),
         Command::Convert(a) => run_convert(a),
+        Command::Mla(a) => run_mla(a),
         Command::Compare(a) => run_compare(a),
         Command::Tokenizer(a) => run_tokenizer(a),
         Command::Inspect(a) => run_inspect(a),
@@ -335,6 +339,145 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     );
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(())
+}
+
+/// Stock-MLA options from the command line, checked against the source model.
+fn stock_options(a: &MlaArgs, spec: &mla_attention::config::ModelSpec) -> Result<StockOptions> {
+    let d = spec.head_dim;
+    let rope_dim = a.rope_dim.unwrap_or(d / 2);
+    let fold_min = if rope_dim > 0 && rope_dim <= d && rope_dim % 2 == 0 && (d / 2) % (rope_dim / 2) == 0 {
+        (d / 2) / (rope_dim / 2)
+    } else {
+        1
+    };
+    let kv_lora_rank = match (a.kv_lora_rank, a.kv_keep) {
+        (Some(n), _) => n,
+        (None, keep) => {
+            let keep = keep.unwrap_or(0.5);
+            if !(keep > 0.0 && keep <= 1.0) {
+                bail!("--kv-keep {keep} must be in (0, 1] (the fraction of KV values kept)");
+            }
+            let values = (keep * (2 * spec.num_kv_heads * d) as f64).round() as usize;
+            if values <= rope_dim + 1 {
+                bail!(
+                    "--kv-keep {keep} keeps {values} values per token, not more than the RoPE \
+                     key ({rope_dim}) plus one latent dim"
+                );
+            }
+            values - rope_dim
+        }
+    };
+    let opts = StockOptions {
+        kv_lora_rank,
+        rank: a.rank,
+        rope: RopeSplitOptions {
+            rope_dim,
+            freqfold: a.freqfold.unwrap_or(fold_min),
+            pca: !a.no_rorope,
+        },
+        basis: a.basis,
+        balance: !a.no_balance,
+        latent_norm: a.latent_norm,
+        pad_v: !a.no_pad_v,
+        damping: a.calib.damping,
+    };
+    care_convert::stock::check(spec, &opts)?;
+    Ok(opts)
+}
+
+fn run_mla(a: MlaArgs) -> Result<()> {
+    if a.out.exists() {
+        bail!(
+            "{} already exists; choose another --out or remove it",
+            a.out.display()
+        );
+    }
+    let started = Instant::now();
+    let (ckpt, model) = open_model(&a.model, None)?;
+    let opts = stock_options(&a, &model.spec)?;
+    let tok = ckpt.tokenizer()?;
+    let (windows, sources) = calibration_windows(&a.calib, tok)?;
+    let t_cal = Instant::now();
+    let stats = collect_stats(&model, &windows, a.quiet)?;
+    let calib_s = t_cal.elapsed().as_secs_f64();
+    let pb = bar(model.spec.num_layers as u64, "convert".into(), a.quiet);
+    let stock = convert_stock(
+        &model.spec,
+        ckpt.weights.as_ref(),
+        &stats,
+        &opts,
+        &mut |d, _| pb.set_position(d as u64),
+    )?;
+    pb.finish_and_clear();
+    let files = tokenizer_files(&ckpt, &a.model)?;
+    let prov = StockProvenance {
+        format: "care-deepseek-v2",
+        format_version: 1,
+        source_model: a.model.display().to_string(),
+        source_sha256: sha256_path(&a.model)?,
+        conversion: stock.summary.clone(),
+        calibration: CalibrationRecord {
+            sources,
+            samples: a.calib.calib_samples,
+            seq_len: a.calib.calib_seq_len,
+            seed: a.calib.seed,
+            tokens: (windows.len() * a.calib.calib_seq_len) as u64,
+            sequential: false,
+        },
+        tool: format!("care-convert {}", env!("CARGO_PKG_VERSION")),
+    };
+    write_deepseek_v2(
+        &a.out,
+        &model.spec,
+        ckpt.weights.as_ref(),
+        &stock,
+        &files,
+        &prov,
+        a.dtype,
+    )?;
+    let s = &stock.summary;
+    let mean_rope = s.layers.iter().map(|l| l.rope_energy).sum::<f64>() / s.layers.len().max(1) as f64;
+    eprintln!(
+        "wrote {} (DeepSeek-V2 MLA: kv_lora_rank {} (rank {}), rope {}; KV values/token {} -> {}; \
+         key energy under RoPE {:.1}%; calibration {:.1} s, conversion {:.1} s, total {:.1} s)",
+        a.out.display(),
+        stock.mla.shape.kv_lora_rank,
+        s.layers.first().map_or(0, |l| l.rank),
+        stock.mla.shape.qk_rope_head_dim,
+        s.kv_values_per_token_original,
+        s.kv_values_per_token_converted,
+        100.0 * mean_rope,
+        calib_s,
+        s.seconds,
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", serde_json::to_string_pretty(s)?);
+    Ok(())
+}
+
+/// Tokenizer, chat template and special tokens for a converted checkpoint's directory.
+fn tokenizer_files(ckpt: &Checkpoint, source: &Path) -> Result<TokenizerFiles> {
+    let tok = ckpt.tokenizer.clone();
+    let name = |id: Option<u32>| id.and_then(|i| tok.as_ref().and_then(|t| t.id_to_token(i)));
+    let mut files = TokenizerFiles {
+        bos_token: name(ckpt.spec.bos_token_id),
+        eos_token: name(ckpt.spec.eos_token_id),
+        add_bos_token: ckpt.add_bos,
+        tokenizer: tok.clone(),
+        chat_template: None,
+    };
+    if source.is_file() {
+        let g = mla_attention::io::gguf::GgufFile::open(source)?;
+        files.chat_template = g
+            .get("tokenizer.chat_template")
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+    } else if let Ok(text) = std::fs::read_to_string(source.join("tokenizer_config.json")) {
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}/tokenizer_config.json", source.display()))?;
+        files.chat_template = v["chat_template"].as_str().map(str::to_string);
+    }
+    Ok(files)
 }
 
 fn run_compare(a: CompareArgs) -> Result<()> {

@@ -24,6 +24,8 @@ use mla_attention::config::{Architecture, ModelSpec, RopeScaling};
 use mla_attention::io::WeightSource;
 use mla_attention::model::decoder::lowrank_names as names;
 
+pub mod deepseek;
+
 /// Calibration provenance for `care.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct CalibrationRecord {
@@ -123,17 +125,28 @@ pub fn write_oneshot(
     tokenizer: Option<&tokenizers::Tokenizer>,
     provenance: &Provenance,
 ) -> Result<()> {
-    if out.exists() {
-        return Err(Error::InvalidOption(format!(
-            "{} already exists; choose another --out or remove it",
-            out.display()
-        )));
-    }
     if factors.len() != spec.num_layers {
         return Err(Error::InvalidOption(format!(
             "{} layer factors for {} layers",
             factors.len(),
             spec.num_layers
+        )));
+    }
+    write_atomically(out, |tmp| {
+        write_into(tmp, spec, w, factors, tokenizer, provenance)
+    })
+}
+
+/// Run `write` on a fresh temporary sibling of `out` and rename it to `out` when it
+/// succeeds; on failure the temporary directory is removed and `out` never appears.
+pub(crate) fn write_atomically(
+    out: &Path,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    if out.exists() {
+        return Err(Error::InvalidOption(format!(
+            "{} already exists; choose another --out or remove it",
+            out.display()
         )));
     }
     let parent = out
@@ -146,7 +159,10 @@ pub fn write_oneshot(
         out.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
         std::process::id()
     ));
-    let result = write_into(&tmp, spec, w, factors, tokenizer, provenance)
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = std::fs::create_dir_all(&tmp)
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|()| write(&tmp))
         .and_then(|()| std::fs::rename(&tmp, out).map_err(|e| Error::io(out, e)));
     if result.is_err() {
         let _ = std::fs::remove_dir_all(&tmp);
@@ -162,7 +178,6 @@ fn write_into(
     tokenizer: Option<&tokenizers::Tokenizer>,
     provenance: &Provenance,
 ) -> Result<()> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut copy = |name: String| -> Result<()> {
         let t = w.tensor(&name)?;
@@ -218,27 +233,34 @@ fn write_into(
         path: st.clone(),
         reason: e.to_string(),
     })?;
-    let write_json = |name: &str, v: &serde_json::Value| -> Result<()> {
-        let p = dir.join(name);
-        let text = serde_json::to_string_pretty(v).map_err(|e| Error::BadData {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
-    };
-    write_json("config.json", &hf_config(spec))?;
+    write_json(dir, "config.json", &hf_config(spec))?;
     let prov = serde_json::to_value(provenance).map_err(|e| Error::BadData {
         path: dir.join("care.json"),
         reason: e.to_string(),
     })?;
-    write_json("care.json", &prov)?;
+    write_json(dir, "care.json", &prov)?;
     if let Some(tok) = tokenizer {
-        let p = dir.join("tokenizer.json");
-        let text = tok.to_string(false).map_err(|e| Error::BadData {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        std::fs::write(&p, text).map_err(|e| Error::io(&p, e))?;
+        write_tokenizer(dir, tok)?;
     }
     Ok(())
+}
+
+/// Pretty JSON into `dir/name`.
+pub(crate) fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
+    let p = dir.join(name);
+    let text = serde_json::to_string_pretty(v).map_err(|e| Error::BadData {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
+}
+
+/// `dir/tokenizer.json`.
+pub(crate) fn write_tokenizer(dir: &Path, tok: &tokenizers::Tokenizer) -> Result<()> {
+    let p = dir.join("tokenizer.json");
+    let text = tok.to_string(false).map_err(|e| Error::BadData {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    std::fs::write(&p, text).map_err(|e| Error::io(&p, e))
 }
