@@ -1,0 +1,550 @@
+//! `care-serve-bench`: tokens/s of `care-server` with and without Infinigram drafting, over an
+//! OpenAI-compatible client on loopback; the byte-identity check of greedy outputs; a
+//! concurrent streaming load test; acceptance tables and plots.
+//!
+//! For each workload (HumanEval completions against a code index, MT-Bench chat against a
+//! prose index) it starts one `care-server` with that index and compares, on the same server
+//! and the same prompts, `x-infinigram: off` (plain engine), `on` (speculative engine) and
+//! `auto` (the server's admission policy) at each concurrency. Results: a Markdown report on
+//! stdout, `results.json` and PNG plots in `--out`.
+
+mod client;
+mod plot;
+mod replay;
+mod workload;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+use serde_json::Value;
+
+use client::{Completion, Prompt, ServerProcess};
+use workload::Length;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The care-server binary (default: beside this one).
+    #[arg(long)]
+    server: Option<PathBuf>,
+    /// Asset folder (default: $CARE_ASSETS or ~/.cache/care-assets).
+    #[arg(long)]
+    assets: Option<PathBuf>,
+    /// Model folder under `models/` holding `model.gguf` and `tokenizer.json`.
+    #[arg(long, default_value = "smollm2-135m-instruct")]
+    model: String,
+    /// Index for the HumanEval workload (CPython stdlib + Python docs).
+    #[arg(long)]
+    code_index: Option<PathBuf>,
+    /// Index for the MT-Bench workload (prose).
+    #[arg(long)]
+    prose_index: Option<PathBuf>,
+    /// Prompts per cell (the same ones for every mode and concurrency).
+    #[arg(long, default_value_t = 16)]
+    prompts: usize,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 4, 16])]
+    concurrency: Vec<usize>,
+    /// Prompt lengths (`short`, `long`).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["short".to_string(), "long".to_string()])]
+    lengths: Vec<String>,
+    /// Generation lengths in tokens.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![32, 128])]
+    gen: Vec<usize>,
+    /// Modes (`off`, `on`, `auto`).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["off".to_string()])]
+    modes: Vec<String>,
+    /// γ of the speculative engine.
+    #[arg(long, default_value_t = 3)]
+    max_draft: usize,
+    /// Admission policy for `auto`.
+    #[arg(long, default_value = "calibrated")]
+    policy: String,
+    /// Prompts per workload for the byte-identity check (0: skip).
+    #[arg(long, default_value_t = 0)]
+    lossless: usize,
+    /// Tokens generated per prompt in the byte-identity check.
+    #[arg(long, default_value_t = 64)]
+    lossless_tokens: usize,
+    /// Prompts per workload whose greedy outputs are replayed through the drafter (0: skip).
+    #[arg(long, default_value_t = 32)]
+    replay: usize,
+    /// Tokens generated per replayed prompt.
+    #[arg(long, default_value_t = 128)]
+    replay_tokens: usize,
+    /// Draft lengths γ of the replay.
+    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 3, 4, 6, 8])]
+    replay_gammas: Vec<usize>,
+    /// Concurrent streaming requests of the load test (0: skip).
+    #[arg(long, default_value_t = 0)]
+    load_test: usize,
+    /// Output folder for results.json and plots.
+    #[arg(long, default_value = "bench-serve")]
+    out: PathBuf,
+}
+
+#[derive(Debug, Serialize)]
+struct Cell {
+    workload: String,
+    prompt_len: String,
+    gen_tokens: usize,
+    concurrency: usize,
+    mode: String,
+    requests: usize,
+    completion_tokens: usize,
+    wall_s: f64,
+    tokens_per_s: f64,
+    mean_latency_s: f64,
+    speculative_requests: usize,
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Report {
+    date: String,
+    machine: String,
+    cells: Vec<Cell>,
+    lossless: Vec<Value>,
+    load_test: Option<Value>,
+    acceptance: Vec<(String, Value)>,
+    replay: Vec<(String, replay::Replay)>,
+}
+
+fn assets(args: &Args) -> PathBuf {
+    args.assets.clone().unwrap_or_else(|| {
+        std::env::var_os("CARE_ASSETS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                    .join(".cache/care-assets")
+            })
+    })
+}
+
+fn server_bin(args: &Args) -> Result<PathBuf> {
+    if let Some(p) = &args.server {
+        return Ok(p.clone());
+    }
+    let me = std::env::current_exe()?;
+    Ok(me.with_file_name("care-server"))
+}
+
+async fn run_cell(
+    http: &reqwest::Client,
+    base: &str,
+    prompts: &[Prompt],
+    gen: usize,
+    concurrency: usize,
+    mode: &str,
+) -> Result<(Vec<Completion>, f64)> {
+    let t0 = Instant::now();
+    let results: Vec<Result<Completion>> = stream::iter(prompts.iter())
+        .map(|p| client::complete(http, base, p, gen, mode))
+        .buffered(concurrency)
+        .collect()
+        .await;
+    let wall = t0.elapsed().as_secs_f64();
+    Ok((results.into_iter().collect::<Result<Vec<_>>>()?, wall))
+}
+
+struct Workload {
+    name: &'static str,
+    index: PathBuf,
+    prompts: Box<dyn Fn(Length) -> Result<Vec<Prompt>>>,
+}
+
+/// Starts the server; with `index`, drafting is enabled (mistral.rs 0.8.1 refuses, see
+/// docs/SERVING.md, unless CARE_SPECULATIVE_PIPELINE=force).
+fn start_server(args: &Args, model_dir: &Path, index: Option<&Path>) -> Result<ServerProcess> {
+    let mut argv: Vec<String> = ["--port", "0", "--max-seqs", "64"]
+        .map(String::from)
+        .to_vec();
+    if let Some(index) = index {
+        argv.extend([
+            "--infinigram-index".to_string(),
+            index.display().to_string(),
+            "--infinigram-max-draft".to_string(),
+            args.max_draft.to_string(),
+            "--infinigram-policy".to_string(),
+            args.policy.clone(),
+        ]);
+    }
+    let model: Vec<String> = [
+        "gguf",
+        "-m",
+        &model_dir.display().to_string(),
+        "-f",
+        "model.gguf",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(model);
+    ServerProcess::start(&server_bin(args)?, &argv)
+}
+
+async fn lossless(
+    http: &reqwest::Client,
+    base: &str,
+    prompts: &[Prompt],
+    tokens: usize,
+) -> Result<(usize, Vec<usize>)> {
+    let mut same = 0;
+    let mut differ = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let off = client::complete(http, base, p, tokens, "off").await?;
+        let on = client::complete(http, base, p, tokens, "on").await?;
+        if on.route != "speculative" || off.route != "plain" {
+            bail!(
+                "routes {} / {}: the server did not honour x-infinigram",
+                off.route,
+                on.route
+            );
+        }
+        if off.text == on.text {
+            same += 1;
+        } else {
+            differ.push(i);
+            eprintln!(
+                "prompt {i}: outputs differ\n--- plain\n{}\n--- speculative\n{}",
+                off.text, on.text
+            );
+        }
+    }
+    Ok((same, differ))
+}
+
+async fn load_test(http: &reqwest::Client, base: &str, prompts: &[Prompt], n: usize) -> Value {
+    let t0 = Instant::now();
+    let results: Vec<Result<usize>> = stream::iter((0..n).map(|i| &prompts[i % prompts.len()]))
+        .map(|p| client::stream(http, base, p, 16, "on"))
+        .buffer_unordered(n)
+        .collect()
+        .await;
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(|e| format!("{e:#}")))
+        .collect();
+    let chunks: usize = results.iter().filter_map(|r| r.as_ref().ok()).sum();
+    serde_json::json!({
+        "requests": n,
+        "errors": errors.len(),
+        "first_errors": errors.iter().take(5).collect::<Vec<_>>(),
+        "chunks": chunks,
+        "wall_s": t0.elapsed().as_secs_f64(),
+    })
+}
+
+fn print_tables(report: &Report) {
+    println!("| workload | prompt | gen | conc | tok/s off | tok/s on | on/off | tok/s auto | auto/off | auto drafted |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let find = |c: &Cell, mode: &str| {
+        report.cells.iter().find(|x| {
+            x.workload == c.workload
+                && x.prompt_len == c.prompt_len
+                && x.gen_tokens == c.gen_tokens
+                && x.concurrency == c.concurrency
+                && x.mode == mode
+        })
+    };
+    for c in report.cells.iter().filter(|c| c.mode == "off") {
+        let on = find(c, "on");
+        let auto = find(c, "auto");
+        let f = |x: Option<&Cell>| x.map_or("–".into(), |x| format!("{:.1}", x.tokens_per_s));
+        let r = |x: Option<&Cell>| {
+            x.map_or("–".into(), |x| {
+                format!("{:.2}×", x.tokens_per_s / c.tokens_per_s)
+            })
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            c.workload,
+            c.prompt_len,
+            c.gen_tokens,
+            c.concurrency,
+            c.tokens_per_s,
+            f(on),
+            r(on),
+            f(auto),
+            r(auto),
+            auto.map_or("–".into(), |a| format!(
+                "{}/{}",
+                a.speculative_requests, a.requests
+            )),
+        );
+    }
+}
+
+fn acceptance_tables(name: &str, stats: &Value) {
+    println!("\n#### Acceptance, {name}");
+    println!(
+        "steps {}, slots {}, drafted {}, accepted {} ({:.1} %), tokens/step {:.2}",
+        stats["steps"],
+        stats["slots"],
+        stats["drafted_tokens"],
+        stats["accepted_tokens"],
+        100.0 * stats["acceptance_rate"].as_f64().unwrap_or(0.0),
+        stats["tokens_per_step"].as_f64().unwrap_or(0.0)
+    );
+    for (key, title) in [
+        ("by_match_len", "match length"),
+        ("by_count", "n-gram count"),
+    ] {
+        println!("\n| {title} | drafted | verified | accepted | accepted/verified |");
+        println!("|---|---:|---:|---:|---:|");
+        for row in stats[key].as_array().into_iter().flatten() {
+            let (d, v, a) = (
+                row["drafted"].as_u64().unwrap_or(0),
+                row["verified"].as_u64().unwrap_or(0),
+                row["accepted"].as_u64().unwrap_or(0),
+            );
+            if d == 0 {
+                continue;
+            }
+            println!(
+                "| {} | {d} | {v} | {a} | {:.3} |",
+                bucket(row),
+                a as f64 / v.max(1) as f64
+            );
+        }
+    }
+}
+
+fn replay_series(name: &str, rows: &[replay::Bucket]) -> plot::Series {
+    plot::Series {
+        name: name.to_string(),
+        points: rows
+            .iter()
+            .filter(|b| b.verified > 0)
+            .map(|b| {
+                (
+                    b.label.clone(),
+                    b.accepted as f64 / b.verified as f64,
+                    b.verified,
+                )
+            })
+            .collect(),
+    }
+}
+
+fn replay_tables(name: &str, r: &replay::Replay) {
+    println!("\n#### Greedy replay over the server's outputs, {name}");
+    println!(
+        "\n| γ | verify steps | tokens | tokens/step | drafted | accepted | accepted/drafted |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for row in &r.rows {
+        println!(
+            "| {} | {} | {} | {:.2} | {} | {} | {:.3} |",
+            row.gamma,
+            row.steps,
+            row.tokens,
+            row.tokens as f64 / row.steps.max(1) as f64,
+            row.drafted,
+            row.accepted,
+            row.accepted as f64 / row.drafted.max(1) as f64
+        );
+    }
+    for (title, rows) in [
+        ("match length", &r.by_match_len),
+        ("n-gram count", &r.by_count),
+    ] {
+        println!("\n| {title} | drafted | verified | accepted | accepted/verified |");
+        println!("|---|---:|---:|---:|---:|");
+        for b in rows.iter().filter(|b| b.drafted > 0) {
+            println!(
+                "| {} | {} | {} | {} | {:.3} |",
+                b.label,
+                b.drafted,
+                b.verified,
+                b.accepted,
+                b.accepted as f64 / b.verified.max(1) as f64
+            );
+        }
+    }
+}
+
+fn bucket(row: &Value) -> String {
+    let lo = row["lo"].as_u64().unwrap_or(0);
+    match row["hi"].as_u64() {
+        Some(hi) if hi == lo => lo.to_string(),
+        Some(hi) => format!("{lo}–{hi}"),
+        None => format!("≥{lo}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let a = assets(&args);
+    let model_dir = a.join("models").join(&args.model);
+    std::fs::create_dir_all(&args.out)?;
+    let http = reqwest::Client::builder().build()?;
+    let mut report = Report {
+        date: String::from_utf8_lossy(
+            &std::process::Command::new("date")
+                .arg("-u")
+                .output()?
+                .stdout,
+        )
+        .trim()
+        .to_string(),
+        machine: format!(
+            "{} logical CPUs",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+        ..Default::default()
+    };
+    let he = a.join("data/human-eval/HumanEval.jsonl.gz");
+    let mt = a.join("data/mt-bench/question.jsonl");
+    let sotu = a.join("data/sotu");
+    let mut workloads = Vec::new();
+    if let Some(i) = &args.code_index {
+        let he = he.clone();
+        workloads.push(Workload {
+            name: "humaneval",
+            index: i.clone(),
+            prompts: Box::new(move |l| workload::humaneval(&he, l)),
+        });
+    }
+    if let Some(i) = &args.prose_index {
+        let (mt, sotu) = (mt.clone(), sotu.clone());
+        workloads.push(Workload {
+            name: "mtbench",
+            index: i.clone(),
+            prompts: Box::new(move |l| workload::mtbench(&mt, &sotu, l)),
+        });
+    }
+    let mut plots_match = Vec::new();
+    let mut plots_count = Vec::new();
+    for w in &workloads {
+        let drafting = args.modes.iter().any(|m| m != "off");
+        let server = start_server(&args, &model_dir, drafting.then_some(w.index.as_path()))
+            .with_context(|| w.name)?;
+        let base = server.base.clone();
+        eprintln!("{}: server at {base}", w.name);
+        let warm = (w.prompts)(Length::Short)?;
+        for mode in &args.modes {
+            client::complete(&http, &base, &warm[0], 8, mode).await?;
+        }
+        for len_name in &args.lengths {
+            let length = match len_name.as_str() {
+                "long" => Length::Long,
+                "full" => Length::Full,
+                _ => Length::Short,
+            };
+            let all = (w.prompts)(length)?;
+            let prompts: Vec<Prompt> = all.into_iter().take(args.prompts).collect();
+            for &gen in &args.gen {
+                for &conc in &args.concurrency {
+                    for mode in &args.modes {
+                        let (done, wall) =
+                            run_cell(&http, &base, &prompts, gen, conc, mode).await?;
+                        let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+                        let cell = Cell {
+                            workload: w.name.to_string(),
+                            prompt_len: length.name().to_string(),
+                            gen_tokens: gen,
+                            concurrency: conc,
+                            mode: mode.clone(),
+                            requests: done.len(),
+                            completion_tokens: tokens,
+                            wall_s: wall,
+                            tokens_per_s: tokens as f64 / wall,
+                            mean_latency_s: done
+                                .iter()
+                                .map(|c| c.latency.as_secs_f64())
+                                .sum::<f64>()
+                                / done.len().max(1) as f64,
+                            speculative_requests: done
+                                .iter()
+                                .filter(|c| c.route == "speculative")
+                                .count(),
+                        };
+                        eprintln!("{cell:?}");
+                        report.cells.push(cell);
+                    }
+                }
+            }
+        }
+        if args.lossless > 0 {
+            let prompts: Vec<Prompt> = (w.prompts)(Length::Short)?
+                .into_iter()
+                .take(args.lossless)
+                .collect();
+            let (same, differ) = lossless(&http, &base, &prompts, args.lossless_tokens).await?;
+            eprintln!("{}: {same}/{} byte-identical", w.name, prompts.len());
+            report.lossless.push(serde_json::json!({
+                "workload": w.name, "prompts": prompts.len(), "identical": same,
+                "differ": differ, "max_tokens": args.lossless_tokens,
+            }));
+        }
+        if args.load_test > 0 {
+            let prompts = (w.prompts)(Length::Short)?;
+            let r = load_test(&http, &base, &prompts, args.load_test).await;
+            eprintln!("{}: load test {r}", w.name);
+            report.load_test = Some(r);
+        }
+        if args.replay > 0 {
+            let prompts: Vec<Prompt> = (w.prompts)(Length::Full)?
+                .into_iter()
+                .take(args.replay)
+                .collect();
+            let (done, _) = run_cell(&http, &base, &prompts, args.replay_tokens, 4, "off").await?;
+            let items: Vec<(String, String)> = prompts
+                .iter()
+                .zip(&done)
+                .map(|(p, c)| (p.text(), c.text.clone()))
+                .collect();
+            let index =
+                std::sync::Arc::new(infinigram_spec::Index::open(&w.index, Default::default())?);
+            let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let r = replay::replay(&index, &tok, &items, &args.replay_gammas)?;
+            plots_match.push(replay_series(w.name, &r.by_match_len));
+            plots_count.push(replay_series(w.name, &r.by_count));
+            report.replay.push((w.name.to_string(), r));
+        }
+        if drafting {
+            let stats = client::stats(&http, &base).await?;
+            report.acceptance.push((w.name.to_string(), stats));
+        }
+    }
+    println!("Date: {}; machine: {}\n", report.date, report.machine);
+    print_tables(&report);
+    for (name, stats) in &report.acceptance {
+        acceptance_tables(name, stats);
+    }
+    for (name, r) in &report.replay {
+        replay_tables(name, r);
+    }
+    for l in &report.lossless {
+        println!("\nlossless: {l}");
+    }
+    if let Some(l) = &report.load_test {
+        println!("\nload test: {l}");
+    }
+    if !workloads.is_empty() {
+        plot::plot_rates(
+            &args.out.join("acceptance_vs_match_len.png"),
+            "Acceptance vs match length",
+            "match length (tokens)",
+            &plots_match,
+            20,
+        )?;
+        plot::plot_rates(
+            &args.out.join("acceptance_vs_count.png"),
+            "Acceptance vs n-gram count",
+            "occurrences of the drafted n-gram",
+            &plots_count,
+            20,
+        )?;
+    }
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    Ok(())
+}

