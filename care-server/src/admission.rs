@@ -235,7 +235,7 @@ mod tests {
             routes.push(t.route);
         }
         let spec = routes.iter().filter(|&&r| r == Route::Speculative).count();
-        assert!(spec >= 30 && spec < 40, "{spec} of 40 drafted");
+        assert!((30..40).contains(&spec), "{spec} of 40 drafted");
         assert_eq!(a.in_flight(), 0, "tickets were dropped");
         // Ineligible requests never draft; forced routes are honoured.
         assert_eq!(a.admit(false, Some(Route::Speculative)).route, Route::Plain);

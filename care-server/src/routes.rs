@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use mistralrs_core::{MistralRs, Request, Response};
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use mistralrs_server_core::openai::{ChatCompletionRequest, CompletionRequest};
+use mistralrs_server_core::types::OnDoneCallback;
 use mistralrs_server_core::{chat_completion, completions, handler_core};
 use serde::Serialize;
 
@@ -105,10 +106,7 @@ fn with_route<R: IntoResponse>(route: Route, r: R) -> HttpResponse {
 }
 
 /// Hands the ticket to a streamer's completion callback (or drops it with the streamer).
-fn on_done_ticket<R: 'static>(
-    ticket: Ticket,
-    tokens: fn(&[R]) -> usize,
-) -> Box<dyn Fn(&[R]) + Send + Sync> {
+fn on_done_ticket<R: 'static>(ticket: Ticket, tokens: fn(&[R]) -> usize) -> OnDoneCallback<R> {
     let slot = Mutex::new(Some(ticket));
     Box::new(move |chunks: &[R]| {
         if let Some(t) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
