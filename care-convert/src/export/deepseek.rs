@@ -1,6 +1,6 @@
 //! Writing a stock `DeepseekV2ForCausalLM` directory that mistral.rs 0.8.1 (`deepseekv2`)
-//! and HF transformers load unchanged: dense MLP in every layer (`n_routed_experts: null`,
-//! `first_k_dense_replace = num_layers`), `q_lora_rank: null`, interleaved RoPE of width
+//! and HF transformers load unchanged: dense MLP in every layer
+//! (`first_k_dense_replace = num_layers`), `q_lora_rank: null`, interleaved RoPE of width
 //! `qk_rope_head_dim`, the untied `lm_head` written out, and the tokenizer files a server
 //! needs (`tokenizer.json`, `tokenizer_config.json` with the chat template,
 //! `generation_config.json`). `care.json` records the conversion.
@@ -77,9 +77,11 @@ pub fn deepseek_config(spec: &ModelSpec, model: &StockModel, dtype: SaveDtype) -
         "num_hidden_layers": spec.num_layers,
         "num_attention_heads": s.num_heads,
         "num_key_value_heads": s.num_heads,
-        "n_shared_experts": null,
-        "n_routed_experts": null,
-        "num_experts_per_tok": null,
+        // No layer is MoE (first_k_dense_replace = num_layers): mistral.rs would also accept
+        // null here, HF transformers 5 requires integers.
+        "n_shared_experts": 0,
+        "n_routed_experts": 1,
+        "num_experts_per_tok": 1,
         "first_k_dense_replace": spec.num_layers,
         "moe_layer_freq": 1,
         "n_group": 1,
@@ -93,6 +95,7 @@ pub fn deepseek_config(spec: &ModelSpec, model: &StockModel, dtype: SaveDtype) -
         "rms_norm_eps": spec.rms_norm_eps,
         "rope_theta": model.mla.rope_theta,
         "rope_scaling": null,
+        "rope_parameters": { "rope_type": "default", "rope_theta": model.mla.rope_theta },
         "rope_interleave": true,
         "attention_bias": model.mla.attention_bias,
         "attention_dropout": 0.0,
