@@ -3,8 +3,11 @@
 # budget) on the real models, evaluated in our harness next to the original model.
 #   scripts/results.sh                 # SmolLM2-135M and Qwen2.5-Coder-0.5B
 #   MODELS="smollm2-135m-instruct" LIMIT=100 scripts/results.sh
-# Knobs (environment): MODELS, LIMIT (docs per task), PPL_TOKENS (tokens per text),
-# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED; SKIP_RUN=1 only re-assembles; RESUME=1 continues an
+# Second part: stock DeepSeek-V2 MLA conversions (`care-convert mla`, CARE vs the TransMLA PCA
+# basis at the same kv_lora_rank) for STOCK_MODELS, evaluated in the same harness.
+# Knobs (environment): MODELS, STOCK_MODELS, LIMIT (docs per task), PPL_TOKENS (tokens per text),
+# CALIB_SAMPLES, CALIB_SEQ_LEN, SEED; SKIP_RUN=1 only re-assembles; SKIP_GRID=1 runs only the
+# stock part; RESUME=1 continues an
 # interrupted grid from docs/results/<model>.json. Raw reports: docs/results/<model>.{json,md}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +28,7 @@ cargo build --quiet --release -p care-convert
 BIN="$CARGO_TARGET_DIR/release/care-convert"
 mkdir -p docs/results
 for m in $MODELS; do
-  [ "${SKIP_RUN:-0}" = 1 ] && break
+  [ "${SKIP_RUN:-0}" = 1 ] || [ "${SKIP_GRID:-0}" = 1 ] && break
   echo "== $m" >&2
   "$BIN" compare --quiet --model "$A/models/$m/model.gguf" \
     --kv-keep 0.5,0.25,0.125 \
@@ -34,6 +37,27 @@ for m in $MODELS; do
     --tasks "$TASKS" --limit "$LIMIT" \
     --json "docs/results/$m.json" --markdown "docs/results/$m.md" --plots "docs/results/plots-$m" \
     ${RESUME:+--resume} >/dev/null
+done
+
+STOCK_MODELS="${STOCK_MODELS:-smollm2-135m-instruct}"
+for m in $STOCK_MODELS; do
+  [ "${SKIP_RUN:-0}" = 1 ] && break
+  for keep in 0.5 0.25; do
+    for basis in care transmla-pca; do
+      tag="stock-$m-$basis-$keep"
+      [ -n "${RESUME:-}" ] && [ -f "docs/results/$tag.json" ] && continue
+      echo "== $tag" >&2
+      tmp=$(mktemp -d)
+      "$BIN" mla --quiet --model "$A/models/$m/model.gguf" --kv-keep "$keep" --basis "$basis" \
+        --calib-samples "$CALIB_SAMPLES" --calib-seq-len "$CALIB_SEQ_LEN" --seed "$SEED" \
+        --out "$tmp/out" > "$tmp/summary.json"
+      "$BIN" eval --quiet --model "$tmp/out" --ppl "$PROSE" --ppl "$CODE" --max-tokens "$PPL_TOKENS" \
+        --window 512 --tasks "$TASKS" --limit "$LIMIT" --format json > "$tmp/eval.json"
+      python3 -c 'import json,sys; s,e=(json.load(open(f)) for f in sys.argv[1:3]); json.dump({"summary":s,"report":e},open(sys.argv[3],"w"),indent=1)' \
+        "$tmp/summary.json" "$tmp/eval.json" "docs/results/$tag.json"
+      rm -rf "$tmp"
+    done
+  done
 done
 
 python3 - "$LIMIT" "$PPL_TOKENS" "$CALIB_SAMPLES" "$CALIB_SEQ_LEN" "$SEED" $MODELS <<'PY'
@@ -58,19 +82,47 @@ out = ["# Results", "",
 for m in models:
     rows = json.loads(pathlib.Path(f"docs/results/{m}.json").read_text())
     docs = rows[0]["report"]["tasks"][0]["docs"] if rows[0]["report"]["tasks"] else 0
-    expected = 1 + 8 * 3
+    expected = 1 + 9 * 3
     status = "" if len(rows) >= expected else f" **Partial: {len(rows)} of {expected} configurations measured so far** (continue with `RESUME=1`)."
     out += [f"### {m}", "", f"Zero-shot subsets: first {docs} documents per task.{status}", "", pathlib.Path(f"docs/results/{m}.md").read_text(), ""]
     # Best CARE vs baselines per budget (PPL on each text).
-    out += ["CARE (best of U/E) vs baselines, PPL prose / code:", ""]
+    out += ["CARE (best of U/E/joint) vs baselines, PPL prose / code:", ""]
     for keep in sorted({r["kv_keep"] for r in rows if r["method"] != "original"}, reverse=True):
         sel = {r["method"]: r for r in rows if r["kv_keep"] == keep}
         ppl = lambda r: [p["result"]["ppl"] for p in r["report"]["perplexity"]]
-        best = min((sel[k] for k in ("care-u", "care-e") if k in sel), key=lambda r: sum(ppl(r)), default=None)
+        best = min((sel[k] for k in ("care-u", "care-e", "care-joint") if k in sel), key=lambda r: sum(ppl(r)), default=None)
         if best is None: continue
         cells = [f"{k} {ppl(sel[k])[0]:.1f}/{ppl(sel[k])[1]:.1f}" for k in ("palu", "asvd", "svd-llm", "mha2mla") if k in sel]
         out.append(f"- {keep*100:.1f}%: {best['method']} {ppl(best)[0]:.1f}/{ppl(best)[1]:.1f}; " + "; ".join(cells))
     out.append("")
+
+# Stock DeepSeek-V2 MLA rows.
+stock = sorted(pathlib.Path("docs/results").glob("stock-*.json"))
+if stock:
+    out += ["## Stock DeepSeek-V2 MLA (CARE Table 2 form, before healing)", "",
+            "`care-convert mla`: RoRoPE + FreqFold moves the keys' position information into one shared RoPE key "
+            "(`qk_rope_head_dim` = head_dim/2, smallest legal freqfold), the NoPE keys and the values share one latent "
+            "(`kv_lora_rank` = KV kept·2·n_kv·head_dim − rope dim, of which one dim is the `kv_a_layernorm` bias anchor), "
+            "K/V balanced, values zero-padded to the query head width (mistral.rs CPU). The checkpoints load unchanged in "
+            "mistral.rs 0.8.1 (`integration-tests/tests/stock_mla_mistralrs.rs`) and HF transformers (`scripts/hf_crosscheck.py`). "
+            "Same calibration and evaluation data as above. KV bytes/token at bf16 over all layers.", "",
+            "| model | KV kept | basis | kv_lora_rank + rope | KV bytes/token (orig → MLA) | PPL prose | PPL code | avg acc (7 tasks) | key energy under RoPE |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for f in stock:
+        d = json.loads(f.read_text())
+        s, r = d["summary"], d["report"]
+        sh = s["mla"]["shape"]
+        ppl = [p["result"]["ppl"] for p in r["perplexity"]]
+        e = sum(l["rope_energy"] for l in s["layers"]) / len(s["layers"])
+        keep = s["kv_values_per_token_converted"] / s["kv_values_per_token_original"]
+        name = f.stem.split("-care")[0].split("-transmla")[0].removeprefix("stock-")
+        out.append(f"| {name} | {keep*100:.1f}% | {s['options']['basis']} | {sh['kv_lora_rank']} + {sh['qk_rope_head_dim']} | "
+                   f"{2*s['kv_values_per_token_original']:,} → {2*s['kv_values_per_token_converted']:,} | {ppl[0]:.2f} | {ppl[1]:.2f} | "
+                   f"{r['average_acc']:.3f} | {100*e:.1f}% |")
+    out += ["", "CARE and the TransMLA PCA basis coincide here up to damping: the decompression of the joint latent "
+            "into per-head NoPE keys and values is an isometry (RoRoPE is orthogonal, GQA heads are copies), so the best "
+            "rank-r subspace of the outputs (PCA) is exactly the covariance-aware optimum of the map (CARE). The K/V balance "
+            "(both bases use it) matters more; ablations in docs/CONVERSION.md.", ""]
 pathlib.Path("docs/RESULTS.md").write_text("\n".join(out))
 PY
 echo "wrote docs/RESULTS.md" >&2

@@ -82,11 +82,9 @@ impl ConvertMethod {
             ConvertMethod::CareU
             | ConvertMethod::CareE
             | ConvertMethod::CareEDepth
-            | ConvertMethod::CareJoint => {
-                Method::Care {
-                    root: SquareRoot::Symmetric,
-                }
-            }
+            | ConvertMethod::CareJoint => Method::Care {
+                root: SquareRoot::Symmetric,
+            },
             ConvertMethod::CareC => Method::CareCBased,
             ConvertMethod::Palu => Method::PlainSvd,
             ConvertMethod::Asvd => Method::Asvd {
@@ -378,7 +376,14 @@ pub fn convert_sequential(
             model.layer_forward(l, x, 0, &mut c, Some(&mut obs))?;
         }
         let stats = obs.finish(l)?;
-        let (d, r) = decompose_layer(method, opts.method.shared_latent(), &stats, opts.damping, w, l)?;
+        let (d, r) = decompose_layer(
+            method,
+            opts.method.shared_latent(),
+            &stats,
+            opts.damping,
+            w,
+            l,
+        )?;
         let f = truncate(&d, plan.k[l], plan.v[l])?;
         install(model, w, l, &f)?;
         // Advance the residual streams through the converted layer.

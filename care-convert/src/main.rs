@@ -345,7 +345,11 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
 fn stock_options(a: &MlaArgs, spec: &mla_attention::config::ModelSpec) -> Result<StockOptions> {
     let d = spec.head_dim;
     let rope_dim = a.rope_dim.unwrap_or(d / 2);
-    let fold_min = if rope_dim > 0 && rope_dim <= d && rope_dim % 2 == 0 && (d / 2) % (rope_dim / 2) == 0 {
+    let fold_min = if rope_dim > 0
+        && rope_dim <= d
+        && rope_dim.is_multiple_of(2)
+        && (d / 2).is_multiple_of(rope_dim / 2)
+    {
         (d / 2) / (rope_dim / 2)
     } else {
         1
@@ -436,7 +440,8 @@ fn run_mla(a: MlaArgs) -> Result<()> {
         a.dtype,
     )?;
     let s = &stock.summary;
-    let mean_rope = s.layers.iter().map(|l| l.rope_energy).sum::<f64>() / s.layers.len().max(1) as f64;
+    let mean_rope =
+        s.layers.iter().map(|l| l.rope_energy).sum::<f64>() / s.layers.len().max(1) as f64;
     eprintln!(
         "wrote {} (DeepSeek-V2 MLA: kv_lora_rank {} (rank {}), rope {}; KV values/token {} -> {}; \
          key energy under RoPE {:.1}%; calibration {:.1} s, conversion {:.1} s, total {:.1} s)",

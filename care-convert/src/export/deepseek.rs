@@ -65,7 +65,11 @@ pub struct StockProvenance {
 }
 
 /// `config.json` of the converted model.
-pub fn deepseek_config(spec: &ModelSpec, model: &StockModel, dtype: SaveDtype) -> serde_json::Value {
+pub fn deepseek_config(
+    spec: &ModelSpec,
+    model: &StockModel,
+    dtype: SaveDtype,
+) -> serde_json::Value {
     let s = model.mla.shape;
     serde_json::json!({
         "architectures": ["DeepseekV2ForCausalLM"],
@@ -151,7 +155,11 @@ fn write_into(
 ) -> Result<()> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut put = |name: String, t: Tensor| -> Result<()> {
-        if t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().any(|x| !x.is_finite())
+        if t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .any(|x| !x.is_finite())
         {
             return Err(Error::NonFinite(name));
         }
@@ -191,7 +199,10 @@ fn write_into(
             format!("{a}.kv_a_layernorm.weight"),
             vec_tensor(&layer.kv_a_layernorm)?,
         )?;
-        put(format!("{a}.kv_b_proj.weight"), to_tensor(&layer.kv_b_proj)?)?;
+        put(
+            format!("{a}.kv_b_proj.weight"),
+            to_tensor(&layer.kv_b_proj)?,
+        )?;
         put(format!("{a}.o_proj.weight"), to_tensor(&layer.o_proj)?)?;
         if let Some(b) = &layer.o_bias {
             put(format!("{a}.o_proj.bias"), vec_tensor(b)?)?;

@@ -139,10 +139,7 @@ pub fn write_oneshot(
 
 /// Run `write` on a fresh temporary sibling of `out` and rename it to `out` when it
 /// succeeds; on failure the temporary directory is removed and `out` never appears.
-pub(crate) fn write_atomically(
-    out: &Path,
-    write: impl FnOnce(&Path) -> Result<()>,
-) -> Result<()> {
+pub(crate) fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     if out.exists() {
         return Err(Error::InvalidOption(format!(
             "{} already exists; choose another --out or remove it",

@@ -140,8 +140,7 @@ pub fn assemble_layer(
     }
     if (src.k_bias.is_some() || src.v_bias.is_some()) && norm != LatentNorm::BiasAnchor {
         return Err(Error::InvalidOption(
-            "k/v biases fold only through the latent anchor: use --latent-norm bias-anchor"
-                .into(),
+            "k/v biases fold only through the latent anchor: use --latent-norm bias-anchor".into(),
         ));
     }
     let rep = nh / g;
@@ -212,9 +211,7 @@ pub fn assemble_layer(
                 let b_pe: Vec<f64> = (0..dr)
                     .map(|p| (0..g * d).map(|t| split.rope_coef[(t, p)] * bk[t]).sum())
                     .collect();
-                for p in 0..dr {
-                    bias[n + p] = b_pe[p];
-                }
+                bias[n..n + dr].copy_from_slice(&b_pe);
                 for i in 0..nh {
                     let h = i / rep;
                     for j in 0..d {

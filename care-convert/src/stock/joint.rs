@@ -189,8 +189,16 @@ mod tests {
         let stats = InputStats::from_samples(X.as_ref());
         for balance in [false, true] {
             let care = |r| {
-                joint_latent(k.as_ref(), v.as_ref(), &stats, r, LatentBasis::Care, balance, 0.0)
-                    .unwrap()
+                joint_latent(
+                    k.as_ref(),
+                    v.as_ref(),
+                    &stats,
+                    r,
+                    LatentBasis::Care,
+                    balance,
+                    0.0,
+                )
+                .unwrap()
             };
             let pca = |r| {
                 joint_latent(

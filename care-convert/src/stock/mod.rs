@@ -235,13 +235,8 @@ pub fn convert_stock(
             o: mat(w, &format!("{p}.o_proj.weight"))?,
         };
         let C = st.second_moment.as_ref();
-        let split = rope_split::split_rope(
-            wk.as_ref(),
-            C,
-            spec.num_kv_heads,
-            spec.head_dim,
-            &opts.rope,
-        )?;
+        let split =
+            rope_split::split_rope(wk.as_ref(), C, spec.num_kv_heads, spec.head_dim, &opts.rope)?;
         let joint = joint::joint_latent(
             split.k_nope.as_ref(),
             src.v.as_ref(),
@@ -254,7 +249,11 @@ pub fn convert_stock(
         // E‖a x‖² per token.
         let aC = &joint.a * C;
         let energy = (0..joint.a.nrows())
-            .map(|i| (0..joint.a.ncols()).map(|k| aC[(i, k)] * joint.a[(i, k)]).sum::<f64>())
+            .map(|i| {
+                (0..joint.a.ncols())
+                    .map(|k| aC[(i, k)] * joint.a[(i, k)])
+                    .sum::<f64>()
+            })
             .sum::<f64>()
             / st.tokens.max(1) as f64;
         let layer = assemble::assemble_layer(heads, &src, &split, &joint, energy, opts.latent_norm)
@@ -333,5 +332,101 @@ impl StockModel {
             model.set_attention(l, Box::new(attn))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mla_attention::config::Architecture;
+
+    fn llama() -> ModelSpec {
+        ModelSpec {
+            arch: Architecture::Llama,
+            hidden_size: 576,
+            num_layers: 2,
+            num_heads: 9,
+            num_kv_heads: 3,
+            head_dim: 64,
+            intermediate_size: 1536,
+            vocab_size: 100,
+            rope_theta: 1e5,
+            rope_scaling: RopeScaling::None,
+            rms_norm_eps: 1e-5,
+            tie_word_embeddings: true,
+            max_position_embeddings: 2048,
+            bos_token_id: None,
+            eos_token_id: None,
+            mla: None,
+        }
+    }
+
+    fn opts(kv_lora_rank: usize, rope_dim: usize, freqfold: usize) -> StockOptions {
+        StockOptions {
+            kv_lora_rank,
+            rank: None,
+            rope: RopeSplitOptions {
+                rope_dim,
+                freqfold,
+                pca: true,
+            },
+            basis: LatentBasis::Care,
+            balance: true,
+            latent_norm: LatentNorm::BiasAnchor,
+            pad_v: true,
+            damping: 0.01,
+        }
+    }
+
+    #[test]
+    fn bad_conversions_are_refused_with_the_flag_to_change() {
+        let cases: Vec<(ModelSpec, StockOptions, &str)> = vec![
+            (llama(), opts(160, 31, 1), "--rope-dim 31 must be even"),
+            (llama(), opts(160, 128, 1), "larger than the head dimension"),
+            (llama(), opts(160, 32, 1), "--freqfold 1"),
+            (llama(), opts(1, 32, 2), "leaves no latent dims"),
+            (
+                llama(),
+                StockOptions {
+                    rank: Some(400),
+                    ..opts(512, 32, 2)
+                },
+                "larger than the joint width",
+            ),
+            (
+                llama(),
+                StockOptions {
+                    rank: Some(200),
+                    ..opts(160, 32, 2)
+                },
+                "must be in 1..=159",
+            ),
+            (
+                ModelSpec {
+                    arch: Architecture::Qwen2,
+                    ..llama()
+                },
+                opts(160, 32, 2),
+                "q_proj bias",
+            ),
+            (
+                ModelSpec {
+                    rope_scaling: RopeScaling::FreqFactors(vec![1.0; 32]),
+                    ..llama()
+                },
+                opts(160, 32, 2),
+                "RoPE scaling",
+            ),
+        ];
+        for (spec, o, want) in cases {
+            let e = check(&spec, &o).unwrap_err().to_string();
+            assert!(e.contains(want), "want {want:?} in {e:?}");
+        }
+        // The CUDA kernel shape pads: kv_lora_rank 512 with rope 64 on a 64-wide head
+        // uses every joint dim (2·3·64 − 64 = 320) and pads the rest exactly.
+        let cuda = opts(512, 64, 1);
+        check(&llama(), &cuda).unwrap();
+        assert_eq!(effective_rank(&llama(), &cuda), 320);
+        assert_eq!(v_head_dim(&llama(), &cuda), 128);
     }
 }

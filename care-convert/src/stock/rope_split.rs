@@ -59,7 +59,7 @@ pub struct RopeSplit {
 pub fn validate(opts: &RopeSplitOptions, head_dim: usize) -> Result<()> {
     let bad = |m: String| Err(Error::InvalidOption(m));
     let r = opts.rope_dim;
-    if r == 0 || r % 2 != 0 {
+    if r == 0 || !r.is_multiple_of(2) {
         return bad(format!("--rope-dim {r} must be even and positive"));
     }
     if r > head_dim {
@@ -68,7 +68,7 @@ pub fn validate(opts: &RopeSplitOptions, head_dim: usize) -> Result<()> {
         ));
     }
     let p = head_dim / 2;
-    if p % (r / 2) != 0 {
+    if !p.is_multiple_of(r / 2) {
         return bad(format!(
             "--rope-dim {r}: head_dim/2 = {p} must be a multiple of rope_dim/2 = {} \
              so every RoPE pair keeps an original frequency",
@@ -77,7 +77,7 @@ pub fn validate(opts: &RopeSplitOptions, head_dim: usize) -> Result<()> {
     }
     let c = p / (r / 2);
     let f = opts.freqfold;
-    if f == 0 || f % c != 0 || p % f != 0 {
+    if f == 0 || !f.is_multiple_of(c) || !p.is_multiple_of(f) {
         return bad(format!(
             "--freqfold {f} must be a multiple of head_dim/rope_dim = {c} that divides \
              head_dim/2 = {p} (try {c})"
@@ -268,7 +268,10 @@ mod tests {
                 .zip(rope_interleaved(&kpe, pk, theta))
                 .map(|(a, b)| a * b)
                 .sum();
-            assert!((want - got).abs() < 1e-9 * want.abs().max(1.0), "{want} {got}");
+            assert!(
+                (want - got).abs() < 1e-9 * want.abs().max(1.0),
+                "{want} {got}"
+            );
         }
     }
 
@@ -278,8 +281,7 @@ mod tests {
         let mut r = lcg(11);
         let W = Mat::from_fn(g * d, hidden, |_, _| r());
         let C = spd(hidden, 13);
-        for (rope_dim, freqfold, pca) in [(8, 2, true), (8, 4, true), (4, 4, true), (8, 2, false)]
-        {
+        for (rope_dim, freqfold, pca) in [(8, 2, true), (8, 4, true), (4, 4, true), (8, 2, false)] {
             let opts = RopeSplitOptions {
                 rope_dim,
                 freqfold,
@@ -294,7 +296,10 @@ mod tests {
             let eye = Mat::<f64>::identity(rope_dim, rope_dim);
             assert!((&gram - &eye).norm_l2() < 1e-10);
             // PCA keeps at least the share of a uniform spread.
-            assert!(s.rope_energy >= rope_dim as f64 / (g * d) as f64 - 1e-12, "{opts:?}");
+            assert!(
+                s.rope_energy >= rope_dim as f64 / (g * d) as f64 - 1e-12,
+                "{opts:?}"
+            );
         }
         // PCA beats picking single pairs.
         let e = |pca| {
@@ -303,7 +308,9 @@ mod tests {
                 freqfold: 2,
                 pca,
             };
-            split_rope(W.as_ref(), C.as_ref(), g, d, &o).unwrap().rope_energy
+            split_rope(W.as_ref(), C.as_ref(), g, d, &o)
+                .unwrap()
+                .rope_energy
         };
         assert!(e(true) >= e(false) - 1e-12);
     }
