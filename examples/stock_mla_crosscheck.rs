@@ -10,7 +10,9 @@
 //!
 //! Writes `OUT_DIR/<variant>/` (a `DeepseekV2ForCausalLM` directory) and
 //! `OUT_DIR/<variant>/expected.json` (`tokens`, `logits` per position) for the variants
-//! `padded-v` (v_head_dim = qk head width, what mistral.rs needs on CPU) and `plain-v`.
+//! `padded-v` (v_head_dim = qk head width, what mistral.rs needs on CPU), `plain-v`, and
+//! `qwen-bias` (a Qwen2 source: q bias folded through a q-LoRA, k/v biases through the
+//! latent anchor).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,9 +25,7 @@ use care_convert::export::deepseek::{
     write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
 };
 use care_convert::export::CalibrationRecord;
-use care_convert::stock::{
-    convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions,
-};
+use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
 
@@ -47,7 +47,9 @@ impl Rng {
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn tensor(&mut self, shape: (usize, usize), scale: f32) -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| self.next() * scale).collect();
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| self.next() * scale)
+            .collect();
         Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
     }
     fn norm(&mut self, n: usize) -> Result<Tensor> {
@@ -56,13 +58,17 @@ impl Rng {
     }
 }
 
-/// A random Llama in HF layout (half-split RoPE pairs), written to `dir`.
-fn write_source(dir: &Path) -> Result<()> {
+/// A random Llama (or, with `qwen`, a Qwen2 with q/k/v biases) in HF layout (half-split
+/// RoPE pairs), written to `dir`.
+fn write_source(dir: &Path, qwen: bool) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut r = Rng(2026);
     let mut t = HashMap::new();
     let s = 1.0 / (HIDDEN as f32).sqrt();
-    t.insert("model.embed_tokens.weight".to_string(), r.tensor((VOCAB, HIDDEN), 1.0)?);
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        r.tensor((VOCAB, HIDDEN), 1.0)?,
+    );
     t.insert("lm_head.weight".to_string(), r.tensor((VOCAB, HIDDEN), s)?);
     t.insert("model.norm.weight".to_string(), r.norm(HIDDEN)?);
     for l in 0..LAYERS {
@@ -70,24 +76,53 @@ fn write_source(dir: &Path) -> Result<()> {
         let mut put = |n: &str, v: Tensor| t.insert(format!("{p}.{n}"), v);
         put("input_layernorm.weight", r.norm(HIDDEN)?);
         put("post_attention_layernorm.weight", r.norm(HIDDEN)?);
-        put("self_attn.q_proj.weight", r.tensor((HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?);
-        put("self_attn.k_proj.weight", r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?);
-        put("self_attn.v_proj.weight", r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), s)?);
-        put("self_attn.o_proj.weight", r.tensor((HIDDEN, HEADS * HEAD_DIM), s)?);
+        put(
+            "self_attn.q_proj.weight",
+            r.tensor((HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
+        );
+        put(
+            "self_attn.k_proj.weight",
+            r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
+        );
+        put(
+            "self_attn.v_proj.weight",
+            r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), s)?,
+        );
+        put(
+            "self_attn.o_proj.weight",
+            r.tensor((HIDDEN, HEADS * HEAD_DIM), s)?,
+        );
         put("mlp.gate_proj.weight", r.tensor((INTER, HIDDEN), s)?);
         put("mlp.up_proj.weight", r.tensor((INTER, HIDDEN), s)?);
-        put("mlp.down_proj.weight", r.tensor((HIDDEN, INTER), 1.0 / (INTER as f32).sqrt())?);
+        put(
+            "mlp.down_proj.weight",
+            r.tensor((HIDDEN, INTER), 1.0 / (INTER as f32).sqrt())?,
+        );
+        if qwen {
+            for (n, rows) in [
+                ("q_proj", HEADS),
+                ("k_proj", KV_HEADS),
+                ("v_proj", KV_HEADS),
+            ] {
+                let b = r.tensor((1, rows * HEAD_DIM), 0.5)?.flatten_all()?;
+                put(&format!("self_attn.{n}.bias"), b);
+            }
+        }
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
     let config = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if qwen { "qwen2" } else { "llama" },
         "hidden_size": HIDDEN, "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
         "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate_size": INTER,
         "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": false, "max_position_embeddings": 256,
         "bos_token_id": 1, "eos_token_id": 2
     });
-    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&config)?)?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
     Ok(())
 }
 
@@ -96,19 +131,27 @@ fn main() -> Result<()> {
         .nth(1)
         .context("usage: stock_mla_crosscheck OUT_DIR")?;
     let out = Path::new(&out);
-    let src = out.join("source-llama");
-    if !src.exists() {
-        write_source(&src)?;
-    }
-    let ckpt = Checkpoint::open(&src)?;
-    let model = Decoder::load(&ckpt)?;
     let mut r = Rng(7);
     let windows: Vec<Vec<u32>> = (0..64)
-        .map(|_| (0..32).map(|_| ((r.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32).collect())
+        .map(|_| {
+            (0..32)
+                .map(|_| ((r.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32)
+                .collect()
+        })
         .collect();
-    let stats = collect_all(&model, &windows, &mut |_, _| {})?;
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
-    for (name, pad_v) in [("padded-v", true), ("plain-v", false)] {
+    for (name, pad_v, qwen) in [
+        ("padded-v", true, false),
+        ("plain-v", false, false),
+        ("qwen-bias", true, true),
+    ] {
+        let src = out.join(if qwen { "source-qwen2" } else { "source-llama" });
+        if !src.exists() {
+            write_source(&src, qwen)?;
+        }
+        let ckpt = Checkpoint::open(&src)?;
+        let model = Decoder::load(&ckpt)?;
+        let stats = collect_all(&model, &windows, &mut |_, _| {})?;
         let dir = out.join(name);
         if dir.exists() {
             std::fs::remove_dir_all(&dir)?;
@@ -127,7 +170,13 @@ fn main() -> Result<()> {
             pad_v,
             damping: 0.01,
         };
-        let stock = convert_stock(&model.spec, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+        let stock = convert_stock(
+            &model.spec,
+            ckpt.weights.as_ref(),
+            &stats,
+            &opts,
+            &mut |_, _| {},
+        )?;
         let prov = StockProvenance {
             format: "care-deepseek-v2",
             format_version: 1,
@@ -154,7 +203,9 @@ fn main() -> Result<()> {
             SaveDtype::F32,
         )?;
         let ours = Decoder::load(&Checkpoint::open(&dir)?)?;
-        let logits = ours.forward(&tokens, &mut ours.new_cache())?.to_vec2::<f32>()?;
+        let logits = ours
+            .forward(&tokens, &mut ours.new_cache())?
+            .to_vec2::<f32>()?;
         let expected = serde_json::json!({ "tokens": tokens, "logits": logits });
         std::fs::write(dir.join("expected.json"), serde_json::to_string(&expected)?)?;
         eprintln!("wrote {}", dir.display());

@@ -39,7 +39,7 @@ for m in $MODELS; do
     ${RESUME:+--resume} >/dev/null
 done
 
-STOCK_MODELS="${STOCK_MODELS:-smollm2-135m-instruct}"
+STOCK_MODELS="${STOCK_MODELS:-smollm2-135m-instruct qwen2.5-coder-0.5b-instruct}"
 for m in $STOCK_MODELS; do
   [ "${SKIP_RUN:-0}" = 1 ] && break
   for keep in 0.5 0.25; do
@@ -103,11 +103,12 @@ if stock:
             "`care-convert mla`: RoRoPE + FreqFold moves the keys' position information into one shared RoPE key "
             "(`qk_rope_head_dim` = head_dim/2, smallest legal freqfold), the NoPE keys and the values share one latent "
             "(`kv_lora_rank` = KV kept·2·n_kv·head_dim − rope dim, of which one dim is the `kv_a_layernorm` bias anchor), "
-            "K/V balanced, values zero-padded to the query head width (mistral.rs CPU). The checkpoints load unchanged in "
+            "K/V balanced, values zero-padded to the query head width (mistral.rs CPU); Qwen2's query bias is folded through a "
+            "q-LoRA of width hidden+1 with the same anchor trick, its key/value biases through the latent anchor. The checkpoints load unchanged in "
             "mistral.rs 0.8.1 (`integration-tests/tests/stock_mla_mistralrs.rs`) and HF transformers (`scripts/hf_crosscheck.py`). "
             "Same calibration and evaluation data as above. KV bytes/token at bf16 over all layers.", "",
-            "| model | KV kept | basis | kv_lora_rank + rope | KV bytes/token (orig → MLA) | PPL prose | PPL code | avg acc (7 tasks) | key energy under RoPE |",
-            "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+            "| model | KV kept | basis | kv_lora_rank + rope | KV bytes/token (orig → MLA) | PPL prose | PPL code | avg acc (7 tasks) | docs/task | key energy under RoPE |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for f in stock:
         d = json.loads(f.read_text())
         s, r = d["summary"], d["report"]
@@ -118,7 +119,7 @@ if stock:
         name = f.stem.split("-care")[0].split("-transmla")[0].removeprefix("stock-")
         out.append(f"| {name} | {keep*100:.1f}% | {s['options']['basis']} | {sh['kv_lora_rank']} + {sh['qk_rope_head_dim']} | "
                    f"{2*s['kv_values_per_token_original']:,} → {2*s['kv_values_per_token_converted']:,} | {ppl[0]:.2f} | {ppl[1]:.2f} | "
-                   f"{r['average_acc']:.3f} | {100*e:.1f}% |")
+                   f"{r['average_acc']:.3f} | {r['tasks'][0]['docs'] if r['tasks'] else 0} | {100*e:.1f}% |")
     out += ["", "CARE and the TransMLA PCA basis coincide here up to damping: the decompression of the joint latent "
             "into per-head NoPE keys and values is an isometry (RoRoPE is orthogonal, GQA heads are copies), so the best "
             "rank-r subspace of the outputs (PCA) is exactly the covariance-aware optimum of the map (CARE). The K/V balance "

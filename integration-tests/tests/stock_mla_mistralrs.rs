@@ -1,13 +1,14 @@
-//! Convert real SmolLM2-135M into stock DeepSeek-V2 MLA with care-convert, load the
-//! output with mistral.rs 0.8.1 on CPU through its public API (`deepseekv2`, f32), and
-//! check that it computes what our runtime computes:
+//! Convert real SmolLM2-135M and Qwen2.5-Coder-0.5B (q/k/v biases folded) into stock
+//! DeepSeek-V2 MLA with care-convert, load the output with mistral.rs 0.8.1 on CPU
+//! through its public API (`deepseekv2`, f32), and check that it computes what our
+//! runtime computes:
 //!
-//! - logits at every position of a real prompt (mistral.rs returns the last position's
-//!   raw logits, so one request per prefix): max |Δ| reported, argmax equal on ≥ 99 %;
-//! - greedy generation of 32 tokens identical (through mistral.rs's own decode path with
-//!   its KV cache, compared as text, and token by token through raw logits).
+//! - logits at every position of a real prompt (mistral.rs's raw-logits response has one
+//!   row per prompt position): max |Δ| reported, argmax equal on ≥ 99 %;
+//! - greedy generation of 32 tokens identical, token by token through raw logits and as
+//!   text through mistral.rs's own generation loop (KV cache, sampler).
 //!
-//! Needs the assets of `scripts/fetch_assets.py` (SmolLM2 GGUF, ExLlamaV2 calibration
+//! Needs the assets of `scripts/fetch_assets.py` (the GGUF models, ExLlamaV2 calibration
 //! text, SOTU); `scripts/test.sh` fetches them.
 
 use std::path::{Path, PathBuf};
@@ -36,9 +37,9 @@ fn assets() -> PathBuf {
     mla_attention::io::asset_cache_dir()
 }
 
-/// Convert SmolLM2 (real weights, real calibration text) into `out`.
-fn convert(out: &Path) -> Result<()> {
-    let src = assets().join("models/smollm2-135m-instruct/model.gguf");
+/// Convert `model` (real weights, real calibration text) into `out`.
+fn convert(model_name: &str, kv_lora_rank: usize, samples: usize, out: &Path) -> Result<()> {
+    let src = assets().join(format!("models/{model_name}/model.gguf"));
     let ckpt = Checkpoint::open(&src)
         .with_context(|| format!("{} (run scripts/fetch_assets.py)", src.display()))?;
     let model = Decoder::load(&ckpt)?;
@@ -52,14 +53,14 @@ fn convert(out: &Path) -> Result<()> {
         )?);
     }
     let copts = CalibrationOptions {
-        samples: 128,
+        samples,
         seq_len: 32,
         seed: 7,
     };
     let windows = sample_windows(&ids, &copts)?;
     let stats = collect_all(&model, &windows, &mut |_, _| {})?;
     let opts = StockOptions {
-        kv_lora_rank: 160,
+        kv_lora_rank,
         rank: None,
         rope: RopeSplitOptions {
             rope_dim: 32,
@@ -237,9 +238,20 @@ async fn greedy_text(m: &MistralRs, ids: &[u32]) -> Result<String> {
 
 #[test]
 fn converted_smollm2_runs_identically_in_mistralrs() -> Result<()> {
+    check_against_mistralrs("smollm2-135m-instruct", 160, 128)
+}
+
+/// Qwen2 has q/k/v biases: the query bias goes through a q-LoRA with an anchored norm,
+/// the key/value biases through the latent anchor; mistral.rs must agree on both.
+#[test]
+fn converted_qwen_with_folded_biases_runs_identically_in_mistralrs() -> Result<()> {
+    check_against_mistralrs("qwen2.5-coder-0.5b-instruct", 96, 32)
+}
+
+fn check_against_mistralrs(model_name: &str, kv_lora_rank: usize, samples: usize) -> Result<()> {
     let tmp = tempfile::tempdir()?;
-    let out = tmp.path().join("smollm2-mla");
-    convert(&out)?;
+    let out = tmp.path().join("mla");
+    convert(model_name, kv_lora_rank, samples, &out)?;
 
     // Our runtime on the exported checkpoint.
     let ckpt = Checkpoint::open(&out)?;
@@ -276,7 +288,7 @@ fn converted_smollm2_runs_identically_in_mistralrs() -> Result<()> {
         }
         let share = agree as f64 / ids.len() as f64;
         eprintln!(
-            "mistral.rs vs ours over {} positions: max |Δlogit| = {max_abs:.3e} \
+            "{model_name}: mistral.rs vs ours over {} positions: max |Δlogit| = {max_abs:.3e} \
              (max |logit| {max_ref:.1}), argmax agreement {:.1} %",
             ids.len(),
             100.0 * share

@@ -103,7 +103,7 @@ pub fn deepseek_config(
         "rope_interleave": true,
         "attention_bias": model.mla.attention_bias,
         "attention_dropout": 0.0,
-        "q_lora_rank": null,
+        "q_lora_rank": model.mla.q_lora_rank,
         "kv_lora_rank": s.kv_lora_rank,
         "qk_rope_head_dim": s.qk_rope_head_dim,
         "qk_nope_head_dim": s.qk_nope_head_dim,
@@ -187,7 +187,18 @@ fn write_into(
             put(format!("{p}.{n}"), w.tensor(&format!("{p}.{n}"))?)?;
         }
         let a = format!("{p}.self_attn");
-        put(format!("{a}.q_proj.weight"), to_tensor(&layer.q_proj)?)?;
+        match &layer.q_fold {
+            None => put(format!("{a}.q_proj.weight"), to_tensor(&layer.q_proj)?)?,
+            Some(f) => {
+                put(format!("{a}.q_a_proj.weight"), to_tensor(&f.q_a_proj)?)?;
+                put(format!("{a}.q_a_proj.bias"), vec_tensor(&f.q_a_bias)?)?;
+                put(
+                    format!("{a}.q_a_layernorm.weight"),
+                    vec_tensor(&f.q_a_layernorm)?,
+                )?;
+                put(format!("{a}.q_b_proj.weight"), to_tensor(&layer.q_proj)?)?;
+            }
+        }
         put(
             format!("{a}.kv_a_proj_with_mqa.weight"),
             to_tensor(&layer.kv_a_proj_with_mqa)?,

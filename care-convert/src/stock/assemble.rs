@@ -8,10 +8,11 @@
 //! conversion has no such norm. Two ways to make it (nearly) the identity:
 //!
 //! - [`LatentNorm::BiasAnchor`] (default; needs `attention_bias = true`): one extra latent
-//!   dim gets zero weights and a bias `A` far larger than any latent's norm (2¹⁰× the
-//!   calibration RMS norm, rounded up to a power of two). Then RMS over the `n` latent
-//!   dims ≈ `A/√n` for every token, the norm is linear up to a relative error
-//!   ‖c‖²/(2A²) (≈ 5·10⁻⁷ at the calibration RMS), and with γ = A/√n on the real dims it
+//!   dim gets zero weights and a bias `A` far larger than any latent's norm (2¹⁶× the
+//!   calibration RMS norm, rounded up to a power of two; 2¹⁰× left a measurable 10⁻⁴
+//!   logit error in `tests/stock_exact.rs`). Then RMS over the `n` latent dims ≈ `A/√n`
+//!   for every token, the norm is linear up to a relative error ‖c‖²/(2A²), and with
+//!   γ = A/√n on the real dims it
 //!   returns `c` itself. The anchor dim's output ≈ 1 (γ = 1/√n), so its `kv_b_proj`
 //!   column carries constant key/value offsets: Qwen2's `k_proj`/`v_proj` biases fold in
 //!   exactly there. Costs one latent dim and zero `o_proj` biases. Needs bf16/f32
@@ -79,11 +80,28 @@ pub struct Heads {
     pub v_head_dim: usize,
 }
 
+/// A query bias folded through a q-LoRA whose norm is anchored like the latent's:
+/// `q_a = [I; 0]` with bias `[0; A_q]`, γ_q = `[A_q/√m; 1/√m]` (m = hidden + 1), so
+/// `RMSNorm(q_a x + b)·γ_q ≈ [x; 1]` and `q_b_proj = [W_q | b_q]` reproduces `W_q x + b_q`.
+#[derive(Debug, Clone)]
+pub struct QBiasFold {
+    /// `[hidden + 1, hidden]`.
+    pub q_a_proj: Mat<f64>,
+    /// `[hidden + 1]`.
+    pub q_a_bias: Vec<f64>,
+    /// `[hidden + 1]`.
+    pub q_a_layernorm: Vec<f64>,
+    pub anchor: f64,
+}
+
 /// One stock layer's weights (f64, DeepSeek-V2 names and layouts).
 #[derive(Debug, Clone)]
 pub struct StockLayer {
-    /// `[n_h·(d + d_rope), hidden]`.
+    /// `[n_h·(d + d_rope), hidden]`; with a folded query bias this is `q_b_proj`,
+    /// `[n_h·(d + d_rope), hidden + 1]` (last column: the bias).
     pub q_proj: Mat<f64>,
+    /// The q-LoRA that carries a source query bias (Qwen2), if any.
+    pub q_fold: Option<QBiasFold>,
     /// `[n + d_rope, hidden]`.
     pub kv_a_proj_with_mqa: Mat<f64>,
     /// `[n + d_rope]` iff `attention_bias`.
@@ -100,13 +118,15 @@ pub struct StockLayer {
     pub anchor: Option<f64>,
 }
 
-/// Assemble layer weights. `latent_energy` is E‖a·x‖² per token on the calibration data.
+/// Assemble layer weights. `latent_energy` is E‖a·x‖² and `input_energy` E‖x‖² per token
+/// on the calibration data.
 pub fn assemble_layer(
     heads: Heads,
     src: &SourceAttention,
     split: &RopeSplit,
     joint: &JointLatent,
     latent_energy: f64,
+    input_energy: f64,
     norm: LatentNorm,
 ) -> Result<StockLayer> {
     let Heads {
@@ -130,17 +150,11 @@ pub fn assemble_layer(
             norm.extra_dims()
         )));
     }
-    if src.q_bias.is_some() {
+    if (src.q_bias.is_some() || src.k_bias.is_some() || src.v_bias.is_some())
+        && norm != LatentNorm::BiasAnchor
+    {
         return Err(Error::InvalidOption(
-            "the source model has a q_proj bias (Qwen2), which DeepSeek-V2 with \
-             q_lora_rank = null cannot express (its q_proj has no bias); stock export \
-             of this architecture is not supported yet"
-                .into(),
-        ));
-    }
-    if (src.k_bias.is_some() || src.v_bias.is_some()) && norm != LatentNorm::BiasAnchor {
-        return Err(Error::InvalidOption(
-            "k/v biases fold only through the latent anchor: use --latent-norm bias-anchor".into(),
+            "q/k/v biases fold only through bias anchors: use --latent-norm bias-anchor".into(),
         ));
     }
     let rep = nh / g;
@@ -170,6 +184,49 @@ pub fn assemble_layer(
         }
     }
 
+    // A source query bias becomes the last column of q_b_proj, transformed like the rows.
+    let q_fold = match &src.q_bias {
+        None => None,
+        Some(bq) => {
+            let m = hidden + 1;
+            let a = 2f64.powi((65536.0 * input_energy.max(1e-12).sqrt()).log2().ceil() as i32);
+            let mut col = vec![0.0; nh * qd];
+            for i in 0..nh {
+                let h = i / rep;
+                for j in 0..d {
+                    col[i * qd + j] = q_scale * bq[i * d + j];
+                }
+                for p in 0..dr {
+                    col[i * qd + d + p] = q_scale
+                        * (0..d)
+                            .map(|j| split.rope_coef[(h * d + j, p)] * bq[i * d + j])
+                            .sum::<f64>();
+                }
+            }
+            q_proj = Mat::from_fn(
+                nh * qd,
+                m,
+                |r, c| {
+                    if c < hidden {
+                        q_proj[(r, c)]
+                    } else {
+                        col[r]
+                    }
+                },
+            );
+            let mut bias = vec![0.0; m];
+            bias[hidden] = a;
+            let mut gamma = vec![a / (m as f64).sqrt(); m];
+            gamma[hidden] = 1.0 / (m as f64).sqrt();
+            Some(QBiasFold {
+                q_a_proj: Mat::from_fn(m, hidden, |r, c| if r == c { 1.0 } else { 0.0 }),
+                q_a_bias: bias,
+                q_a_layernorm: gamma,
+                anchor: a,
+            })
+        }
+    };
+
     let mut kv_a = Mat::<f64>::zeros(n + dr, hidden);
     for m in 0..r {
         for k in 0..hidden {
@@ -197,7 +254,7 @@ pub fn assemble_layer(
     let rms_norm_of_latent = latent_energy.max(0.0).sqrt();
     let (kv_a_bias, anchor) = match norm {
         LatentNorm::BiasAnchor => {
-            let want = 1024.0 * rms_norm_of_latent.max(1e-6);
+            let want = 65536.0 * rms_norm_of_latent.max(1e-6);
             let a = 2f64.powi(want.log2().ceil() as i32);
             let mut bias = vec![0.0; n + dr];
             bias[n - 1] = a;
@@ -242,6 +299,7 @@ pub fn assemble_layer(
     let attention_bias = kv_a_bias.is_some();
     Ok(StockLayer {
         q_proj,
+        q_fold,
         kv_a_proj_with_mqa: kv_a,
         kv_a_bias,
         kv_a_layernorm: gamma,

@@ -31,7 +31,9 @@ use crate::error::{Error, Result};
 use crate::factorize::InputStats;
 use mla_attention::config::{ModelSpec, RopeScaling};
 use mla_attention::io::WeightSource;
-use mla_attention::mla::{MlaAttention, MlaRopeScaling, MlaShape, MlaSpec, MlaWeights};
+use mla_attention::mla::{
+    MlaAttention, MlaRopeScaling, MlaShape, MlaSpec, MlaWeights, QLoraWeights,
+};
 use mla_attention::model::Decoder;
 
 pub use assemble::{LatentNorm, StockLayer};
@@ -154,11 +156,10 @@ pub fn check(spec: &ModelSpec, opts: &StockOptions) -> Result<()> {
             )))
         }
     }
-    if spec.arch.has_qkv_bias() {
+    if spec.arch.has_qkv_bias() && opts.latent_norm != LatentNorm::BiasAnchor {
         return Err(Error::InvalidOption(format!(
-            "{:?} has a q_proj bias, which DeepSeek-V2 with q_lora_rank = null cannot \
-             express (q_proj has no bias); stock export supports bias-free Llama-family \
-             models for now",
+            "{:?} has q/k/v biases; they fold exactly only through bias anchors \
+             (--latent-norm bias-anchor)",
             spec.arch
         )));
     }
@@ -256,8 +257,17 @@ pub fn convert_stock(
             })
             .sum::<f64>()
             / st.tokens.max(1) as f64;
-        let layer = assemble::assemble_layer(heads, &src, &split, &joint, energy, opts.latent_norm)
-            .map_err(|e| Error::InvalidOption(format!("layer {l}: {e}")))?;
+        let input_energy = (0..C.nrows()).map(|i| C[(i, i)]).sum::<f64>() / st.tokens.max(1) as f64;
+        let layer = assemble::assemble_layer(
+            heads,
+            &src,
+            &split,
+            &joint,
+            energy,
+            input_energy,
+            opts.latent_norm,
+        )
+        .map_err(|e| Error::InvalidOption(format!("layer {l}: {e}")))?;
         reports.push(StockLayerReport {
             rank,
             rope_energy: split.rope_energy,
@@ -280,6 +290,8 @@ pub fn convert_stock(
         rope_scaling: MlaRopeScaling::None,
         norm_eps: spec.rms_norm_eps,
         attention_bias: opts.latent_norm == LatentNorm::BiasAnchor,
+        // A source query bias is folded through a q-LoRA of width hidden + 1.
+        q_lora_rank: spec.arch.has_qkv_bias().then_some(spec.hidden_size + 1),
     };
     let summary = StockSummary {
         options: opts.clone(),
@@ -306,6 +318,17 @@ impl StockLayer {
     pub fn to_weights(&self) -> Result<MlaWeights> {
         Ok(MlaWeights {
             q_proj: to_tensor(&self.q_proj)?,
+            q_lora: self
+                .q_fold
+                .as_ref()
+                .map(|f| -> Result<QLoraWeights> {
+                    Ok(QLoraWeights {
+                        q_a_proj: to_tensor(&f.q_a_proj)?,
+                        q_a_proj_bias: Some(vec_tensor(&f.q_a_bias)?),
+                        q_a_layernorm: vec_tensor(&f.q_a_layernorm)?,
+                    })
+                })
+                .transpose()?,
             kv_a_proj_with_mqa: to_tensor(&self.kv_a_proj_with_mqa)?,
             kv_a_proj_with_mqa_bias: self.kv_a_bias.as_deref().map(vec_tensor).transpose()?,
             kv_a_layernorm: vec_tensor(&self.kv_a_layernorm)?,
@@ -406,8 +429,11 @@ mod tests {
                     arch: Architecture::Qwen2,
                     ..llama()
                 },
-                opts(160, 32, 2),
-                "q_proj bias",
+                StockOptions {
+                    latent_norm: LatentNorm::MeanRms,
+                    ..opts(160, 32, 2)
+                },
+                "fold exactly only through bias anchors",
             ),
             (
                 ModelSpec {

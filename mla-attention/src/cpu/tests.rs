@@ -330,6 +330,7 @@ fn mla_layer(g: &mut Gen, s: MlaShape, hidden: usize, bias: bool) -> MlaAttentio
         rope_scaling: MlaRopeScaling::None,
         norm_eps: 1e-6,
         attention_bias: bias,
+        q_lora_rank: None,
     };
     let inv = |n: usize| 1.0 / (n as f32).sqrt();
     let gamma = (Tensor::ones(s.kv_lora_rank, DType::F32, &Device::Cpu).unwrap()
@@ -337,6 +338,7 @@ fn mla_layer(g: &mut Gen, s: MlaShape, hidden: usize, bias: bool) -> MlaAttentio
     .unwrap();
     let w = MlaWeights {
         q_proj: g.tensor(&[s.q_rows(), hidden], inv(hidden)),
+        q_lora: None,
         kv_a_proj_with_mqa: g.tensor(&[s.kv_a_rows(), hidden], inv(hidden)),
         kv_a_proj_with_mqa_bias: bias.then(|| g.tensor(&[s.kv_a_rows()], 0.3)),
         kv_a_layernorm: gamma,

@@ -187,9 +187,14 @@ pub struct MlaSpec {
     /// Epsilon of `kv_a_layernorm`. We use `rms_norm_eps` as mistral.rs and vLLM do;
     /// HF's DeepseekV2 modeling code builds that norm with its default 1e-6 instead.
     pub norm_eps: f64,
-    /// `attention_bias`: biases on `kv_a_proj_with_mqa` and `o_proj` (as in HF and
-    /// mistral.rs; `q_proj` and `kv_b_proj` never have one).
+    /// `attention_bias`: biases on `kv_a_proj_with_mqa`, `o_proj` and (with a q-LoRA)
+    /// `q_a_proj`, as in HF and mistral.rs; `q_proj`/`q_b_proj` and `kv_b_proj` never
+    /// have one.
     pub attention_bias: bool,
+    /// `q_lora_rank`: queries through `q_b_proj · RMSNorm(q_a_proj · x)` instead of a
+    /// plain `q_proj` (DeepSeek's q-LoRA; `None` = plain).
+    #[serde(default)]
+    pub q_lora_rank: Option<usize>,
 }
 
 impl MlaSpec {
@@ -205,6 +210,11 @@ impl MlaSpec {
     /// Check shape and numeric fields.
     pub fn validate(&self) -> Result<()> {
         self.shape.validate()?;
+        if self.q_lora_rank == Some(0) {
+            return Err(Error::InvalidInput(
+                "MLA q_lora_rank must be positive".into(),
+            ));
+        }
         if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
             return Err(Error::InvalidInput(format!(
                 "MLA rope_theta {} must be > 1",
@@ -277,8 +287,7 @@ pub struct DeepseekV2Context<'a> {
 }
 
 impl DeepseekV2Fields {
-    /// Resolve into an [`MlaSpec`], refusing what this crate does not run: a q-LoRA
-    /// (`q_lora_rank` not null) and MoE layers. `path` names the file in errors.
+    /// Resolve into an [`MlaSpec`], refusing what this crate does not run: MoE layers. `path` names the file in errors.
     ///
     /// A layer is MoE (as in HF and mistral.rs) iff `n_routed_experts` is set and
     /// `layer ≥ first_k_dense_replace` and `layer % moe_layer_freq == 0`; we also treat
@@ -291,11 +300,6 @@ impl DeepseekV2Fields {
         let req = |name: &str, v: Option<usize>| {
             v.ok_or_else(|| bad(format!("{name} is required for deepseek_v2")))
         };
-        if let Some(q) = self.q_lora_rank {
-            return Err(bad(format!(
-                "q_lora_rank = {q}: only q_lora_rank = null (plain q_proj) is supported"
-            )));
-        }
         if let Some(moe) = self.first_moe_layer(cx.num_layers) {
             return Err(bad(format!(
                 "layer {moe} is a mixture-of-experts layer (n_routed_experts = {:?}, \
@@ -319,6 +323,7 @@ impl DeepseekV2Fields {
             rope_scaling,
             norm_eps: cx.rms_norm_eps,
             attention_bias: cx.attention_bias,
+            q_lora_rank: self.q_lora_rank,
         };
         spec.validate().map_err(|e| bad(e.to_string()))?;
         Ok(spec)
@@ -415,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn moe_and_q_lora_are_refused() {
+    fn moe_is_refused_and_q_lora_accepted() {
         let cx = DeepseekV2Context {
             num_heads: 2,
             num_layers: 4,
@@ -453,8 +458,13 @@ mod tests {
             q_lora_rank: Some(16),
             ..dense.clone()
         };
-        let err = qlora.resolve(cx, p).unwrap_err().to_string();
-        assert!(err.contains("q_lora_rank = 16"), "{err}");
+        assert_eq!(qlora.resolve(cx, p).unwrap().q_lora_rank, Some(16));
+        let zero = DeepseekV2Fields {
+            q_lora_rank: Some(0),
+            ..dense.clone()
+        };
+        let err = zero.resolve(cx, p).unwrap_err().to_string();
+        assert!(err.contains("q_lora_rank"), "{err}");
         let odd = DeepseekV2Fields {
             qk_rope_head_dim: Some(3),
             ..dense.clone()

@@ -42,11 +42,25 @@ pub enum MlaForm {
     Auto,
 }
 
+/// The down half of a q-LoRA: `q_b_proj · RMSNorm(q_a_proj · x (+ b)) ⊙ γ_q`.
+#[derive(Debug, Clone)]
+pub struct QLoraWeights {
+    /// `[q_lora_rank, hidden]`.
+    pub q_a_proj: Tensor,
+    /// `[q_lora_rank]`, present iff `attention_bias`.
+    pub q_a_proj_bias: Option<Tensor>,
+    /// `[q_lora_rank]`: γ_q.
+    pub q_a_layernorm: Tensor,
+}
+
 /// The weights of one MLA layer in checkpoint layout (`[out, in]`, f32).
 #[derive(Debug, Clone)]
 pub struct MlaWeights {
-    /// `[n_h·(d_nope + d_rope), hidden]`, per head `d_nope` rows then `d_rope` rows.
+    /// `[n_h·(d_nope + d_rope), hidden]` (with a q-LoRA: `q_b_proj`,
+    /// `[n_h·(d_nope + d_rope), q_lora_rank]`), per head `d_nope` rows then `d_rope` rows.
     pub q_proj: Tensor,
+    /// The q-LoRA's first half, iff `spec.q_lora_rank` is set.
+    pub q_lora: Option<QLoraWeights>,
     /// `[r + d_rope, hidden]`: latent rows, then the shared RoPE key rows.
     pub kv_a_proj_with_mqa: Tensor,
     /// `[r + d_rope]`, present iff `attention_bias`.
@@ -69,6 +83,7 @@ pub struct MlaAttention {
     weights: MlaWeights,
     hidden: usize,
     kv_norm: RmsNorm,
+    q_norm: Option<RmsNorm>,
     /// `W_UK` per head, `(n_h, d_nope, r)`.
     w_uk: Tensor,
     /// `W_UVᵀ` per head, `(n_h, r, d_v)`.
@@ -84,12 +99,21 @@ impl MlaAttention {
     pub fn new(spec: &MlaSpec, weights: MlaWeights) -> Result<Self> {
         spec.validate()?;
         let s = spec.shape;
-        let hidden = match weights.q_proj.dims() {
+        let first = match &weights.q_lora {
+            Some(q) => &q.q_a_proj,
+            None => &weights.q_proj,
+        };
+        let hidden = match first.dims() {
             [_, h] => *h,
             d => {
                 return Err(Error::InvalidInput(format!(
-                    "MLA q_proj has shape {d:?}, expected [{}, hidden]",
-                    s.q_rows()
+                    "MLA {} has shape {d:?}, expected [{}, hidden]",
+                    if weights.q_lora.is_some() {
+                        "q_a_proj"
+                    } else {
+                        "q_proj"
+                    },
+                    spec.q_lora_rank.unwrap_or(s.q_rows())
                 )))
             }
         };
@@ -110,7 +134,30 @@ impl MlaAttention {
             }
         };
         let w = &weights;
-        expect("q_proj", &w.q_proj, &[s.q_rows(), hidden])?;
+        match (&w.q_lora, spec.q_lora_rank) {
+            (None, None) => expect("q_proj", &w.q_proj, &[s.q_rows(), hidden])?,
+            (Some(q), Some(rank)) => {
+                expect("q_a_proj", &q.q_a_proj, &[rank, hidden])?;
+                expect("q_a_layernorm", &q.q_a_layernorm, &[rank])?;
+                expect("q_b_proj", &w.q_proj, &[s.q_rows(), rank])?;
+                match (&q.q_a_proj_bias, spec.attention_bias) {
+                    (Some(b), true) => expect("q_a_proj bias", b, &[rank])?,
+                    (None, false) => {}
+                    (got, want) => {
+                        return Err(Error::InvalidInput(format!(
+                            "MLA q_a_proj bias: present = {}, but attention_bias = {want}",
+                            got.is_some()
+                        )))
+                    }
+                }
+            }
+            (got, want) => {
+                return Err(Error::InvalidInput(format!(
+                    "MLA q-LoRA weights present = {}, but q_lora_rank = {want:?}",
+                    got.is_some()
+                )))
+            }
+        }
         expect(
             "kv_a_proj_with_mqa",
             &w.kv_a_proj_with_mqa,
@@ -154,6 +201,10 @@ impl MlaAttention {
                 weight: weights.kv_a_layernorm.clone(),
                 eps: spec.norm_eps,
             },
+            q_norm: weights.q_lora.as_ref().map(|q| RmsNorm {
+                weight: q.q_a_layernorm.clone(),
+                eps: spec.norm_eps,
+            }),
             weights,
             hidden,
             w_uk,
@@ -314,9 +365,14 @@ impl Attention for MlaAttention {
             ..
         } = self.spec.shape;
         // (b, t, n_h·(d_nope + d_rope)) → (b, n_h, t, d_nope + d_rope)
-        let q = linear(x, &self.weights.q_proj, None)?
-            .reshape((b, t, nh, dn + dr))?
-            .transpose(1, 2)?;
+        let q = match (&self.weights.q_lora, &self.q_norm) {
+            (Some(ql), Some(norm)) => {
+                let a = linear(x, &ql.q_a_proj, ql.q_a_proj_bias.as_ref())?;
+                linear(&norm.forward(&a)?, &self.weights.q_proj, None)?
+            }
+            _ => linear(x, &self.weights.q_proj, None)?,
+        };
+        let q = q.reshape((b, t, nh, dn + dr))?.transpose(1, 2)?;
         let q_nope = q.narrow(3, 0, dn)?.contiguous()?;
         let q_pe = self
             .rope

@@ -6,7 +6,7 @@
 //! spec has [`ModelSpec::mla`].
 
 use super::config::MlaSpec;
-use super::layer::{MlaAttention, MlaForm, MlaWeights};
+use super::layer::{MlaAttention, MlaForm, MlaWeights, QLoraWeights};
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::io::{load_checked, WeightSource};
@@ -46,8 +46,20 @@ pub fn load_mla_attention(
             .then(|| load_checked(w, &format!("{p}.{name}.bias"), &[n]))
             .transpose()
     };
+    let (q_proj, q_lora) = match mla.q_lora_rank {
+        None => (get(Q_PROJ, &[s.q_rows(), h])?, None),
+        Some(rank) => (
+            get("q_b_proj", &[s.q_rows(), rank])?,
+            Some(QLoraWeights {
+                q_a_proj: get("q_a_proj", &[rank, h])?,
+                q_a_proj_bias: bias("q_a_proj", rank)?,
+                q_a_layernorm: get("q_a_layernorm", &[rank])?,
+            }),
+        ),
+    };
     let weights = MlaWeights {
-        q_proj: get(Q_PROJ, &[s.q_rows(), h])?,
+        q_proj,
+        q_lora,
         kv_a_proj_with_mqa: get(KV_A_PROJ_WITH_MQA, &[s.kv_a_rows(), h])?,
         kv_a_proj_with_mqa_bias: bias(KV_A_PROJ_WITH_MQA, s.kv_a_rows())?,
         kv_a_layernorm: get(KV_A_LAYERNORM, &[s.kv_lora_rank])?,
@@ -207,7 +219,10 @@ mod tests {
     fn unsupported_configs_and_bad_tensors_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         for (extra, want) in [
-            (serde_json::json!({"q_lora_rank": 16}), "q_lora_rank = 16"),
+            (
+                serde_json::json!({"q_lora_rank": 0}),
+                "q_lora_rank must be positive",
+            ),
             (
                 serde_json::json!({"n_routed_experts": 8, "first_k_dense_replace": 1}),
                 "layer 1 is a mixture-of-experts",

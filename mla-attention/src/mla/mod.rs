@@ -31,7 +31,7 @@ pub mod rope;
 mod tests;
 
 pub use config::{MlaRopeScaling, MlaShape, MlaSpec, YarnScaling};
-pub use layer::{MlaAttention, MlaForm, MlaWeights};
+pub use layer::{MlaAttention, MlaForm, MlaWeights, QLoraWeights};
 pub use load::{load_mla_attention, load_mla_decoder};
 pub use reference::{reference_forward, ReferenceOutput};
 pub use rope::InterleavedRope;

@@ -169,6 +169,7 @@ mod tests {
             }),
             norm_eps: 1e-6,
             attention_bias: false,
+            q_lora_rank: None,
         };
         let rope = InterleavedRope::from_spec(&spec);
         assert!(rope.cos_sin_factor > 1.0, "mscale 1 over mscale_all_dim 0");

@@ -66,6 +66,7 @@ fn spec_of(c: &Case) -> MlaSpec {
         },
         norm_eps: 1e-6,
         attention_bias: c.bias,
+        q_lora_rank: None,
     }
 }
 
@@ -75,6 +76,7 @@ pub(crate) fn random_weights(s: MlaShape, hidden: usize, bias: bool, g: &mut Gen
     let ones = Tensor::ones(s.kv_lora_rank, DType::F32, &Device::Cpu).unwrap();
     MlaWeights {
         q_proj: g.tensor(&[s.q_rows(), hidden], inv(hidden)),
+        q_lora: None,
         kv_a_proj_with_mqa: g.tensor(&[s.kv_a_rows(), hidden], inv(hidden)),
         kv_a_proj_with_mqa_bias: bias.then(|| g.tensor(&[s.kv_a_rows()], 0.3)),
         kv_a_layernorm: (ones + g.tensor(&[s.kv_lora_rank], 0.2)).unwrap(),
