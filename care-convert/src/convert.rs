@@ -148,13 +148,23 @@ pub enum LayerFactors {
     Shared(JointLowRank),
 }
 
-fn to_mat(t: &Tensor) -> Result<Mat<f64>> {
-    let v = t.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
+/// Tensor `name` of `w` as an f64 matrix; NaN/∞ is an error naming the tensor.
+pub(crate) fn weight_mat(w: &dyn WeightSource, name: &str) -> Result<Mat<f64>> {
+    let v = w
+        .tensor(name)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec2::<f64>()?;
     let (r, c) = (v.len(), v.first().map_or(0, Vec::len));
     if v.iter().flatten().any(|x| !x.is_finite()) {
-        return Err(Error::NonFinite("a projection weight".into()));
+        return Err(Error::NonFinite(name.to_string()));
     }
     Ok(Mat::from_fn(r, c, |i, j| v[i][j]))
+}
+
+/// An f64 vector as an f32 CPU tensor.
+pub(crate) fn vec_tensor(v: &[f64]) -> Result<Tensor> {
+    let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+    Ok(Tensor::from_vec(data, v.len(), &Device::Cpu)?)
 }
 
 /// An f64 matrix as an f32 CPU tensor of the same shape.
@@ -174,8 +184,8 @@ pub(crate) fn to_tensor(m: &Mat<f64>) -> Result<Tensor> {
 fn kv_weights(w: &dyn WeightSource, l: usize) -> Result<(Mat<f64>, Mat<f64>)> {
     let p = format!("model.layers.{l}.self_attn");
     Ok((
-        to_mat(&w.tensor(&format!("{p}.k_proj.weight"))?)?,
-        to_mat(&w.tensor(&format!("{p}.v_proj.weight"))?)?,
+        weight_mat(w, &format!("{p}.k_proj.weight"))?,
+        weight_mat(w, &format!("{p}.v_proj.weight"))?,
     ))
 }
 

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 use super::{write_atomically, write_json, write_tokenizer, CalibrationRecord};
-use crate::convert::to_tensor;
+use crate::convert::{to_tensor, vec_tensor};
 use crate::error::{Error, Result};
 use crate::stock::{StockModel, StockSummary};
 use mla_attention::config::ModelSpec;
@@ -137,11 +137,6 @@ pub fn write_deepseek_v2(
     write_atomically(out, |dir| {
         write_into(dir, spec, w, model, tokenizer, provenance, dtype)
     })
-}
-
-fn vec_tensor(v: &[f64]) -> Result<Tensor> {
-    let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    Ok(Tensor::from_vec(data, v.len(), &candle_core::Device::Cpu)?)
 }
 
 fn write_into(

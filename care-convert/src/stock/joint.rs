@@ -160,16 +160,7 @@ pub fn joint_latent(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64) -> impl FnMut() -> f64 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        }
-    }
+    use crate::stock::test_rng::lcg;
 
     /// Output error ‖X(T − T̂)ᵀ‖² on the samples, keys and values together (unweighted).
     fn output_error(X: &Mat<f64>, k: &Mat<f64>, v: &Mat<f64>, j: &JointLatent) -> f64 {

@@ -20,13 +20,25 @@ pub mod assemble;
 pub mod joint;
 pub mod rope_split;
 
+#[cfg(test)]
+mod test_rng {
+    /// Deterministic uniform samples in [−1, 1) for the module tests.
+    pub(crate) fn lcg(seed: u64) -> impl FnMut() -> f64 {
+        let mut s = seed;
+        move || {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        }
+    }
+}
+
 use std::time::Instant;
 
-use candle_core::Tensor;
-use faer::Mat;
 use serde::{Deserialize, Serialize};
 
-use crate::convert::to_tensor;
+use crate::convert::{to_tensor, vec_tensor, weight_mat as mat};
 use crate::error::{Error, Result};
 use crate::factorize::InputStats;
 use mla_attention::config::{ModelSpec, RopeScaling};
@@ -92,16 +104,6 @@ pub struct StockModel {
     pub mla: MlaSpec,
     pub layers: Vec<StockLayer>,
     pub summary: StockSummary,
-}
-
-fn mat(w: &dyn WeightSource, name: &str) -> Result<Mat<f64>> {
-    let t = w.tensor(name)?;
-    let v = t.to_dtype(candle_core::DType::F64)?.to_vec2::<f64>()?;
-    if v.iter().flatten().any(|x| !x.is_finite()) {
-        return Err(Error::NonFinite(name.to_string()));
-    }
-    let (r, c) = (v.len(), v.first().map_or(0, Vec::len));
-    Ok(Mat::from_fn(r, c, |i, j| v[i][j]))
 }
 
 fn vector(w: &dyn WeightSource, name: &str) -> Result<Vec<f64>> {
@@ -306,11 +308,6 @@ pub fn convert_stock(
         layers,
         summary,
     })
-}
-
-fn vec_tensor(v: &[f64]) -> Result<Tensor> {
-    let data: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-    Ok(Tensor::from_vec(data, v.len(), &candle_core::Device::Cpu)?)
 }
 
 impl StockLayer {

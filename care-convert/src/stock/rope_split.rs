@@ -186,16 +186,7 @@ pub fn split_rope(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn lcg(seed: u64) -> impl FnMut() -> f64 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        }
-    }
+    use crate::stock::test_rng::lcg;
 
     fn spd(n: usize, seed: u64) -> Mat<f64> {
         let mut r = lcg(seed);
