@@ -33,6 +33,18 @@ pub enum Command {
     Tokenizer(TokenizerArgs),
     /// Print a checkpoint's resolved architecture as JSON.
     Inspect(InspectArgs),
+    /// Heal a converted model: distillation fine-tune against the original
+    /// (CE + β·τ²·KL), resumable, with held-out perplexity and a loss curve.
+    Heal(HealArgs),
+    /// Write a model unchanged as an f32 Hugging Face directory (a GGUF dequantized), e.g.
+    /// the same-precision baseline for `mistralrs bench` next to a converted checkpoint.
+    ExportHf(ExportHfArgs),
+    /// Draw a healing loss curve (`heal/log.jsonl`) as a PNG, e.g. for a log written on a
+    /// machine without fonts.
+    PlotLoss(PlotLossArgs),
+    /// Tokenize text corpora into packed training rows (one binary file that `heal
+    /// --data` reads, e.g. on a machine without the corpora).
+    PackData(PackDataArgs),
 }
 
 /// Output format of results on stdout.
@@ -261,4 +273,225 @@ pub struct InspectArgs {
 /// The asset cache written by `scripts/fetch_assets.py`.
 pub fn assets_dir() -> PathBuf {
     mla_attention::io::asset_cache_dir()
+}
+
+/// A token count: `20M`, `500k`, `1.5B` or a plain integer.
+pub fn parse_tokens(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 1e3),
+        Some('m' | 'M') => (&t[..t.len() - 1], 1e6),
+        Some('b' | 'B' | 'g' | 'G') => (&t[..t.len() - 1], 1e9),
+        _ => (t, 1.0),
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a token count (e.g. 20M, 500k, 1000000)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("token count `{s}` must be positive"));
+    }
+    Ok((v * mult).round() as u64)
+}
+
+/// Where the healing text comes from.
+#[derive(Debug, Args)]
+pub struct CorpusArgs {
+    /// Text files or directories to heal on (repeatable; directories are walked for
+    /// .txt/.py/.rst/.md/.html/.json). Never pass the evaluation texts — or list them
+    /// with --exclude.
+    #[arg(long = "source", value_name = "PATH")]
+    pub sources: Vec<PathBuf>,
+    /// Files never read (the perplexity evaluation texts), repeatable.
+    #[arg(long = "exclude", value_name = "FILE")]
+    pub exclude: Vec<PathBuf>,
+    /// Tokens per training sequence.
+    #[arg(long, default_value_t = 512)]
+    pub seq_len: usize,
+    /// Rows held out for the perplexity evaluation during healing.
+    #[arg(long, default_value_t = 32)]
+    pub heldout: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct HealArgs {
+    /// The original model (GGUF file or HF directory): the teacher.
+    #[arg(long)]
+    pub teacher: PathBuf,
+    /// The converted checkpoint directory to heal (`care-convert mla` or `convert` output).
+    #[arg(long)]
+    pub student: PathBuf,
+    /// Output directory: a copy of the student with healed weights, `care.json` gaining a
+    /// `healing` record, and `heal/` (checkpoints, log.jsonl, loss.png).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// A packed corpus from `care-convert pack-data` (instead of --source).
+    #[arg(long, value_name = "FILE", conflicts_with = "sources")]
+    pub data: Option<PathBuf>,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Training tokens (e.g. 5M, 20M, 500k); the number of updates follows.
+    #[arg(long, value_parser = parse_tokens, default_value = "5M")]
+    pub tokens: u64,
+    /// Sequences per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Forward passes per update.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// The cosine decays to lr × this.
+    #[arg(long, default_value_t = 0.1)]
+    pub min_lr_ratio: f64,
+    /// Fraction of the updates spent on linear warmup.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup: f64,
+    /// Weight β of the KD term.
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f64,
+    /// KD temperature τ.
+    #[arg(long, default_value_t = 1.0)]
+    pub tau: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// What trains: the attention projections (default) or every weight.
+    #[arg(long = "train", value_enum, default_value_t = TrainWhat::Attention)]
+    pub train: TrainWhat,
+    /// Held-out perplexity every N updates (0: start and end only).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: u64,
+    /// Held-out rows per evaluation.
+    #[arg(long, default_value_t = 32)]
+    pub eval_sequences: usize,
+    /// Checkpoint (and rewrite the healed model) every N updates (0: at the end only).
+    #[arg(long, default_value_t = 200)]
+    pub save_every: u64,
+    /// Seeds the corpus sampling and the row order.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Continue the newest checkpoint under --out (same flags and data required).
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many updates in this invocation.
+    #[arg(long, value_name = "N")]
+    pub stop_after: Option<u64>,
+    /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weight dtype of the written healed model.
+    #[arg(long, value_enum, default_value_t = care_convert::export::deepseek::SaveDtype::F32)]
+    pub dtype: care_convert::export::deepseek::SaveDtype,
+    /// Summary on stdout as text or JSON.
+    #[arg(long, value_enum, default_value_t = Format::Markdown)]
+    pub format: Format,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `--train` choices.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum TrainWhat {
+    /// Attention projections only (q, kv_a, kv_b, o or the latent factors).
+    Attention,
+    /// Every weight of the student.
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct PlotLossArgs {
+    /// `heal/log.jsonl` of a healing run.
+    #[arg(long)]
+    pub records: PathBuf,
+    /// Chart title.
+    #[arg(long, default_value = "healing")]
+    pub title: String,
+    /// Output PNG (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportHfArgs {
+    /// Source model: a `.gguf` file or a Hugging Face directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory (must not exist; written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct PackDataArgs {
+    /// Checkpoint whose tokenizer to use (GGUF file or HF directory).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// Training tokens to pack (the held-out rows come on top).
+    #[arg(long, value_parser = parse_tokens, default_value = "5M")]
+    pub tokens: u64,
+    /// Seeds which files make the budget and the row order.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Output file (written atomically).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Hide progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_counts_take_suffixes_and_refuse_nonsense() {
+        assert_eq!(parse_tokens("20M"), Ok(20_000_000));
+        assert_eq!(parse_tokens("500k"), Ok(500_000));
+        assert_eq!(parse_tokens("1.5B"), Ok(1_500_000_000));
+        assert_eq!(parse_tokens("4096"), Ok(4096));
+        for bad in ["", "M", "-5M", "0", "12x", "nanM"] {
+            assert!(parse_tokens(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn heal_rejects_data_together_with_sources() {
+        let r = Cli::try_parse_from([
+            "care-convert",
+            "heal",
+            "--teacher",
+            "t.gguf",
+            "--student",
+            "s",
+            "--out",
+            "o",
+            "--data",
+            "c.tokens",
+            "--source",
+            "dir",
+        ]);
+        assert!(r.is_err());
+        let ok = Cli::try_parse_from([
+            "care-convert",
+            "heal",
+            "--teacher",
+            "t.gguf",
+            "--student",
+            "s",
+            "--out",
+            "o",
+            "--data",
+            "c.tokens",
+            "--tokens",
+            "2M",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+    }
 }

@@ -26,6 +26,8 @@ pub mod error;
 pub mod eval;
 pub mod export;
 pub mod factorize;
+pub mod heal;
+mod png_plot;
 pub mod ranks;
 pub mod stock;
 

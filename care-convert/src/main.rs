@@ -2,6 +2,7 @@
 //! bars on stderr, prints results on stdout.
 
 mod cli;
+mod heal_cmd;
 
 use std::io::Write;
 use std::path::Path;
@@ -26,8 +27,8 @@ use care_convert::export::deepseek::{write_deepseek_v2, StockProvenance, Tokeniz
 use care_convert::export::{sha256_path, write_oneshot, CalibrationRecord, Provenance};
 use care_convert::stock::{convert_stock, RopeSplitOptions, StockOptions};
 use cli::{
-    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, Format, InspectArgs, MlaArgs,
-    TokenizerArgs,
+    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, ExportHfArgs, Format, InspectArgs,
+    MlaArgs, TokenizerArgs,
 };
 use mla_attention::io::{tokenizer, Checkpoint};
 use mla_attention::model::Decoder;
@@ -45,6 +46,10 @@ fn main() -> ExitCode {
         Command::Compare(a) => run_compare(a),
         Command::Tokenizer(a) => run_tokenizer(a),
         Command::Inspect(a) => run_inspect(a),
+        Command::Heal(a) => heal_cmd::run_heal(a),
+        Command::PackData(a) => heal_cmd::run_pack_data(a),
+        Command::ExportHf(a) => run_export_hf(a),
+        Command::PlotLoss(a) => heal_cmd::run_plot_loss(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -640,6 +645,21 @@ fn run_tokenizer(a: TokenizerArgs) -> Result<()> {
     text.parse::<tokenizers::Tokenizer>()
         .map_err(|e| anyhow::anyhow!("rebuilt tokenizer does not load: {e}"))?;
     write_atomic(&a.out, text.as_bytes())?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn run_export_hf(a: ExportHfArgs) -> Result<()> {
+    let ckpt = Checkpoint::open(&a.model)?;
+    if ckpt.spec.mla.is_some() {
+        bail!("{} is already an MLA checkpoint", a.model.display());
+    }
+    care_convert::export::write_hf_original(
+        &a.out,
+        &ckpt.spec,
+        ckpt.weights.as_ref(),
+        ckpt.tokenizer.as_ref(),
+    )?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }

@@ -371,69 +371,15 @@ pub use plot::plot_png;
 
 /// PNG of a plan: rank per layer, K and V lines.
 mod plot {
-    use std::io::Write;
-    use std::path::{Path, PathBuf};
-    use std::sync::OnceLock;
+    use std::path::Path;
 
     use plotters::prelude::*;
 
     use super::{RankError, RankPlan, Result};
+    use crate::png_plot::{fonts_available, write_png_atomically, FAMILY};
 
     const WIDTH: u32 = 900;
     const HEIGHT: u32 = 500;
-    /// Family name under which a system font is registered with plotters' `ab_glyph` backend.
-    const FAMILY: &str = "sans-serif";
-
-    /// Places where common distributions keep a sans font, tried before scanning.
-    const FONT_CANDIDATES: [&str; 4] = [
-        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/dejavu/DejaVuSans.ttf",
-        "/usr/share/fonts/TTF/DejaVuSans.ttf",
-        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
-    ];
-
-    /// Registers a system TrueType font once; false when none loads (then the plot has axes
-    /// and lines but no text).
-    fn fonts_available() -> bool {
-        static REGISTERED: OnceLock<bool> = OnceLock::new();
-        *REGISTERED.get_or_init(|| {
-            let scanned = find_ttf(Path::new("/usr/share/fonts"), 4);
-            FONT_CANDIDATES
-                .iter()
-                .map(PathBuf::from)
-                .chain(scanned)
-                .any(|path| {
-                    let Ok(bytes) = std::fs::read(&path) else {
-                        return false;
-                    };
-                    // plotters keeps fonts for the life of the process; leak one file's bytes.
-                    let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
-                    plotters::style::register_font(FAMILY, FontStyle::Normal, bytes).is_ok()
-                })
-        })
-    }
-
-    /// First `.ttf` below `dir` (depth-limited), in sorted order for reproducibility.
-    fn find_ttf(dir: &Path, depth: usize) -> Option<PathBuf> {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-            .ok()?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
-        entries.sort();
-        entries.iter().find_map(|path| {
-            if path.is_dir() && depth > 0 {
-                find_ttf(path, depth - 1)
-            } else if path
-                .extension()
-                .is_some_and(|e| e.eq_ignore_ascii_case("ttf"))
-            {
-                Some(path.clone())
-            } else {
-                None
-            }
-        })
-    }
-
     /// Draws `plan` (x: layer, y: rank; K blue, V red) with `title` and writes a PNG to
     /// `path` atomically (a temporary file in the same directory, then rename). Without a
     /// usable system font it draws axes and lines without text.
@@ -526,38 +472,10 @@ mod plot {
     }
 
     fn write_atomically(path: &Path, rgb: &[u8]) -> Result<()> {
-        let io_error = |source| RankError::Io {
+        write_png_atomically(path, rgb, WIDTH, HEIGHT).map_err(|source| RankError::Io {
             path: path.to_path_buf(),
             source,
-        };
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map_or_else(|| "plot.png".into(), |n| n.to_string_lossy().into_owned());
-        let temp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-        let result = (|| {
-            let mut file = std::fs::File::create(&temp)?;
-            {
-                let mut encoder = png::Encoder::new(&mut file, WIDTH, HEIGHT);
-                encoder.set_color(png::ColorType::Rgb);
-                encoder.set_depth(png::BitDepth::Eight);
-                let mut writer = encoder.write_header().map_err(std::io::Error::other)?;
-                writer
-                    .write_image_data(rgb)
-                    .map_err(std::io::Error::other)?;
-                writer.finish().map_err(std::io::Error::other)?;
-            }
-            file.flush()?;
-            file.sync_all()?;
-            std::fs::rename(&temp, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
-        result.map_err(io_error)
+        })
     }
 }
 

@@ -5,10 +5,7 @@
 //! biases (query bias through the anchored q-LoRA, key/value biases through the latent
 //! anchor), the softmax-scale compensation, V padding, and the export round trip.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use care_convert::calibrate::collect_all;
 use care_convert::export::deepseek::{
     write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
@@ -21,81 +18,8 @@ use care_convert::stock::{
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
 
-const VOCAB: usize = 97;
-const HIDDEN: usize = 48;
-const HEADS: usize = 3;
-const HEAD_DIM: usize = 16;
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn t(&mut self, shape: &[usize], scale: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.next() * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
-
-fn write_source(dir: &Path, qwen: bool) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut r = Rng(11);
-    let s = 1.0 / (HIDDEN as f32).sqrt();
-    let mut t: HashMap<String, Tensor> = HashMap::new();
-    t.insert(
-        "model.embed_tokens.weight".into(),
-        r.t(&[VOCAB, HIDDEN], 1.0),
-    );
-    t.insert("lm_head.weight".into(), r.t(&[VOCAB, HIDDEN], s));
-    t.insert(
-        "model.norm.weight".into(),
-        (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
-    );
-    for l in 0..2 {
-        let mut put = |n: &str, v: Tensor| t.insert(format!("model.layers.{l}.{n}"), v);
-        put(
-            "input_layernorm.weight",
-            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
-        );
-        put(
-            "post_attention_layernorm.weight",
-            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
-        );
-        put(
-            "self_attn.q_proj.weight",
-            r.t(&[HEADS * HEAD_DIM, HIDDEN], 2.0 * s),
-        );
-        put("self_attn.k_proj.weight", r.t(&[HEAD_DIM, HIDDEN], 2.0 * s));
-        put("self_attn.v_proj.weight", r.t(&[HEAD_DIM, HIDDEN], s));
-        put(
-            "self_attn.o_proj.weight",
-            r.t(&[HIDDEN, HEADS * HEAD_DIM], s),
-        );
-        put("mlp.gate_proj.weight", r.t(&[64, HIDDEN], s));
-        put("mlp.up_proj.weight", r.t(&[64, HIDDEN], s));
-        put("mlp.down_proj.weight", r.t(&[HIDDEN, 64], 0.125));
-        if qwen {
-            put("self_attn.q_proj.bias", r.t(&[HEADS * HEAD_DIM], 0.5));
-            put("self_attn.k_proj.bias", r.t(&[HEAD_DIM], 0.5));
-            put("self_attn.v_proj.bias", r.t(&[HEAD_DIM], 0.5));
-        }
-    }
-    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
-    let config = serde_json::json!({
-        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
-        "model_type": if qwen { "qwen2" } else { "llama" },
-        "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS,
-        "num_key_value_heads": 1, "head_dim": HEAD_DIM, "intermediate_size": 64,
-        "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": false, "max_position_embeddings": 128
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
-}
+mod common;
+use common::{write_source, Rng, HEAD_DIM, HIDDEN, VOCAB};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();

@@ -8,6 +8,9 @@
 //! - greedy generation of 32 tokens identical, token by token through raw logits and as
 //!   text through mistral.rs's own generation loop (KV cache, sampler).
 //!
+//! The same checks run on a *healed* SmolLM2 (a few distillation updates on real text):
+//! healing keeps the stock format, so mistral.rs must load it unchanged.
+//!
 //! Needs the assets of `scripts/fetch_assets.py` (the GGUF models, ExLlamaV2 calibration
 //! text, SOTU); `scripts/test.sh` fetches them.
 
@@ -22,6 +25,10 @@ use care_convert::export::deepseek::{
     write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
 };
 use care_convert::export::CalibrationRecord;
+use care_convert::heal::data::{pack, CorpusOptions};
+use care_convert::heal::student::{StudentParams, TrainScope};
+use care_convert::heal::train::{HealOptions, Healer};
+use care_convert::heal::{prepare_output, write_healed};
 use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
 use mistralrs_core::{
     Constraint, MistralRs, ModelSelected, NormalRequest, Request, RequestMessage, Response,
@@ -248,10 +255,87 @@ fn converted_qwen_with_folded_biases_runs_identically_in_mistralrs() -> Result<(
     check_against_mistralrs("qwen2.5-coder-0.5b-instruct", 96, 32)
 }
 
+/// A converted SmolLM2 healed for a few updates on real text (SOTU speeches other than the
+/// prompt's) still loads in mistral.rs unchanged and computes what our runtime computes.
+#[test]
+fn healed_smollm2_runs_identically_in_mistralrs() -> Result<()> {
+    let model_name = "smollm2-135m-instruct";
+    let tmp = tempfile::tempdir()?;
+    let student = tmp.path().join("mla");
+    convert(model_name, 160, 128, &student)?;
+    let teacher_path = assets().join(format!("models/{model_name}/model.gguf"));
+    let teacher = Decoder::load(&Checkpoint::open(&teacher_path)?)?;
+    let ckpt = Checkpoint::open(&student)?;
+    let sotu = assets().join("data/sotu");
+    let corpus = pack(
+        ckpt.tokenizer()?,
+        ckpt.spec.eos_token_id,
+        &CorpusOptions {
+            sources: vec![
+                sotu.join("2015_barack_obama_d.txt"),
+                sotu.join("2014_barack_obama_d.txt"),
+            ],
+            exclude: vec![sotu.join("2016_barack_obama_d.txt")],
+            seq_len: 64,
+            max_tokens: 1024,
+            heldout_sequences: 2,
+            seed: 3,
+        },
+        &mut |_, _| {},
+    )?;
+    let params = StudentParams::open(&student, TrainScope::Attention, &candle_core::Device::Cpu)?;
+    let before = params.trainable_tensors()?;
+    let opts = HealOptions {
+        micro_batch: 2,
+        grad_accum: 1,
+        tokens: 256,
+        lr: 1e-4,
+        min_lr_ratio: 0.1,
+        warmup_ratio: 0.0,
+        beta: 1.0,
+        tau: 1.0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.95,
+        clip: 1.0,
+        scope: TrainScope::Attention,
+        eval_every: 0,
+        eval_sequences: 2,
+        save_every: 0,
+        seed: 3,
+    };
+    let healed = tmp.path().join("healed");
+    prepare_output(&student, &healed)?;
+    let mut h = Healer::new(&teacher, params, &corpus, opts, &healed.join("heal"), false)?;
+    let done = h.run(None, &mut |_, _| {}, &mut |_, _| Ok(()))?;
+    assert_eq!(done.steps_done, 2);
+    write_healed(
+        &healed,
+        &h.student,
+        candle_core::DType::F32,
+        &serde_json::json!({"updates": 2}),
+    )?;
+    // Healing changed the attention weights (the check below is not of the student again).
+    let after = h.student.trainable_tensors()?;
+    let name = "model.layers.0.self_attn.kv_b_proj.weight";
+    let moved = (&after[name] - &before[name])?
+        .abs()?
+        .max_all()?
+        .to_scalar::<f32>()?;
+    assert!(moved > 0.0, "healing left {name} unchanged");
+    eprintln!("healed {name}: max |Δw| = {moved:.3e} after 2 updates");
+    check_dir_against_mistralrs(model_name, &healed)
+}
+
 fn check_against_mistralrs(model_name: &str, kv_lora_rank: usize, samples: usize) -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let out = tmp.path().join("mla");
     convert(model_name, kv_lora_rank, samples, &out)?;
+    check_dir_against_mistralrs(model_name, &out)
+}
+
+fn check_dir_against_mistralrs(model_name: &str, out: &Path) -> Result<()> {
+    let out = out.to_path_buf();
 
     // Our runtime on the exported checkpoint.
     let ckpt = Checkpoint::open(&out)?;

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Build the CUDA binaries here (no GPU needed) and pack them for the device machine.
 #
-#   scripts/gpu/build.sh [ours|anchor|all]      (default: all)
+#   scripts/gpu/build.sh [ours|anchor|heal|all]      (default: all)
 #
 # - Toolkit: CUDA 13.0 from NVIDIA's PyPI wheels, assembled once by
 #   shared/gpu/build-cuda-toolkit.sh into $CUDA_PREFIX (default ~/.cache/cuda13-pypi).
 # - ours:   mla-attention's `mla_cuda_bench` with `--features cuda`, target dir
 #           $CARGO_TARGET_DIR (default ~/.cache/cuda-target; never the CPU target dir).
+# - heal:   care-convert with `--features cuda` (healing with `--device cuda`), same
+#           target dir as ours.
 # - anchor: gpu/anchor-kbench (mistralrs-paged-attn 0.8.1 kernels), its own target dir
 #           ~/.cache/cuda-anchor-target.
 # Each binary is stripped and xz-compressed into .devcarry/ (git-ignored), which the
@@ -40,6 +42,11 @@ if [[ "$WHAT" == ours || "$WHAT" == all ]]; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cuda-target}"
   cargo build --release -p mla-attention --features cuda --bin mla_cuda_bench
   pack "$CARGO_TARGET_DIR/release/mla_cuda_bench" mla_cuda_bench
+fi
+if [[ "$WHAT" == heal || "$WHAT" == all ]]; then
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cuda-target}"
+  cargo build --release -p care-convert --features cuda --bin care-convert
+  pack "$CARGO_TARGET_DIR/release/care-convert" care-convert
 fi
 if [[ "$WHAT" == anchor || "$WHAT" == all ]]; then
   (cd gpu/anchor-kbench && CARGO_TARGET_DIR="$HOME/.cache/cuda-anchor-target" \

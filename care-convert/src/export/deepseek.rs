@@ -27,7 +27,7 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
-    fn dtype(self) -> DType {
+    pub fn dtype(self) -> DType {
         match self {
             SaveDtype::F32 => DType::F32,
             SaveDtype::Bf16 => DType::BF16,

@@ -104,6 +104,7 @@ pub fn hf_config(spec: &ModelSpec) -> serde_json::Value {
         "num_key_value_heads": spec.num_kv_heads,
         "head_dim": spec.head_dim,
         "intermediate_size": spec.intermediate_size,
+        "hidden_act": "silu",
         "vocab_size": spec.vocab_size,
         "rope_theta": spec.rope_theta,
         "rope_scaling": rope_scaling,
@@ -113,6 +114,37 @@ pub fn hf_config(spec: &ModelSpec) -> serde_json::Value {
         "bos_token_id": spec.bos_token_id,
         "eos_token_id": spec.eos_token_id,
         "torch_dtype": "float32",
+    })
+}
+
+/// Write the source model itself, unchanged, as an f32 HF directory (`config.json`,
+/// `model.safetensors`, `tokenizer.json`) at `out` (which must not exist): a GGUF model
+/// dequantized for loaders of the HF format, e.g. as the baseline of a side-by-side
+/// benchmark against a converted checkpoint in the same precision.
+pub fn write_hf_original(
+    out: &Path,
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    tokenizer: Option<&tokenizers::Tokenizer>,
+) -> Result<()> {
+    write_atomically(out, |dir| {
+        let mut tensors = shared_tensors(spec, w)?;
+        for l in 0..spec.num_layers {
+            for n in ["k_proj", "v_proj"] {
+                let name = format!("model.layers.{l}.self_attn.{n}.weight");
+                tensors.insert(name.clone(), w.tensor(&name)?);
+            }
+        }
+        let st = dir.join("model.safetensors");
+        candle_core::safetensors::save(&tensors, &st).map_err(|e| Error::BadData {
+            path: st.clone(),
+            reason: e.to_string(),
+        })?;
+        write_json(dir, "config.json", &hf_config(spec))?;
+        if let Some(tok) = tokenizer {
+            write_tokenizer(dir, tok)?;
+        }
+        Ok(())
     })
 }
 
@@ -167,14 +199,9 @@ pub(crate) fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<(
     result
 }
 
-fn write_into(
-    dir: &Path,
-    spec: &ModelSpec,
-    w: &dyn WeightSource,
-    factors: &[LayerFactors],
-    tokenizer: Option<&tokenizers::Tokenizer>,
-    provenance: &Provenance,
-) -> Result<()> {
+/// Every tensor of `spec` except K/V projections (and, for the one-shot format, what
+/// replaces them): embeddings, norms, head, q/o projections, MLPs, q/k/v biases.
+fn shared_tensors(spec: &ModelSpec, w: &dyn WeightSource) -> Result<HashMap<String, Tensor>> {
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     let mut copy = |name: String| -> Result<()> {
         let t = w.tensor(&name)?;
@@ -205,6 +232,18 @@ fn write_into(
             }
         }
     }
+    Ok(tensors)
+}
+
+fn write_into(
+    dir: &Path,
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    factors: &[LayerFactors],
+    tokenizer: Option<&tokenizers::Tokenizer>,
+    provenance: &Provenance,
+) -> Result<()> {
+    let mut tensors = shared_tensors(spec, w)?;
     for (l, f) in factors.iter().enumerate() {
         let p = format!("model.layers.{l}.self_attn");
         let mut put = |n: &str, m: &faer::Mat<f64>| -> Result<()> {

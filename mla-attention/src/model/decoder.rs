@@ -5,7 +5,7 @@
 //! ([`Decoder::set_attention`]). A [`ForwardObserver`] sees each layer's attention
 //! input (the normalized hidden state), which is what calibration needs.
 
-use candle_core::{Device, Tensor, D};
+use candle_core::{Tensor, D};
 
 use super::attention::{linear, Attention, AttnInput, GqaAttention, LayerCache};
 use super::lowrank::{LatentFactors, LatentKv, LowRankKvAttention};
@@ -296,7 +296,8 @@ impl Decoder {
 
     /// Token embeddings `(1, seq, hidden)`.
     pub fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::from_slice(tokens, tokens.len(), &Device::Cpu)?;
+        // On the embedding's device, so a decoder loaded onto a GPU runs there.
+        let ids = Tensor::from_slice(tokens, tokens.len(), self.embed_tokens.device())?;
         Ok(self.embed_tokens.index_select(&ids, 0)?.unsqueeze(0)?)
     }
 

@@ -1,0 +1,155 @@
+//! A tiny random Llama / Qwen2 checkpoint (2 layers, 3 query heads over 1 KV head) for
+//! format and math tests; never for quality numbers.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+pub const VOCAB: usize = 97;
+pub const HIDDEN: usize = 48;
+pub const HEADS: usize = 3;
+pub const HEAD_DIM: usize = 16;
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> f32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    pub fn t(&mut self, shape: &[usize], scale: f32) -> Tensor {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| self.next() * scale).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+}
+
+pub fn write_source(dir: &Path, qwen: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut r = Rng(11);
+    let s = 1.0 / (HIDDEN as f32).sqrt();
+    let mut t: HashMap<String, Tensor> = HashMap::new();
+    t.insert(
+        "model.embed_tokens.weight".into(),
+        r.t(&[VOCAB, HIDDEN], 1.0),
+    );
+    t.insert("lm_head.weight".into(), r.t(&[VOCAB, HIDDEN], s));
+    t.insert(
+        "model.norm.weight".into(),
+        (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+    );
+    for l in 0..2 {
+        let mut put = |n: &str, v: Tensor| t.insert(format!("model.layers.{l}.{n}"), v);
+        put(
+            "input_layernorm.weight",
+            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+        );
+        put(
+            "post_attention_layernorm.weight",
+            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+        );
+        put(
+            "self_attn.q_proj.weight",
+            r.t(&[HEADS * HEAD_DIM, HIDDEN], 2.0 * s),
+        );
+        put("self_attn.k_proj.weight", r.t(&[HEAD_DIM, HIDDEN], 2.0 * s));
+        put("self_attn.v_proj.weight", r.t(&[HEAD_DIM, HIDDEN], s));
+        put(
+            "self_attn.o_proj.weight",
+            r.t(&[HIDDEN, HEADS * HEAD_DIM], s),
+        );
+        put("mlp.gate_proj.weight", r.t(&[64, HIDDEN], s));
+        put("mlp.up_proj.weight", r.t(&[64, HIDDEN], s));
+        put("mlp.down_proj.weight", r.t(&[HIDDEN, 64], 0.125));
+        if qwen {
+            put("self_attn.q_proj.bias", r.t(&[HEADS * HEAD_DIM], 0.5));
+            put("self_attn.k_proj.bias", r.t(&[HEAD_DIM], 0.5));
+            put("self_attn.v_proj.bias", r.t(&[HEAD_DIM], 0.5));
+        }
+    }
+    candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
+    let config = serde_json::json!({
+        "architectures": [if qwen { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+        "model_type": if qwen { "qwen2" } else { "llama" },
+        "hidden_size": HIDDEN, "num_hidden_layers": 2, "num_attention_heads": HEADS,
+        "num_key_value_heads": 1, "head_dim": HEAD_DIM, "intermediate_size": 64,
+        "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": false, "max_position_embeddings": 128
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+}
+
+/// Convert the tiny source at `src` into a stock DeepSeek-V2 MLA directory `out` with
+/// `rank` latent dims (plus the anchor) and `rope_dim` RoPE dims, CARE basis.
+pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
+    use care_convert::calibrate::collect_all;
+    use care_convert::export::deepseek::{
+        write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
+    };
+    use care_convert::export::CalibrationRecord;
+    use care_convert::stock::{
+        convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions,
+    };
+    use mla_attention::io::Checkpoint;
+    use mla_attention::model::Decoder;
+
+    let ckpt = Checkpoint::open(src).unwrap();
+    let original = Decoder::load(&ckpt).unwrap();
+    let mut r = Rng(5);
+    let windows: Vec<Vec<u32>> = (0..40)
+        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
+        .collect();
+    let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
+    let opts = StockOptions {
+        kv_lora_rank: rank + 1,
+        rank: None,
+        rope: RopeSplitOptions {
+            rope_dim,
+            freqfold: HEAD_DIM / rope_dim,
+            pca: true,
+        },
+        basis: LatentBasis::Care,
+        balance: true,
+        latent_norm: LatentNorm::BiasAnchor,
+        pad_v: true,
+        damping: 0.0,
+    };
+    let stock = convert_stock(
+        &original.spec,
+        ckpt.weights.as_ref(),
+        &stats,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let prov = StockProvenance {
+        format: "care-deepseek-v2",
+        format_version: 1,
+        source_model: src.display().to_string(),
+        source_sha256: String::new(),
+        conversion: stock.summary.clone(),
+        calibration: CalibrationRecord {
+            sources: vec![],
+            samples: 40,
+            seq_len: 24,
+            seed: 5,
+            tokens: 960,
+            sequential: false,
+        },
+        tool: "test".into(),
+    };
+    write_deepseek_v2(
+        out,
+        &original.spec,
+        ckpt.weights.as_ref(),
+        &stock,
+        &TokenizerFiles::default(),
+        &prov,
+        SaveDtype::F32,
+    )
+    .unwrap();
+}

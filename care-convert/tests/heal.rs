@@ -1,0 +1,319 @@
+//! Healing on a tiny random model (format and math only; the quality runs use the real
+//! SmolLM2 / Qwen weights, `scripts/heal.sh`): the KD term vanishes when student =
+//! teacher, autograd gradients of one MLA layer match finite differences, the loss
+//! falls, an interrupted and resumed run reproduces the uninterrupted curve, and bad
+//! inputs are refused without touching the output.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use care_convert::heal::data::{CorpusInfo, PackedCorpus};
+use care_convert::heal::loss::distill_loss;
+use care_convert::heal::student::{StudentParams, TrainScope};
+use care_convert::heal::train::{HealOptions, Healer, StepRecord};
+use care_convert::heal::{prepare_output, write_healed};
+use mla_attention::io::Checkpoint;
+use mla_attention::model::Decoder;
+
+mod common;
+use common::{write_source, write_stock, Rng, VOCAB};
+
+const SEQ: usize = 16;
+
+fn corpus(seed: u64, train: usize) -> PackedCorpus {
+    // Tokens from a small repeating grammar so there is something to learn besides the
+    // teacher: row i is an arithmetic progression mod VOCAB with a random start.
+    let mut r = Rng(seed);
+    let mut row = || -> Vec<u32> {
+        let start = ((r.next() + 1.0) * 40.0) as u32;
+        let step = 1 + ((r.next() + 1.0) * 3.0) as u32;
+        (0..=SEQ as u32)
+            .map(|i| (start + i * step) % VOCAB as u32)
+            .collect()
+    };
+    PackedCorpus {
+        info: CorpusInfo {
+            sources: vec!["synthetic".into()],
+            excluded: vec![],
+            files_read: 0,
+            seq_len: SEQ,
+            seed,
+            tokenizer: "tiny".into(),
+        },
+        train: (0..train).map(|_| row()).collect(),
+        heldout: (0..8).map(|_| row()).collect(),
+    }
+}
+
+fn options(tokens: u64) -> HealOptions {
+    HealOptions {
+        micro_batch: 4,
+        grad_accum: 2,
+        tokens,
+        lr: 1e-2,
+        min_lr_ratio: 0.1,
+        warmup_ratio: 0.1,
+        beta: 1.0,
+        tau: 1.0,
+        weight_decay: 0.01,
+        adam_beta1: 0.9,
+        adam_beta2: 0.95,
+        clip: 1.0,
+        scope: TrainScope::Attention,
+        eval_every: 2,
+        eval_sequences: 8,
+        save_every: 0,
+        seed: 7,
+    }
+}
+
+fn models(root: &Path) -> (Decoder, std::path::PathBuf, std::path::PathBuf) {
+    let src = root.join("llama");
+    write_source(&src, false);
+    let stock = root.join("mla");
+    write_stock(&src, &stock, 4, 8);
+    let teacher = Decoder::load(&Checkpoint::open(&src).unwrap()).unwrap();
+    (teacher, src, stock)
+}
+
+fn no_save(_: &StudentParams, _: &[StepRecord]) -> care_convert::Result<()> {
+    Ok(())
+}
+
+#[test]
+fn kd_term_is_zero_when_the_student_is_the_teacher() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, src, _) = models(tmp.path());
+    let student = StudentParams::open(&src, TrainScope::Attention, &Device::Cpu).unwrap();
+    let data = corpus(1, 16);
+    let mut h = Healer::new(
+        &teacher,
+        student,
+        &data,
+        options(2 * 8 * SEQ as u64),
+        &tmp.path().join("state"),
+        false,
+    )
+    .unwrap();
+    let out = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+    let first = &out.records[1];
+    assert_eq!(
+        first.kd, 0.0,
+        "KD of identical models must vanish: {first:?}"
+    );
+    assert!(first.ce > 0.0 && (first.loss - first.ce).abs() < 1e-6);
+}
+
+#[test]
+fn autograd_gradients_of_an_mla_layer_match_finite_differences() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, _, stock) = models(tmp.path());
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let data = corpus(2, 4);
+    let inputs: Vec<&[u32]> = data.train.iter().map(|r| &r[..SEQ]).collect();
+    let targets: Vec<u32> = data.train.iter().flat_map(|r| r[1..].to_vec()).collect();
+    let targets = Tensor::from_vec(targets, inputs.len() * SEQ, &Device::Cpu).unwrap();
+    let logits = |m: &Decoder| {
+        let h = m
+            .forward_hidden_batch(&inputs, &mut m.new_cache(), None)
+            .unwrap();
+        m.logits(&h.reshape((inputs.len() * SEQ, h.dim(2).unwrap())).unwrap())
+            .unwrap()
+    };
+    let t_logits = logits(&teacher);
+    let loss_of = |m: &Decoder| {
+        let l = distill_loss(&logits(m), &t_logits, &targets, 1.0, 2.0).unwrap();
+        l.total
+            .to_dtype(candle_core::DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let model = student.decoder().unwrap();
+    let l = distill_loss(&logits(&model), &t_logits, &targets, 1.0, 2.0).unwrap();
+    let grads = l.total.backward().unwrap();
+    let mut r = Rng(99);
+    for name in [
+        "model.layers.0.self_attn.kv_b_proj.weight",
+        "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+    ] {
+        let (_, var) = student
+            .trainable
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("{name} is not trainable"));
+        let g = grads.get(var.as_tensor()).expect("gradient").clone();
+        let g_norm = g.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        let g_norm_v = g_norm.to_scalar::<f32>().unwrap() as f64;
+        assert!(g_norm_v > 0.0, "{name}: zero gradient");
+        let w0 = var.as_tensor().detach().copy().unwrap();
+        // Directional derivatives ⟨∇L, D⟩ vs (L(W + εD) − L(W − εD)) / 2ε along the
+        // gradient's own direction (checks its length) and a random unit direction
+        // (checks its direction), the error measured against ‖∇L‖.
+        let random = r.t(w0.dims(), 1.0);
+        let random_norm = random.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
+        for (what, d) in [
+            ("gradient", g.broadcast_div(&g_norm).unwrap()),
+            ("random", random.broadcast_div(&random_norm).unwrap()),
+        ] {
+            let analytic = (&g * &d)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let eps = 1e-2;
+            var.set(&(&w0 + (&d * eps).unwrap()).unwrap()).unwrap();
+            let plus = loss_of(&student.decoder_detached().unwrap());
+            var.set(&(&w0 - (&d * eps).unwrap()).unwrap()).unwrap();
+            let minus = loss_of(&student.decoder_detached().unwrap());
+            var.set(&w0).unwrap();
+            let numeric = (plus - minus) / (2.0 * eps);
+            let rel = (analytic - numeric).abs() / g_norm_v;
+            assert!(
+                rel < 1e-2,
+                "{name} along the {what} direction: autograd {analytic:.6} vs finite \
+                 differences {numeric:.6} (error {rel:.2e} of ‖∇L‖ = {g_norm_v:.4})"
+            );
+        }
+    }
+}
+
+#[test]
+fn loss_falls_and_an_interrupted_run_resumes_onto_the_same_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, _, stock) = models(tmp.path());
+    let data = corpus(3, 64);
+    let opts = options(30 * 8 * SEQ as u64);
+
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let whole_dir = tmp.path().join("whole");
+    let mut h = Healer::new(&teacher, student, &data, opts.clone(), &whole_dir, false).unwrap();
+    assert_eq!(h.total_steps(), 30);
+    let whole = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+    assert!(whole.finished);
+    let losses: Vec<f64> = whole.records[1..].iter().map(|r| r.loss).collect();
+    let head: f64 = losses[..3].iter().sum::<f64>() / 3.0;
+    let tail: f64 = losses[losses.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(tail < 0.9 * head, "loss did not fall: {losses:?}");
+    let ppl: Vec<f64> = whole.records.iter().filter_map(|r| r.heldout_ppl).collect();
+    assert!(
+        ppl.last().unwrap() < &ppl[0],
+        "held-out PPL did not fall: {ppl:?}"
+    );
+
+    // The same run, stopped after 5 updates (a checkpoint is written there) and resumed.
+    let split_dir = tmp.path().join("split");
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let mut h = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, false).unwrap();
+    let part = h.run(Some(5), &mut |_, _| {}, &mut no_save).unwrap();
+    assert!(!part.finished && part.steps_done == 5);
+    drop(h);
+    // Without --resume an existing checkpoint is refused…
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let e = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, false)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("--resume"), "{e}");
+    // …and so is resuming under other options.
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let mut other = opts.clone();
+    other.lr = 1e-3;
+    let e = Healer::new(&teacher, student, &data, other, &split_dir, true)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("other options"), "{e}");
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let mut h = Healer::new(&teacher, student, &data, opts, &split_dir, true).unwrap();
+    assert_eq!(h.step(), 5);
+    let resumed = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+    assert_eq!(resumed.resumed_from, Some(5));
+    assert_eq!(resumed.records.len(), whole.records.len());
+    for (a, b) in whole.records.iter().zip(&resumed.records) {
+        assert_eq!(a.step, b.step);
+        for (x, y) in [
+            (a.loss, b.loss),
+            (a.ce, b.ce),
+            (a.kd, b.kd),
+            (a.grad_norm, b.grad_norm),
+            (a.heldout_ppl.unwrap_or(0.0), b.heldout_ppl.unwrap_or(0.0)),
+        ] {
+            assert!(
+                (x.is_nan() && y.is_nan()) || (x - y).abs() <= 1e-9 * x.abs().max(1.0),
+                "step {}: uninterrupted {x} vs resumed {y}",
+                a.step
+            );
+        }
+    }
+}
+
+#[test]
+fn healed_checkpoint_keeps_the_student_format_and_bad_inputs_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, _, stock) = models(tmp.path());
+    let data = corpus(4, 16);
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let out = tmp.path().join("healed");
+    prepare_output(&stock, &out).unwrap();
+    let mut h = Healer::new(
+        &teacher,
+        student,
+        &data,
+        options(2 * 8 * SEQ as u64),
+        &out.join("heal"),
+        false,
+    )
+    .unwrap();
+    let done = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+    let record = serde_json::json!({"steps": done.steps_done});
+    write_healed(&out, &h.student, candle_core::DType::F32, &record).unwrap();
+    // The healed directory loads like the student and computes with the trained values.
+    let healed = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+    let trained = h.student.decoder_detached().unwrap();
+    let toks: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % VOCAB as u32).collect();
+    let a = healed.forward(&toks, &mut healed.new_cache()).unwrap();
+    let b = trained.forward(&toks, &mut trained.new_cache()).unwrap();
+    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    let care: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("care.json")).unwrap()).unwrap();
+    assert_eq!(care["healing"]["steps"], 2);
+    assert!(
+        care.get("conversion").is_some(),
+        "the conversion record is kept"
+    );
+
+    // Token ids outside the vocabulary: another tokenizer's corpus.
+    let mut bad = corpus(5, 16);
+    bad.train[3][2] = VOCAB as u32 + 5;
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let e = Healer::new(
+        &teacher,
+        student,
+        &bad,
+        options(256),
+        &tmp.path().join("x"),
+        false,
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("another tokenizer"), "{e}");
+    // A GGUF file or a missing path is not a student directory.
+    let e = StudentParams::open(&tmp.path().join("nope"), TrainScope::All, &Device::Cpu)
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("checkpoint directory"), "{e}");
+    // Out-of-range options.
+    let mut o = options(256);
+    o.lr = 0.0;
+    assert!(o.validate().is_err());
+    o = options(256);
+    o.tau = -1.0;
+    assert!(o.validate().is_err());
+    assert!(
+        !tmp.path().join("x").exists(),
+        "nothing written for refused runs"
+    );
+}

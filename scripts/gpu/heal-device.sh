@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Device side of the GPU healing runs (scripts/gpu/heal-prepare.sh builds the inputs here).
+# Runs in the repository root on the device machine; results go to $OUT.
+#
+#   bash scripts/gpu/heal-device.sh probe              # speed of one config, no outputs
+#   bash scripts/gpu/heal-device.sh run TOKENS [BASES]  # convert, heal, evaluate
+#   bash scripts/gpu/heal-device.sh eval NAME           # evaluate /tmp/heal/NAME
+#
+# Inputs (carried, git-ignored, made by heal-prepare.sh): .devcarry/heal-a/ (care-convert.xz
+# built with --features cuda, part 1 of the teacher GGUF), .devcarry/heal-b/ (part 2, its
+# sha256, calibration text), .devcarry/heal-c/ (packed healing corpus, evaluation texts,
+# zero-shot task requests). They exceed one call's carry, so they travel over three calls
+# on the same warm machine (ignored paths stay there between calls).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+MODE="${1:-probe}"
+TOKENS="${2:-5M}"
+BASES="${3:-care transmla-pca}"
+OUT="${OUT:-/tmp/out}"
+A=.devcarry/heal-a
+B=.devcarry/heal-b
+C=.devcarry/heal-c
+W=/tmp/heal
+mkdir -p "$W" "$OUT"
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+# A rebuilt binary may come alone in .devcarry/heal-bin (a small carry).
+BIN_XZ="$A/care-convert.xz"
+[[ -f .devcarry/heal-bin/care-convert.xz ]] && BIN_XZ=.devcarry/heal-bin/care-convert.xz
+if [[ ! -x "$W/care-convert" || "$BIN_XZ" -nt "$W/care-convert" ]]; then
+  xz -dc "$BIN_XZ" > "$W/care-convert"
+  chmod +x "$W/care-convert"
+fi
+CC="$W/care-convert"
+TEACHER="$W/teacher.gguf"
+if [[ ! -f "$TEACHER" ]]; then
+  cat "$A/teacher.part1" "$B/teacher.part2" > "$TEACHER"
+fi
+(cd "$W" && sha256sum -c <(sed "s#  .*#  teacher.gguf#" "$OLDPWD/$B/teacher.sha256"))
+export CARE_ASSETS="$W/assets"
+if [[ ! -d "$CARE_ASSETS/data/oe_eval_tasks" ]]; then
+  mkdir -p "$CARE_ASSETS/data"
+  cp -r "$B/assets/data/." "$C/assets/data/." "$CARE_ASSETS/data/"
+  tar -xzf "$C/tasks.tar.gz" -C "$CARE_ASSETS/data"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+PROSE="$CARE_ASSETS/data/sotu/2016_barack_obama_d.txt"
+CODE="$CARE_ASSETS/data/functools.py"
+TASKS="arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa"
+
+convert() { # convert BASIS
+  [[ -d "$W/student-$1" ]] && return 0
+  "$CC" mla --quiet --model "$TEACHER" --kv-keep 0.5 --basis "$1" \
+    --calib-samples 256 --calib-seq-len 32 --seed 42 --out "$W/student-$1" > "$OUT/convert-$1.json"
+}
+
+evaluate() { # evaluate MODEL NAME
+  "$CC" eval --quiet --model "$1" --ppl "$PROSE" --ppl "$CODE" --max-tokens 1024 --window 512 \
+    --tasks "$TASKS" --limit 50 --format json > "$OUT/eval-$2.json"
+}
+
+case "$MODE" in
+  probe)
+    convert care
+    for cfg in "8 1" "16 1"; do
+      set -- $cfg
+      rm -rf "$W/probe"
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-care" --data "$C/heal.tokens" \
+        --tokens 2M --batch "$1" --grad-accum "$2" --device cuda --out "$W/probe" \
+        --stop-after 6 --eval-every 0 --eval-sequences 8 --format json > "$OUT/probe-$1.json" \
+        2> "$OUT/probe-$1.log" || { tail -5 "$OUT/probe-$1.log"; continue; }
+      python3 - "$W/probe/heal/log.jsonl" "$1" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])][1:]
+steady = recs[2:] or recs
+secs = sum(r["secs"] for r in steady) / len(steady)
+toks = recs[0]["tokens"]
+print(f"batch {sys.argv[2]}: {secs:.3f} s/update, {toks / secs:,.0f} tokens/s, loss {recs[-1]['loss']:.3f}")
+PY
+    done
+    ;;
+  run)
+    for b in $BASES; do
+      convert "$b"
+      # The unhealed student and the healed model are evaluated unless SKIP_EVAL=1 (a
+      # call has 10 minutes; `eval DIR NAME` evaluates later in another call).
+      [[ "${SKIP_EVAL:-0}" = 1 || "${SKIP_STUDENT_EVAL:-0}" = 1 ]] || evaluate "$W/student-$b" "student-$b"
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$C/heal.tokens" \
+        --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" --device cuda \
+        --out "$W/healed-$b-$TOKENS" --eval-every "${EVAL_EVERY:-100}" --save-every 0 \
+        --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"
+      cp "$W/healed-$b-$TOKENS/heal/log.jsonl" "$OUT/log-$b-$TOKENS.jsonl"
+      cp "$W/healed-$b-$TOKENS/heal/loss.png" "$OUT/loss-$b-$TOKENS.png"
+      cp "$W/healed-$b-$TOKENS/care.json" "$OUT/care-$b-$TOKENS.json"
+      [[ "${SKIP_EVAL:-0}" = 1 ]] || evaluate "$W/healed-$b-$TOKENS" "healed-$b-$TOKENS"
+    done
+    python3 - "$OUT" <<'PY'
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for f in sorted(out.glob("eval-*.json")):
+    r = json.loads(f.read_text())
+    ppl = [p["result"]["ppl"] for p in r.get("perplexity", [])]
+    acc = r.get("average_acc") or 0.0
+    print(f"{f.stem:40} PPL {' / '.join(f'{p:.2f}' for p in ppl)}  avg acc {acc:.3f}")
+PY
+    ;;
+  eval)
+    evaluate "$W/$2" "$2"
+    ;;
+  *)
+    echo "usage: heal-device.sh probe | run TOKENS [BASES] | eval NAME" >&2
+    exit 2
+    ;;
+esac
