@@ -461,6 +461,18 @@ fn run_mla(a: MlaArgs) -> Result<()> {
         s.seconds,
         started.elapsed().as_secs_f64()
     );
+    if !s.rope_pairs_inexact.is_empty() {
+        let list: Vec<String> = s
+            .rope_pairs_inexact
+            .iter()
+            .map(|c| format!("pair {} ({:.1} %)", c.pair, 100.0 * c.rel_error))
+            .collect();
+        eprintln!(
+            "note: the source's RoPE scaling is emulated by YaRN; these RoPE pairs rotate at a \
+             different frequency than in the source: {}",
+            list.join(", ")
+        );
+    }
     println!("{}", serde_json::to_string_pretty(s)?);
     Ok(())
 }

@@ -19,7 +19,7 @@ use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
 
 mod common;
-use common::{write_source, Rng, HEAD_DIM, HIDDEN, VOCAB};
+use common::{write_source, write_source_with, Rng, HEAD_DIM, HIDDEN, VOCAB};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
@@ -125,4 +125,122 @@ fn full_rank_single_kv_head_conversion_is_exact_with_and_without_biases() {
         let e = max_rel_diff(&got, &want);
         assert!(e < 1e-4, "qwen={qwen}: exported relative error {e:e}");
     }
+}
+
+/// A source with Llama 3 RoPE scaling becomes DeepSeek YaRN, exact for every pair outside
+/// Llama 3's blend band (the band's pairs are listed as inexact; unit tests in
+/// `stock::rope_scale`). With no pair in the band the full-rank conversion is exact again
+/// — positions past the original window included — while dropping the scaling is not.
+#[test]
+fn llama3_rope_scaling_is_emulated_by_yarn() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("llama3");
+    // 8 frequencies θ^(−j/8), θ = 1e4, over an original window of 64 tokens: 10.2 ω_j
+    // rotations = 10.2, 3.2, 1.02, 0.32, … Blending between 1.1 and 3 rotations: pairs 0–1
+    // keep, pairs 2–7 are divided by 4, none blends.
+    write_source_with(
+        &src,
+        false,
+        serde_json::json!({"rope_scaling": {"rope_type": "llama3", "factor": 4.0,
+            "low_freq_factor": 1.1, "high_freq_factor": 3.0,
+            "original_max_position_embeddings": 64}}),
+    );
+    let ckpt = Checkpoint::open(&src).unwrap();
+    let original = Decoder::load(&ckpt).unwrap();
+    let mut r = Rng(9);
+    let windows: Vec<Vec<u32>> = (0..40)
+        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
+        .collect();
+    let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
+    let mut opts = StockOptions {
+        kv_lora_rank: 0,
+        rank: None,
+        rope: RopeSplitOptions {
+            rope_dim: HEAD_DIM,
+            freqfold: 1,
+            pca: true,
+        },
+        basis: LatentBasis::Care,
+        balance: true,
+        latent_norm: LatentNorm::BiasAnchor,
+        pad_v: true,
+        damping: 0.0,
+    };
+    opts.kv_lora_rank = max_rank(&original.spec, &opts) + 1;
+    let stock = convert_stock(
+        &original.spec,
+        ckpt.weights.as_ref(),
+        &stats,
+        &opts,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let inexact: Vec<usize> = stock
+        .summary
+        .rope_pairs_inexact
+        .iter()
+        .map(|c| c.pair)
+        .collect();
+    eprintln!("inexact pairs: {:?}", stock.summary.rope_pairs_inexact);
+    assert!(inexact.is_empty(), "{inexact:?}");
+    let tokens: Vec<u32> = (0..96).map(|i| (i * 13 + 3) % VOCAB as u32).collect();
+    let want = original
+        .forward(&tokens, &mut original.new_cache())
+        .unwrap();
+    let mut converted = Decoder::load(&ckpt).unwrap();
+    stock.install(&mut converted).unwrap();
+    let got = converted
+        .forward(&tokens, &mut converted.new_cache())
+        .unwrap();
+    let mut naive_model = stock.clone();
+    naive_model.mla.rope_scaling = mla_attention::mla::MlaRopeScaling::None;
+    let mut naive = Decoder::load(&ckpt).unwrap();
+    naive_model.install(&mut naive).unwrap();
+    let dropped = naive.forward(&tokens, &mut naive.new_cache()).unwrap();
+    let (e_yarn, e_naive) = (max_rel_diff(&got, &want), max_rel_diff(&dropped, &want));
+    eprintln!("max relative logit error over 96 positions: YaRN {e_yarn:.2e}, scaling dropped {e_naive:.2e}");
+    assert!(e_yarn < 1e-4, "YaRN emulation error {e_yarn:e}");
+    assert!(
+        e_naive > 1e-2,
+        "dropping the scaling should matter: {e_naive:e}"
+    );
+
+    // The export carries the YaRN keys and reloads to the same model.
+    let out = tmp.path().join("mla");
+    let prov = StockProvenance {
+        format: "care-deepseek-v2",
+        format_version: 1,
+        source_model: src.display().to_string(),
+        source_sha256: String::new(),
+        conversion: stock.summary.clone(),
+        calibration: CalibrationRecord {
+            sources: vec![],
+            samples: 40,
+            seq_len: 24,
+            seed: 9,
+            tokens: 960,
+            sequential: false,
+        },
+        tool: "test".into(),
+    };
+    write_deepseek_v2(
+        &out,
+        &original.spec,
+        ckpt.weights.as_ref(),
+        &stock,
+        &TokenizerFiles::default(),
+        &prov,
+        SaveDtype::F32,
+    )
+    .unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["rope_scaling"]["type"], "yarn");
+    assert_eq!(cfg["rope_scaling"]["mscale_all_dim"], 0.0);
+    assert_eq!(cfg["rope_parameters"]["attention_factor"], 1.0);
+    let reloaded = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+    let again = reloaded
+        .forward(&tokens, &mut reloaded.new_cache())
+        .unwrap();
+    assert!(max_rel_diff(&again, &got) < 1e-5);
 }

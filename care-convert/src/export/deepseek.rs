@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::stock::{StockModel, StockSummary};
 use mla_attention::config::ModelSpec;
 use mla_attention::io::WeightSource;
+use mla_attention::mla::MlaRopeScaling;
 
 /// Tensor dtype of the written weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -71,6 +72,30 @@ pub fn deepseek_config(
     dtype: SaveDtype,
 ) -> serde_json::Value {
     let s = model.mla.shape;
+    // mistral.rs reads `rope_scaling` (DeepSeek's keys), HF transformers 5 `rope_parameters`;
+    // `attention_factor: 1` because transformers would otherwise derive 0.1·ln(factor) + 1
+    // from `mscale = 0` (mistral.rs and DeepSeek's code use mscale ratios, here 1).
+    let (rope_scaling, rope_parameters) = match &model.mla.rope_scaling {
+        MlaRopeScaling::None => (
+            serde_json::Value::Null,
+            serde_json::json!({ "rope_type": "default", "rope_theta": model.mla.rope_theta }),
+        ),
+        MlaRopeScaling::Yarn(y) => (
+            serde_json::json!({
+                "type": "yarn", "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
+                "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+            }),
+            serde_json::json!({
+                "rope_type": "yarn", "rope_theta": model.mla.rope_theta, "factor": y.factor,
+                "original_max_position_embeddings": y.original_max_position_embeddings,
+                "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
+                "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                "attention_factor": 1.0,
+            }),
+        ),
+    };
     serde_json::json!({
         "architectures": ["DeepseekV2ForCausalLM"],
         "model_type": "deepseek_v2",
@@ -98,8 +123,8 @@ pub fn deepseek_config(
         "max_position_embeddings": spec.max_position_embeddings,
         "rms_norm_eps": spec.rms_norm_eps,
         "rope_theta": model.mla.rope_theta,
-        "rope_scaling": null,
-        "rope_parameters": { "rope_type": "default", "rope_theta": model.mla.rope_theta },
+        "rope_scaling": rope_scaling,
+        "rope_parameters": rope_parameters,
         "rope_interleave": true,
         "attention_bias": model.mla.attention_bias,
         "attention_dropout": 0.0,

@@ -18,6 +18,7 @@
 
 pub mod assemble;
 pub mod joint;
+pub mod rope_scale;
 pub mod rope_split;
 
 #[cfg(test)]
@@ -41,11 +42,9 @@ use serde::{Deserialize, Serialize};
 use crate::convert::{to_tensor, vec_tensor, weight_mat as mat};
 use crate::error::{Error, Result};
 use crate::factorize::InputStats;
-use mla_attention::config::{ModelSpec, RopeScaling};
+use mla_attention::config::ModelSpec;
 use mla_attention::io::WeightSource;
-use mla_attention::mla::{
-    MlaAttention, MlaRopeScaling, MlaShape, MlaSpec, MlaWeights, QLoraWeights,
-};
+use mla_attention::mla::{MlaAttention, MlaShape, MlaSpec, MlaWeights, QLoraWeights};
 use mla_attention::model::Decoder;
 
 pub use assemble::{LatentNorm, StockLayer};
@@ -95,6 +94,10 @@ pub struct StockSummary {
     /// Cached values per token over all layers: original GQA K+V, converted `n + d_rope`.
     pub kv_values_per_token_original: usize,
     pub kv_values_per_token_converted: usize,
+    /// Exported RoPE pairs whose frequency differs from the source's (a source RoPE
+    /// scaling that DeepSeek's YaRN can only approximate; see [`rope_scale`]).
+    #[serde(default)]
+    pub rope_pairs_inexact: Vec<rope_scale::RopePairCheck>,
     pub seconds: f64,
 }
 
@@ -149,15 +152,6 @@ pub fn check(spec: &ModelSpec, opts: &StockOptions) -> Result<()> {
         ));
     }
     rope_split::validate(&opts.rope, spec.head_dim)?;
-    match &spec.rope_scaling {
-        RopeScaling::None => {}
-        other => {
-            return Err(Error::InvalidOption(format!(
-                "source RoPE scaling {other:?} has no DeepSeek-V2 equivalent in this \
-                 converter yet (only unscaled RoPE is exported exactly)"
-            )))
-        }
-    }
     if spec.arch.has_qkv_bias() && opts.latent_norm != LatentNorm::BiasAnchor {
         return Err(Error::InvalidOption(format!(
             "{:?} has q/k/v biases; they fold exactly only through bias anchors \
@@ -280,6 +274,7 @@ pub fn convert_stock(
         layers.push(layer);
         progress(l + 1, spec.num_layers);
     }
+    let rope_plan = rope_scale::plan(spec, opts.rope.rope_dim);
     let mla = MlaSpec {
         shape: MlaShape {
             num_heads: spec.num_heads,
@@ -289,7 +284,7 @@ pub fn convert_stock(
             kv_lora_rank: opts.kv_lora_rank,
         },
         rope_theta: spec.rope_theta,
-        rope_scaling: MlaRopeScaling::None,
+        rope_scaling: rope_plan.scaling,
         norm_eps: spec.rms_norm_eps,
         attention_bias: opts.latent_norm == LatentNorm::BiasAnchor,
         // A source query bias is folded through a q-LoRA of width hidden + 1.
@@ -301,6 +296,7 @@ pub fn convert_stock(
         layers: reports,
         kv_values_per_token_original: spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim,
         kv_values_per_token_converted: spec.num_layers * (opts.kv_lora_rank + opts.rope.rope_dim),
+        rope_pairs_inexact: rope_plan.inexact,
         seconds: started.elapsed().as_secs_f64(),
     };
     Ok(StockModel {
@@ -355,30 +351,36 @@ impl StockModel {
     }
 }
 
+/// A SmolLM2-shaped Llama spec for unit tests.
+#[cfg(test)]
+pub(crate) fn test_spec() -> ModelSpec {
+    ModelSpec {
+        arch: mla_attention::config::Architecture::Llama,
+        hidden_size: 576,
+        num_layers: 2,
+        num_heads: 9,
+        num_kv_heads: 3,
+        head_dim: 64,
+        intermediate_size: 1536,
+        vocab_size: 100,
+        rope_theta: 1e5,
+        rope_scaling: mla_attention::config::RopeScaling::None,
+        rms_norm_eps: 1e-5,
+        tie_word_embeddings: true,
+        max_position_embeddings: 2048,
+        bos_token_id: None,
+        eos_token_id: None,
+        mla: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use mla_attention::config::Architecture;
 
     fn llama() -> ModelSpec {
-        ModelSpec {
-            arch: Architecture::Llama,
-            hidden_size: 576,
-            num_layers: 2,
-            num_heads: 9,
-            num_kv_heads: 3,
-            head_dim: 64,
-            intermediate_size: 1536,
-            vocab_size: 100,
-            rope_theta: 1e5,
-            rope_scaling: RopeScaling::None,
-            rms_norm_eps: 1e-5,
-            tie_word_embeddings: true,
-            max_position_embeddings: 2048,
-            bos_token_id: None,
-            eos_token_id: None,
-            mla: None,
-        }
+        test_spec()
     }
 
     fn opts(kv_lora_rank: usize, rope_dim: usize, freqfold: usize) -> StockOptions {
@@ -431,14 +433,6 @@ mod tests {
                     ..opts(160, 32, 2)
                 },
                 "fold exactly only through bias anchors",
-            ),
-            (
-                ModelSpec {
-                    rope_scaling: RopeScaling::FreqFactors(vec![1.0; 32]),
-                    ..llama()
-                },
-                opts(160, 32, 2),
-                "RoPE scaling",
             ),
         ];
         for (spec, o, want) in cases {

@@ -29,6 +29,11 @@ impl Rng {
 }
 
 pub fn write_source(dir: &Path, qwen: bool) {
+    write_source_with(dir, qwen, serde_json::json!({}));
+}
+
+/// [`write_source`] with extra `config.json` keys (e.g. a `rope_scaling`).
+pub fn write_source_with(dir: &Path, qwen: bool, extra: serde_json::Value) {
     std::fs::create_dir_all(dir).unwrap();
     let mut r = Rng(11);
     let s = 1.0 / (HIDDEN as f32).sqrt();
@@ -80,6 +85,10 @@ pub fn write_source(dir: &Path, qwen: bool) {
         "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": false, "max_position_embeddings": 128
     });
+    let mut config = config;
+    for (k, v) in extra.as_object().expect("extra config is an object") {
+        config[k.as_str()] = v.clone();
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
 }
 
