@@ -7,10 +7,11 @@
 #   bash scripts/gpu/heal-device.sh eval NAME           # evaluate /tmp/heal/NAME
 #
 # Inputs (carried, git-ignored, made by heal-prepare.sh): .devcarry/heal-a/ (care-convert.xz
-# built with --features cuda, part 1 of the teacher GGUF), .devcarry/heal-b/ (part 2, its
-# sha256, calibration text), .devcarry/heal-c/ (packed healing corpus, evaluation texts,
-# zero-shot task requests). They exceed one call's carry, so they travel over three calls
-# on the same warm machine (ignored paths stay there between calls).
+# built with --features cuda, the teacher's sha256, calibration text, packed healing corpus,
+# evaluation texts, zero-shot task requests, part 1 of the teacher GGUF) and
+# .devcarry/heal-pNN/ (the teacher's other parts). They exceed one call's carry, so they
+# travel over several calls on the same warm machine (ignored paths stay there between
+# calls). TASKS="" evaluates perplexity only.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE="${1:-probe}"
@@ -18,8 +19,6 @@ TOKENS="${2:-5M}"
 BASES="${3:-care transmla-pca}"
 OUT="${OUT:-/tmp/out}"
 A=.devcarry/heal-a
-B=.devcarry/heal-b
-C=.devcarry/heal-c
 W=/tmp/heal
 mkdir -p "$W" "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
@@ -32,20 +31,23 @@ if [[ ! -x "$W/care-convert" || "$BIN_XZ" -nt "$W/care-convert" ]]; then
 fi
 CC="$W/care-convert"
 TEACHER="$W/teacher.gguf"
-if [[ ! -f "$TEACHER" ]]; then
-  cat "$A/teacher.part1" "$B/teacher.part2" > "$TEACHER"
+if [[ ! -s "$TEACHER" ]]; then
+  # Parts in order of their number, whichever folder carried them.
+  ls .devcarry/heal-*/teacher.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2 \
+    | xargs cat > "$TEACHER"
 fi
-(cd "$W" && sha256sum -c <(sed "s#  .*#  teacher.gguf#" "$OLDPWD/$B/teacher.sha256"))
+(cd "$W" && sha256sum -c <(sed "s#  .*#  teacher.gguf#" "$OLDPWD/$A/teacher.sha256")) \
+  || { rm -f "$TEACHER"; exit 1; }
 export CARE_ASSETS="$W/assets"
-if [[ ! -d "$CARE_ASSETS/data/oe_eval_tasks" ]]; then
+if [[ ! -d "$CARE_ASSETS/data/sotu" ]]; then
   mkdir -p "$CARE_ASSETS/data"
-  cp -r "$B/assets/data/." "$C/assets/data/." "$CARE_ASSETS/data/"
-  tar -xzf "$C/tasks.tar.gz" -C "$CARE_ASSETS/data"
+  cp -r "$A/assets/data/." "$CARE_ASSETS/data/"
+  [[ -f "$A/tasks.tar.gz" ]] && tar -xzf "$A/tasks.tar.gz" -C "$CARE_ASSETS/data"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 PROSE="$CARE_ASSETS/data/sotu/2016_barack_obama_d.txt"
 CODE="$CARE_ASSETS/data/functools.py"
-TASKS="arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa"
+TASKS="${TASKS-arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}"
 
 convert() { # convert BASIS
   [[ -d "$W/student-$1" ]] && return 0
@@ -55,7 +57,7 @@ convert() { # convert BASIS
 
 evaluate() { # evaluate MODEL NAME
   "$CC" eval --quiet --model "$1" --ppl "$PROSE" --ppl "$CODE" --max-tokens 1024 --window 512 \
-    --tasks "$TASKS" --limit 50 --format json > "$OUT/eval-$2.json"
+    ${TASKS:+--tasks "$TASKS" --limit 50} --format json > "$OUT/eval-$2.json"
 }
 
 case "$MODE" in
@@ -64,7 +66,7 @@ case "$MODE" in
     for cfg in "8 1" "16 1"; do
       set -- $cfg
       rm -rf "$W/probe"
-      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-care" --data "$C/heal.tokens" \
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-care" --data "$A/heal.tokens" \
         --tokens 2M --batch "$1" --grad-accum "$2" --device cuda --out "$W/probe" \
         --stop-after 6 --eval-every 0 --eval-sequences 8 --format json > "$OUT/probe-$1.json" \
         2> "$OUT/probe-$1.log" || { tail -5 "$OUT/probe-$1.log"; continue; }
@@ -84,7 +86,7 @@ PY
       # The unhealed student and the healed model are evaluated unless SKIP_EVAL=1 (a
       # call has 10 minutes; `eval DIR NAME` evaluates later in another call).
       [[ "${SKIP_EVAL:-0}" = 1 || "${SKIP_STUDENT_EVAL:-0}" = 1 ]] || evaluate "$W/student-$b" "student-$b"
-      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$C/heal.tokens" \
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
         --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" --device cuda \
         --out "$W/healed-$b-$TOKENS" --eval-every "${EVAL_EVERY:-100}" --save-every 0 \
         --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"

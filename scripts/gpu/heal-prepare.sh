@@ -1,48 +1,61 @@
 #!/usr/bin/env bash
 # Prepare the GPU healing inputs here (the device has no Rust, no network, and each call
-# carries at most 64 MiB), in three git-ignored folders carried by three device calls on
-# one warm machine:
-#   .devcarry/heal-a  care-convert (CUDA build, xz) + teacher GGUF part 1
-#   .devcarry/heal-b  teacher part 2 + sha256 + calibration text
-#   .devcarry/heal-c  packed healing corpus + evaluation texts + zero-shot task requests
+# carries at most 64 MiB, working tree included) as git-ignored folders, one per device
+# call on one warm machine (ignored paths stay there between calls):
+#   .devcarry/heal-a     care-convert (CUDA build, xz), teacher sha256, calibration text,
+#                        packed healing corpus, evaluation texts, zero-shot task requests
+#                        (unless NO_TASKS=1), and the first part of the teacher GGUF
+#   .devcarry/heal-pNN   the following parts of the teacher GGUF
 # then `bash scripts/gpu/heal-device.sh probe|run …` runs there (see that script).
 #
 #   scripts/gpu/heal-prepare.sh [MODEL]     (default smollm2-135m-instruct)
+#   HEAL_TOKENS=1M NO_TASKS=1 scripts/gpu/heal-prepare.sh qwen2.5-coder-0.5b-instruct
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
 cd "$ROOT"
 MODEL="${1:-smollm2-135m-instruct}"
 A="${CARE_ASSETS:-$HOME/.cache/care-assets}"
 TOKENS="${HEAL_TOKENS:-20M}"
-SPLIT=50000000
-bash scripts/gpu/build.sh heal
+PART=60000000
+[[ "${SKIP_BUILD:-0}" = 1 ]] || bash scripts/gpu/build.sh heal
 CPU_BIN="${CPU_BIN:-$HOME/.cache/care-target/release/care-convert}"
 [[ -x "$CPU_BIN" ]] || cargo build --release -p care-convert
 D=.devcarry
-rm -rf "$D/heal-a" "$D/heal-b" "$D/heal-c"
-mkdir -p "$D/heal-a" "$D/heal-b/assets/data/exllamav2-cal" "$D/heal-c/assets/data/sotu"
-mv "$D/care-convert.xz" "$D/heal-a/"
+rm -rf "$D"/heal-a "$D"/heal-b "$D"/heal-c "$D"/heal-p*
+mkdir -p "$D/heal-a/assets/data/exllamav2-cal" "$D/heal-a/assets/data/sotu"
+cp "$D/care-convert.xz" "$D/heal-a/"
 G="$A/models/$MODEL/model.gguf"
-head -c "$SPLIT" "$G" > "$D/heal-a/teacher.part1"
-tail -c +"$((SPLIT + 1))" "$G" > "$D/heal-b/teacher.part2"
-sha256sum "$G" > "$D/heal-b/teacher.sha256"
-cp "$A"/data/exllamav2-cal/{c4,wiki,code}.utf8 "$D/heal-b/assets/data/exllamav2-cal/"
+sha256sum "$G" > "$D/heal-a/teacher.sha256"
+cp "$A"/data/exllamav2-cal/{c4,wiki,code}.utf8 "$D/heal-a/assets/data/exllamav2-cal/"
 # Healing text: SOTU speeches, the Python docs and the CPython stdlib — minus the two
 # perplexity evaluation texts.
 "$CPU_BIN" pack-data --quiet --model "$G" \
   --source "$A/data/sotu" --source "$A/data/python3.11-docs" --source "$A/data/cpython3.11-stdlib" \
   --exclude "$A/data/sotu/2016_barack_obama_d.txt" --exclude /usr/lib/python3.11/functools.py \
-  --tokens "$TOKENS" --seq-len 512 --heldout 32 --seed 42 --out "$D/heal-c/heal.tokens"
-cp "$A/data/sotu/2016_barack_obama_d.txt" "$D/heal-c/assets/data/sotu/"
-cp /usr/lib/python3.11/functools.py "$D/heal-c/assets/data/functools.py"
-(cd "$A/data" && tar -czf "$ROOT/$D/heal-c/tasks.tar.gz" \
-  oe_eval_tasks/{arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}/rc_0shot)
+  --tokens "$TOKENS" --seq-len 512 --heldout 32 --seed 42 --out "$D/heal-a/heal.tokens"
+cp "$A/data/sotu/2016_barack_obama_d.txt" "$D/heal-a/assets/data/sotu/"
+cp /usr/lib/python3.11/functools.py "$D/heal-a/assets/data/functools.py"
+if [[ "${NO_TASKS:-0}" != 1 ]]; then
+  (cd "$A/data" && tar -czf "$ROOT/$D/heal-a/tasks.tar.gz" \
+    oe_eval_tasks/{arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}/rc_0shot)
+fi
 tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
-for p in heal-a heal-b heal-c; do
-  size=$(du -sb "$D/$p" | cut -f1)
-  echo "$D/$p: $size bytes (+ $tree bytes of working tree)"
-  if (( size + tree >= 64 * 1024 * 1024 )); then
-    echo "heal-prepare.sh: $D/$p is over the 64 MiB carry limit" >&2
-    exit 1
-  fi
+limit=$((64 * 1024 * 1024 - tree - 1024 * 1024))
+first=$((limit - $(du -sb "$D/heal-a" | cut -f1)))
+(( first > 0 )) || { echo "heal-prepare.sh: heal-a is full before any teacher bytes" >&2; exit 1; }
+size=$(stat -c %s "$G")
+dd if="$G" of="$D/heal-a/teacher.part01" bs=1M status=none iflag=count_bytes count="$first"
+off=$first
+n=2
+while (( off < size )); do
+  dir=$(printf '%s/heal-p%02d' "$D" "$n")
+  mkdir -p "$dir"
+  dd if="$G" of="$(printf '%s/teacher.part%02d' "$dir" "$n")" bs=1M status=none \
+    iflag=skip_bytes,count_bytes skip="$off" count="$PART"
+  off=$((off + PART))
+  n=$((n + 1))
+done
+for p in "$D"/heal-a "$D"/heal-p*; do
+  [[ -d "$p" ]] || continue
+  echo "$p: $(du -sb "$p" | cut -f1) bytes (+ $tree bytes of working tree)"
 done
