@@ -149,8 +149,9 @@ pub struct ConvertArgs {
 
 #[derive(Debug, Args)]
 pub struct MlaArgs {
-    /// Source model: a `.gguf` file or a Hugging Face directory (Llama family, no
-    /// attention biases, unscaled RoPE).
+    /// Source model: a `.gguf` file or a Hugging Face directory (Llama or Qwen2; q/k/v
+    /// biases are folded exactly, a Llama 3 RoPE scaling becomes DeepSeek YaRN with the
+    /// inexact pairs reported).
     #[arg(long)]
     pub model: PathBuf,
     /// `kv_lora_rank` of the output: the cached latent width per layer (padded). With

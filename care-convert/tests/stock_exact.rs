@@ -6,20 +6,15 @@
 //! anchor), the softmax-scale compensation, V padding, and the export round trip.
 
 use candle_core::Tensor;
-use care_convert::calibrate::collect_all;
-use care_convert::export::deepseek::{
-    write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
-};
-use care_convert::export::CalibrationRecord;
-use care_convert::stock::{
-    convert_stock, effective_rank, max_rank, LatentBasis, LatentNorm, RopeSplitOptions,
-    StockOptions,
-};
+use care_convert::stock::{effective_rank, max_rank};
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
 
 mod common;
-use common::{write_source, write_source_with, Rng, HEAD_DIM, HIDDEN, VOCAB};
+use common::{
+    convert_tiny, export_tiny, stock_options, write_source, write_source_with, HEAD_DIM, HIDDEN,
+    VOCAB,
+};
 
 fn max_rel_diff(a: &Tensor, b: &Tensor) -> f32 {
     let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
@@ -33,37 +28,12 @@ fn full_rank_single_kv_head_conversion_is_exact_with_and_without_biases() {
     for qwen in [false, true] {
         let src = tmp.path().join(if qwen { "qwen" } else { "llama" });
         write_source(&src, qwen);
-        let ckpt = Checkpoint::open(&src).unwrap();
-        let original = Decoder::load(&ckpt).unwrap();
-        let mut r = Rng(5);
-        let windows: Vec<Vec<u32>> = (0..40)
-            .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
-            .collect();
-        let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
-        let mut opts = StockOptions {
-            kv_lora_rank: 0,
-            rank: None,
-            rope: RopeSplitOptions {
-                rope_dim: HEAD_DIM,
-                freqfold: 1,
-                pca: true,
-            },
-            basis: LatentBasis::Care,
-            balance: true,
-            latent_norm: LatentNorm::BiasAnchor,
-            pad_v: true,
-            damping: 0.0,
-        };
-        opts.kv_lora_rank = max_rank(&original.spec, &opts) + 1;
-        assert_eq!(effective_rank(&original.spec, &opts), HEAD_DIM);
-        let stock = convert_stock(
-            &original.spec,
-            ckpt.weights.as_ref(),
-            &stats,
-            &opts,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let (ckpt, original, stock) = convert_tiny(&src, |spec| {
+            let mut opts = stock_options(0, HEAD_DIM);
+            opts.kv_lora_rank = max_rank(spec, &opts) + 1;
+            assert_eq!(effective_rank(spec, &opts), HEAD_DIM);
+            opts
+        });
         assert_eq!(stock.mla.q_lora_rank, qwen.then_some(HIDDEN + 1));
         let tokens: Vec<u32> = (0..20).map(|i| (i * 13 + 3) % VOCAB as u32).collect();
         let want = original
@@ -81,42 +51,9 @@ fn full_rank_single_kv_head_conversion_is_exact_with_and_without_biases() {
 
         // Through the exported DeepSeek-V2 directory.
         let out = tmp.path().join(format!("mla-{qwen}"));
-        let prov = StockProvenance {
-            format: "care-deepseek-v2",
-            format_version: 1,
-            source_model: src.display().to_string(),
-            source_sha256: String::new(),
-            conversion: stock.summary.clone(),
-            calibration: CalibrationRecord {
-                sources: vec![],
-                samples: 40,
-                seq_len: 24,
-                seed: 5,
-                tokens: 960,
-                sequential: false,
-            },
-            tool: "test".into(),
-        };
-        write_deepseek_v2(
-            &out,
-            &original.spec,
-            ckpt.weights.as_ref(),
-            &stock,
-            &TokenizerFiles::default(),
-            &prov,
-            SaveDtype::F32,
-        )
-        .unwrap();
+        export_tiny(&src, &out, &ckpt, &stock).unwrap();
         // Writing again over an existing directory is refused and leaves it intact.
-        let again = write_deepseek_v2(
-            &out,
-            &original.spec,
-            ckpt.weights.as_ref(),
-            &stock,
-            &TokenizerFiles::default(),
-            &prov,
-            SaveDtype::F32,
-        );
+        let again = export_tiny(&src, &out, &ckpt, &stock);
         assert!(again.unwrap_err().to_string().contains("already exists"));
         let reloaded = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
         let got = reloaded
@@ -145,36 +82,11 @@ fn llama3_rope_scaling_is_emulated_by_yarn() {
             "low_freq_factor": 1.1, "high_freq_factor": 3.0,
             "original_max_position_embeddings": 64}}),
     );
-    let ckpt = Checkpoint::open(&src).unwrap();
-    let original = Decoder::load(&ckpt).unwrap();
-    let mut r = Rng(9);
-    let windows: Vec<Vec<u32>> = (0..40)
-        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
-        .collect();
-    let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
-    let mut opts = StockOptions {
-        kv_lora_rank: 0,
-        rank: None,
-        rope: RopeSplitOptions {
-            rope_dim: HEAD_DIM,
-            freqfold: 1,
-            pca: true,
-        },
-        basis: LatentBasis::Care,
-        balance: true,
-        latent_norm: LatentNorm::BiasAnchor,
-        pad_v: true,
-        damping: 0.0,
-    };
-    opts.kv_lora_rank = max_rank(&original.spec, &opts) + 1;
-    let stock = convert_stock(
-        &original.spec,
-        ckpt.weights.as_ref(),
-        &stats,
-        &opts,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let (ckpt, original, stock) = convert_tiny(&src, |spec| {
+        let mut opts = stock_options(0, HEAD_DIM);
+        opts.kv_lora_rank = max_rank(spec, &opts) + 1;
+        opts
+    });
     let inexact: Vec<usize> = stock
         .summary
         .rope_pairs_inexact
@@ -207,32 +119,7 @@ fn llama3_rope_scaling_is_emulated_by_yarn() {
 
     // The export carries the YaRN keys and reloads to the same model.
     let out = tmp.path().join("mla");
-    let prov = StockProvenance {
-        format: "care-deepseek-v2",
-        format_version: 1,
-        source_model: src.display().to_string(),
-        source_sha256: String::new(),
-        conversion: stock.summary.clone(),
-        calibration: CalibrationRecord {
-            sources: vec![],
-            samples: 40,
-            seq_len: 24,
-            seed: 9,
-            tokens: 960,
-            sequential: false,
-        },
-        tool: "test".into(),
-    };
-    write_deepseek_v2(
-        &out,
-        &original.spec,
-        ckpt.weights.as_ref(),
-        &stock,
-        &TokenizerFiles::default(),
-        &prov,
-        SaveDtype::F32,
-    )
-    .unwrap();
+    export_tiny(&src, &out, &ckpt, &stock).unwrap();
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["rope_scaling"]["type"], "yarn");

@@ -92,29 +92,12 @@ pub fn write_source_with(dir: &Path, qwen: bool, extra: serde_json::Value) {
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
 }
 
-/// Convert the tiny source at `src` into a stock DeepSeek-V2 MLA directory `out` with
-/// `rank` latent dims (plus the anchor) and `rope_dim` RoPE dims, CARE basis.
-pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
-    use care_convert::calibrate::collect_all;
-    use care_convert::export::deepseek::{
-        write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
-    };
-    use care_convert::export::CalibrationRecord;
-    use care_convert::stock::{
-        convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions,
-    };
-    use mla_attention::io::Checkpoint;
-    use mla_attention::model::Decoder;
-
-    let ckpt = Checkpoint::open(src).unwrap();
-    let original = Decoder::load(&ckpt).unwrap();
-    let mut r = Rng(5);
-    let windows: Vec<Vec<u32>> = (0..40)
-        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
-        .collect();
-    let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
-    let opts = StockOptions {
-        kv_lora_rank: rank + 1,
+/// Stock options for the tiny model: `kv_lora_rank` (anchor included), `rope_dim` with the
+/// smallest legal FreqFold, CARE basis, bias anchor, no damping.
+pub fn stock_options(kv_lora_rank: usize, rope_dim: usize) -> care_convert::stock::StockOptions {
+    use care_convert::stock::{LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
+    StockOptions {
+        kv_lora_rank,
         rank: None,
         rope: RopeSplitOptions {
             rope_dim,
@@ -126,7 +109,32 @@ pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
         latent_norm: LatentNorm::BiasAnchor,
         pad_v: true,
         damping: 0.0,
-    };
+    }
+}
+
+/// Calibrate the tiny source at `src` on 40 random windows of 24 tokens (seed 5) and
+/// convert it with `opts(spec)`; returns the source model and the conversion.
+pub fn convert_tiny(
+    src: &Path,
+    opts: impl FnOnce(&mla_attention::config::ModelSpec) -> care_convert::stock::StockOptions,
+) -> (
+    mla_attention::io::Checkpoint,
+    mla_attention::model::Decoder,
+    care_convert::stock::StockModel,
+) {
+    use care_convert::calibrate::collect_all;
+    use care_convert::stock::convert_stock;
+    use mla_attention::io::Checkpoint;
+    use mla_attention::model::Decoder;
+
+    let ckpt = Checkpoint::open(src).unwrap();
+    let original = Decoder::load(&ckpt).unwrap();
+    let mut r = Rng(5);
+    let windows: Vec<Vec<u32>> = (0..40)
+        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
+        .collect();
+    let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
+    let opts = opts(&original.spec);
     let stock = convert_stock(
         &original.spec,
         ckpt.weights.as_ref(),
@@ -135,6 +143,20 @@ pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
         &mut |_, _| {},
     )
     .unwrap();
+    (ckpt, original, stock)
+}
+
+/// Export `stock` (converted from the tiny source at `src`) to `out`.
+pub fn export_tiny(
+    src: &Path,
+    out: &Path,
+    ckpt: &mla_attention::io::Checkpoint,
+    stock: &care_convert::stock::StockModel,
+) -> care_convert::Result<()> {
+    use care_convert::export::deepseek::{
+        write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
+    };
+    use care_convert::export::CalibrationRecord;
     let prov = StockProvenance {
         format: "care-deepseek-v2",
         format_version: 1,
@@ -153,12 +175,18 @@ pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
     };
     write_deepseek_v2(
         out,
-        &original.spec,
+        &ckpt.spec,
         ckpt.weights.as_ref(),
-        &stock,
+        stock,
         &TokenizerFiles::default(),
         &prov,
         SaveDtype::F32,
     )
-    .unwrap();
+}
+
+/// Convert the tiny source at `src` into a stock DeepSeek-V2 MLA directory `out` with
+/// `rank` latent dims (plus the anchor) and `rope_dim` RoPE dims, CARE basis.
+pub fn write_stock(src: &Path, out: &Path, rank: usize, rope_dim: usize) {
+    let (ckpt, _, stock) = convert_tiny(src, |_| stock_options(rank + 1, rope_dim));
+    export_tiny(src, out, &ckpt, &stock).unwrap();
 }
