@@ -225,6 +225,20 @@ fn loss_falls_and_an_interrupted_run_resumes_onto_the_same_curve() {
         .err()
         .expect("refused");
     assert!(e.to_string().contains("other options"), "{e}");
+    // …and resuming on other data.
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let other_data = corpus(3, 63);
+    let e = Healer::new(
+        &teacher,
+        student,
+        &other_data,
+        opts.clone(),
+        &split_dir,
+        true,
+    )
+    .err()
+    .expect("refused");
+    assert!(e.to_string().contains("other options or data"), "{e}");
     let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
     let mut h = Healer::new(&teacher, student, &data, opts, &split_dir, true).unwrap();
     assert_eq!(h.step(), 5);
@@ -257,6 +271,8 @@ fn healed_checkpoint_keeps_the_student_format_and_bad_inputs_are_refused() {
     let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
     let out = tmp.path().join("healed");
     prepare_output(&stock, &out).unwrap();
+    // Before any update the output already loads (as the student).
+    Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
     let mut h = Healer::new(
         &teacher,
         student,

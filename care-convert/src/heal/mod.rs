@@ -25,8 +25,9 @@ use crate::export::write_atomically;
 use student::StudentParams;
 use train::StepRecord;
 
-/// Create `out` as a copy of the student directory (all files but the weights, which
-/// [`write_healed`] writes), atomically. A no-op if `out` already is one.
+/// Create `out` as a copy of the student directory (weights included, so `out` is a
+/// loadable checkpoint from the start; [`write_healed`] replaces them), atomically. A
+/// no-op if `out` already is one.
 pub fn prepare_output(student_dir: &Path, out: &Path) -> Result<()> {
     if out.join("config.json").exists() {
         return Ok(());
@@ -35,7 +36,7 @@ pub fn prepare_output(student_dir: &Path, out: &Path) -> Result<()> {
         for e in std::fs::read_dir(student_dir).map_err(|e| Error::io(student_dir, e))? {
             let p = e.map_err(|e| Error::io(student_dir, e))?.path();
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            if p.is_file() && !name.ends_with(".safetensors") && !name.ends_with(".png") {
+            if p.is_file() && !name.ends_with(".png") {
                 std::fs::copy(&p, tmp.join(name)).map_err(|e| Error::io(&p, e))?;
             }
         }

@@ -121,6 +121,11 @@ pub struct HealState {
     pub options: HealOptions,
     pub seq_len: usize,
     pub corpus_tokenizer: String,
+    /// Training rows and sources of the corpus: a resume must see the same data.
+    #[serde(default)]
+    pub corpus_rows: usize,
+    #[serde(default)]
+    pub corpus_sources: Vec<String>,
     pub step: u64,
     pub total_steps: u64,
     pub records: Vec<StepRecord>,
@@ -213,6 +218,8 @@ impl<'a> Healer<'a> {
                 options: opts.clone(),
                 seq_len,
                 corpus_tokenizer: corpus.info.tokenizer.clone(),
+                corpus_rows: corpus.train.len(),
+                corpus_sources: corpus.info.sources.clone(),
                 step: 0,
                 total_steps,
                 records: Vec::new(),
@@ -466,6 +473,8 @@ impl<'a> Healer<'a> {
         if state.options != self.opts
             || state.seq_len != self.state.seq_len
             || state.corpus_tokenizer != self.state.corpus_tokenizer
+            || state.corpus_rows != self.state.corpus_rows
+            || state.corpus_sources != self.state.corpus_sources
         {
             return Err(Error::InvalidOption(format!(
                 "{} was written with other options or data ({}); resume with the same \
