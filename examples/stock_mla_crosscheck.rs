@@ -12,7 +12,9 @@
 //! `OUT_DIR/<variant>/expected.json` (`tokens`, `logits` per position) for the variants
 //! `padded-v` (v_head_dim = qk head width, what mistral.rs needs on CPU), `plain-v`, and
 //! `qwen-bias` (a Qwen2 source: q bias folded through a q-LoRA, k/v biases through the
-//! latent anchor).
+//! latent anchor), and `llama3-yarn` (a source with Llama 3 RoPE scaling over a 16-token
+//! original window, exported as DeepSeek YaRN: checks that the other engine reads the
+//! `rope_scaling` / `rope_parameters` keys as we do).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -59,8 +61,8 @@ impl Rng {
 }
 
 /// A random Llama (or, with `qwen`, a Qwen2 with q/k/v biases) in HF layout (half-split
-/// RoPE pairs), written to `dir`.
-fn write_source(dir: &Path, qwen: bool) -> Result<()> {
+/// RoPE pairs), with `rope_scaling` in its config, written to `dir`.
+fn write_source(dir: &Path, qwen: bool, rope_scaling: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut r = Rng(2026);
     let mut t = HashMap::new();
@@ -117,7 +119,7 @@ fn write_source(dir: &Path, qwen: bool) -> Result<()> {
         "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate_size": INTER,
         "vocab_size": VOCAB, "rope_theta": 10000.0, "rms_norm_eps": 1e-5,
         "tie_word_embeddings": false, "max_position_embeddings": 256,
-        "bos_token_id": 1, "eos_token_id": 2
+        "bos_token_id": 1, "eos_token_id": 2, "rope_scaling": rope_scaling
     });
     std::fs::write(
         dir.join("config.json"),
@@ -140,14 +142,26 @@ fn main() -> Result<()> {
         })
         .collect();
     let tokens: Vec<u32> = (0..24).map(|i| (i * 37 + 11) % VOCAB as u32).collect();
-    for (name, pad_v, qwen) in [
-        ("padded-v", true, false),
-        ("plain-v", false, false),
-        ("qwen-bias", true, true),
+    let llama3 = serde_json::json!({"rope_type": "llama3", "factor": 4.0,
+        "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16});
+    for (name, pad_v, qwen, scaled) in [
+        ("padded-v", true, false, false),
+        ("plain-v", false, false, false),
+        ("qwen-bias", true, true, false),
+        ("llama3-yarn", true, false, true),
     ] {
-        let src = out.join(if qwen { "source-qwen2" } else { "source-llama" });
+        let src = out.join(match (qwen, scaled) {
+            (true, _) => "source-qwen2",
+            (false, true) => "source-llama3",
+            (false, false) => "source-llama",
+        });
         if !src.exists() {
-            write_source(&src, qwen)?;
+            let scaling = if scaled {
+                llama3.clone()
+            } else {
+                serde_json::Value::Null
+            };
+            write_source(&src, qwen, scaling)?;
         }
         let ckpt = Checkpoint::open(&src)?;
         let model = Decoder::load(&ckpt)?;

@@ -46,10 +46,26 @@ fn assets() -> PathBuf {
 
 /// Convert `model` (real weights, real calibration text) into `out`.
 fn convert(model_name: &str, kv_lora_rank: usize, samples: usize, out: &Path) -> Result<()> {
+    convert_with(model_name, kv_lora_rank, samples, None, out)
+}
+
+/// [`convert`] of the model read with `rope_scaling` in place of its own (a Llama 3 scaling
+/// on SmolLM2 makes the export carry DeepSeek YaRN keys).
+fn convert_with(
+    model_name: &str,
+    kv_lora_rank: usize,
+    samples: usize,
+    rope_scaling: Option<mla_attention::config::RopeScaling>,
+    out: &Path,
+) -> Result<()> {
     let src = assets().join(format!("models/{model_name}/model.gguf"));
     let ckpt = Checkpoint::open(&src)
         .with_context(|| format!("{} (run scripts/fetch_assets.py)", src.display()))?;
-    let model = Decoder::load(&ckpt)?;
+    let mut spec = ckpt.spec.clone();
+    if let Some(r) = rope_scaling {
+        spec.rope_scaling = r;
+    }
+    let model = Decoder::load_weights(&spec, ckpt.weights.as_ref())?;
     let tok = ckpt.tokenizer()?;
     let cal = assets().join("data/exllamav2-cal");
     let mut ids = Vec::new();
@@ -325,6 +341,32 @@ fn healed_smollm2_runs_identically_in_mistralrs() -> Result<()> {
     assert!(moved > 0.0, "healing left {name} unchanged");
     eprintln!("healed {name}: max |Δw| = {moved:.3e} after 2 updates");
     check_dir_against_mistralrs(model_name, &healed)
+}
+
+/// mistral.rs reads the YaRN keys of a converted model whose source had Llama 3 RoPE
+/// scaling (SmolLM2 read with a Llama 3 scaling: window 512, factor 4) as our runtime
+/// does — frequencies, the mscale ratio and the softmax scale (`attention_factor` is an
+/// extra key it must ignore).
+#[test]
+fn yarn_export_runs_identically_in_mistralrs() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("mla-yarn");
+    let scaling =
+        mla_attention::config::RopeScaling::Llama3(mla_attention::config::Llama3RopeScaling {
+            factor: 4.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 512,
+        });
+    convert_with("smollm2-135m-instruct", 160, 128, Some(scaling), &out)?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert_eq!(
+        cfg["rope_scaling"]["type"], "yarn",
+        "{}",
+        cfg["rope_scaling"]
+    );
+    check_dir_against_mistralrs("smollm2-135m-instruct (YaRN)", &out)
 }
 
 fn check_against_mistralrs(model_name: &str, kv_lora_rank: usize, samples: usize) -> Result<()> {

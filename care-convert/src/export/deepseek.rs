@@ -72,9 +72,10 @@ pub fn deepseek_config(
     dtype: SaveDtype,
 ) -> serde_json::Value {
     let s = model.mla.shape;
-    // mistral.rs reads `rope_scaling` (DeepSeek's keys), HF transformers 5 `rope_parameters`;
-    // `attention_factor: 1` because transformers would otherwise derive 0.1·ln(factor) + 1
-    // from `mscale = 0` (mistral.rs and DeepSeek's code use mscale ratios, here 1).
+    // mistral.rs reads `rope_scaling` (DeepSeek's keys; it ignores unknown ones), HF
+    // transformers 5 both (`rope_scaling` wins). `attention_factor: 1` in both, because
+    // transformers otherwise derives 0.1·ln(factor) + 1 from `mscale = 0` (measured: 1.139
+    // for factor 4), while mistral.rs and DeepSeek's code use the mscale ratio, here 1.
     let (rope_scaling, rope_parameters) = match &model.mla.rope_scaling {
         MlaRopeScaling::None => (
             serde_json::Value::Null,
@@ -86,6 +87,7 @@ pub fn deepseek_config(
                 "original_max_position_embeddings": y.original_max_position_embeddings,
                 "beta_fast": y.beta_fast, "beta_slow": y.beta_slow,
                 "mscale": y.mscale, "mscale_all_dim": y.mscale_all_dim,
+                "attention_factor": 1.0,
             }),
             serde_json::json!({
                 "rope_type": "yarn", "rope_theta": model.mla.rope_theta, "factor": y.factor,
