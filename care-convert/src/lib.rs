@@ -6,7 +6,8 @@
 //!
 //! The data path reads in one direction: load (`mla_attention::io`) → calibrate →
 //! factorize → allocate ranks → assemble ([`convert`] one-shot, [`stock`] DeepSeek-V2 MLA)
-//! → export → evaluate ([`eval`]).
+//! → export → evaluate ([`eval`]). [`heal`] then fine-tunes an exported checkpoint against
+//! the original (distillation) and writes it back in the same format.
 //!
 //! ```no_run
 //! use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
