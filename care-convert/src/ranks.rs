@@ -172,7 +172,7 @@ pub fn depth_weights(n_layers: usize) -> Vec<f64> {
 
 /// Greedy allocation of `budget` ranks over layers by the paper's score s_l(r), each
 /// multiplied by `weights[l]` if given. Returns r_l with Σ r_l = budget and
-/// min ≤ r_l ≤ min(max, spectra[l].len()).
+/// `min ≤ r_l ≤ min(max, spectra[l].len())`.
 ///
 /// `spectra[l]` is layer l's nonincreasing σ; its length is the layer's available rank
 /// (pass [`crate::factorize::Decomposition::usable_spectrum`]). Ties go to the lower layer.
