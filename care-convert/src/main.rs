@@ -79,21 +79,9 @@ fn bar(len: u64, msg: String, quiet: bool) -> ProgressBar {
     pb
 }
 
-/// Write `bytes` to `path` through a temporary file in the same directory.
+/// Write `bytes` to `path` atomically (see `care_convert::export::write_file_atomically`).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("out"),
-        std::process::id()
-    ));
-    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
-    Ok(())
+    Ok(care_convert::export::write_file_atomically(path, bytes)?)
 }
 
 /// BOS to prepend to texts (only if the tokenizer asks for one) and the token that

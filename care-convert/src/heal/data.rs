@@ -9,7 +9,7 @@
 //! Evaluation text must never be healed on: [`CorpusOptions::exclude`] names files that
 //! are skipped wherever they appear under the sources.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -277,28 +277,7 @@ pub fn write_corpus(path: &Path, corpus: &PackedCorpus) -> Result<()> {
             buf.extend_from_slice(&t.to_le_bytes());
         }
     }
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or("corpus"),
-        std::process::id()
-    ));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&buf)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(|e| Error::io(path, e))
+    crate::export::write_file_atomically(path, &buf)
 }
 
 /// Read a corpus written by [`write_corpus`], checking every length.

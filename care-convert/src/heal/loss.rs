@@ -23,6 +23,12 @@ pub fn log_softmax(z: &Tensor) -> Result<Tensor> {
     Ok(shifted.broadcast_sub(&lse)?)
 }
 
+/// Summed negative log-likelihood of `targets` `(n,)` under `logits` `(n, vocab)`.
+pub fn nll_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let picked = log_softmax(logits)?.gather(&targets.unsqueeze(1)?, 1)?;
+    Ok(picked.sum_all()?.neg()?)
+}
+
 /// Loss of `student` logits `(n, vocab)` against `teacher` logits `(n, vocab)` (treated as
 /// constants) and next-token `targets` `(n,)` u32.
 pub fn distill_loss(
@@ -45,9 +51,7 @@ pub fn distill_loss(
         )));
     }
     let n = student.dim(0)?;
-    let logp = log_softmax(student)?;
-    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
-    let ce = (picked.sum_all()? * (-1.0 / n as f64))?;
+    let ce = (nll_sum(student, targets)? / n as f64)?;
     let (total, kd) = if beta > 0.0 {
         let logp_s = log_softmax(&(student / tau)?)?;
         let logp_t = log_softmax(&(teacher.detach() / tau)?)?;

@@ -21,7 +21,7 @@ use std::path::Path;
 use candle_core::DType;
 
 use crate::error::{Error, Result};
-use crate::export::write_atomically;
+use crate::export::{write_atomically, write_file_atomically};
 use student::StudentParams;
 use train::StepRecord;
 
@@ -77,10 +77,7 @@ pub fn write_healed(
         path: care.clone(),
         reason: e.to_string(),
     })?;
-    let dst = out.join("care.json");
-    let tmp = out.join(".care.json.partial");
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))
+    write_file_atomically(&out.join("care.json"), text.as_bytes())
 }
 
 /// `heal/log.jsonl` (one record per line) and `heal/loss.png` under `out`.
@@ -95,9 +92,6 @@ pub fn write_log(out: &Path, records: &[StepRecord], title: &str) -> Result<()> 
         })?);
         lines.push('\n');
     }
-    let tmp = dir.join(".log.jsonl.partial");
-    std::fs::write(&tmp, lines).map_err(|e| Error::io(&tmp, e))?;
-    let dst = dir.join("log.jsonl");
-    std::fs::rename(&tmp, &dst).map_err(|e| Error::io(&dst, e))?;
+    write_file_atomically(&dir.join("log.jsonl"), lines.as_bytes())?;
     plot::plot_loss_png(records, title, &dir.join("loss.png"))
 }

@@ -15,7 +15,7 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::data::{PackedCorpus, SplitMix};
-use super::loss::{distill_loss, log_softmax};
+use super::loss::{distill_loss, nll_sum};
 use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
 use super::student::{StudentParams, TrainScope};
 use crate::error::{Error, Result};
@@ -295,10 +295,7 @@ impl<'a> Healer<'a> {
         let mut count = 0usize;
         for chunk in idx.chunks(self.opts.micro_batch) {
             let (inputs, targets) = self.batch(chunk, &self.corpus.heldout)?;
-            let logp = log_softmax(&Self::logits(&model, &inputs)?)?;
-            let picked = logp.gather(&targets.unsqueeze(1)?, 1)?;
-            nll -= picked
-                .sum_all()?
+            nll += nll_sum(&Self::logits(&model, &inputs)?, &targets)?
                 .to_dtype(candle_core::DType::F64)?
                 .to_scalar::<f64>()?;
             count += targets.elem_count();
