@@ -380,9 +380,18 @@ pub struct HealArgs {
     /// Stop (with a checkpoint) after this many updates in this invocation.
     #[arg(long, value_name = "N")]
     pub stop_after: Option<u64>,
+    /// Stop (with a checkpoint) before this many seconds have passed since the start,
+    /// loading included: for time-boxed machines. Continue with --resume.
+    #[arg(long, value_name = "SECS")]
+    pub time_limit: Option<u64>,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// On CUDA, let cuBLAS run the f32 matrix products on tensor cores in TF32 (inputs
+    /// rounded to a 10-bit mantissa, f32 accumulation): faster, and not bit-comparable
+    /// with a run without it. Recorded in care.json.
+    #[arg(long)]
+    pub tf32: bool,
     /// Weight dtype of the written healed model.
     #[arg(long, value_enum, default_value_t = care_convert::export::deepseek::SaveDtype::F32)]
     pub dtype: care_convert::export::deepseek::SaveDtype,

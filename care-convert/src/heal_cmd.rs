@@ -90,6 +90,12 @@ pub fn run_pack_data(a: PackDataArgs) -> Result<()> {
 pub fn run_heal(a: HealArgs) -> Result<()> {
     let started = Instant::now();
     let dev = device(&a.device)?;
+    if a.tf32 {
+        if !dev.is_cuda() {
+            bail!("--tf32 applies to CUDA matrix products; --device is {}", a.device);
+        }
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     let opts = HealOptions {
         micro_batch: a.batch,
         grad_accum: a.grad_accum,
@@ -171,6 +177,9 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
         &state_dir,
         a.resume,
     )?;
+    if let Some(secs) = a.time_limit {
+        healer.stop_by(started + std::time::Duration::from_secs(secs));
+    }
     let total = healer.total_steps();
     let title = format!(
         "healing {} ({} tokens)",
@@ -248,6 +257,7 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
             "heldout_ppl_start": records.first().and_then(|r| r.heldout_ppl),
             "heldout_ppl_last": records.iter().rev().find_map(|r| r.heldout_ppl),
             "device": a.device,
+            "matmul_precision": if a.tf32 { "tf32" } else { "f32" },
         })
     };
     let dtype = a.dtype.dtype();

@@ -204,11 +204,19 @@ fn loss_falls_and_an_interrupted_run_resumes_onto_the_same_curve() {
         "held-out PPL did not fall: {ppl:?}"
     );
 
-    // The same run, stopped after 5 updates (a checkpoint is written there) and resumed.
+    // The same run, stopped by a deadline already passed (after one update, with a
+    // checkpoint), resumed for 4 more updates (a checkpoint at 5), then resumed to the end.
     let split_dir = tmp.path().join("split");
     let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
     let mut h = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, false).unwrap();
-    let part = h.run(Some(5), &mut |_, _| {}, &mut no_save).unwrap();
+    h.stop_by(std::time::Instant::now());
+    let first = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+    assert!(!first.finished && first.steps_done == 1, "{}", first.steps_done);
+    drop(h);
+    let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let mut h = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, true).unwrap();
+    assert_eq!(h.step(), 1);
+    let part = h.run(Some(4), &mut |_, _| {}, &mut no_save).unwrap();
     assert!(!part.finished && part.steps_done == 5);
     drop(h);
     // Without --resume an existing checkpoint is refused…

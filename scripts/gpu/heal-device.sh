@@ -4,6 +4,7 @@
 #
 #   bash scripts/gpu/heal-device.sh probe              # speed of one config, no outputs
 #   bash scripts/gpu/heal-device.sh run TOKENS [BASES]  # convert, heal, evaluate
+#   bash scripts/gpu/heal-device.sh parallel TOKENS SECS [BASES]  # all bases at once, time-boxed
 #   bash scripts/gpu/heal-device.sh eval NAME           # evaluate /tmp/heal/NAME
 #
 # Inputs (carried, git-ignored, made by heal-prepare.sh): .devcarry/heal-a/ (care-convert.xz
@@ -105,11 +106,72 @@ for f in sorted(out.glob("eval-*.json")):
     print(f"{f.stem:40} PPL {' / '.join(f'{p:.2f}' for p in ppl)}  avg acc {acc:.3f}")
 PY
     ;;
+  parallel)
+    # parallel TOKENS SECS [BASES]: heal every basis at once, each on its own GPU (they
+    # share one when the machine has fewer), for at most SECS seconds; a later call with
+    # the same arguments resumes each run where it stopped (exactly: same curve). TF32=1
+    # adds --tf32. Returns each run's log.jsonl, stderr and JSON summary, and the loss
+    # curves once a run is finished.
+    SECS="${3:-540}"
+    BASES="${4:-care transmla-pca}"
+    ngpu=$(nvidia-smi -L | wc -l)
+    i=0
+    pids=()
+    for b in $BASES; do
+      convert "$b"
+      d="$W/healed-$b-$TOKENS"
+      extra=()
+      [[ -d "$d" ]] && extra+=(--resume)
+      [[ "${TF32:-0}" = 1 ]] && extra+=(--tf32)
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
+        --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
+        --device "cuda:$((i % ngpu))" --out "$d" --eval-every "${EVAL_EVERY:-100}" \
+        --save-every 0 --time-limit "$SECS" "${extra[@]}" --format json \
+        > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log" &
+      pids+=($!)
+      i=$((i + 1))
+    done
+    status=0
+    for p in "${pids[@]}"; do wait "$p" || status=1; done
+    rm -f "$OUT/gpu.txt" "$OUT"/convert-*.json # at most 8 files come back
+    # Finished runs are evaluated at once (CPU, in parallel) unless SKIP_EVAL=1; their
+    # stderr is shown below instead of returned.
+    epids=()
+    for b in $BASES; do
+      if grep -q '"finished": *true' "$OUT/heal-$b-$TOKENS.json" 2>/dev/null; then
+        tail -3 "$OUT/heal-$b-$TOKENS.log"
+        rm -f "$OUT/heal-$b-$TOKENS.log"
+        if [[ "${SKIP_EVAL:-0}" != 1 ]]; then
+          evaluate "$W/healed-$b-$TOKENS" "healed-$b-$TOKENS" &
+          epids+=($!)
+        fi
+      fi
+    done
+    for p in "${epids[@]}"; do wait "$p" || status=1; done
+    for b in $BASES; do
+      d="$W/healed-$b-$TOKENS"
+      cp "$d/heal/log.jsonl" "$OUT/log-$b-$TOKENS.jsonl" 2>/dev/null || true
+      [[ -f "$d/heal/loss.png" ]] && grep -q '"finished": *true' "$OUT/heal-$b-$TOKENS.json" \
+        && cp "$d/heal/loss.png" "$OUT/loss-$b-$TOKENS.png"
+      tail -3 "$OUT/heal-$b-$TOKENS.log"
+      python3 - "$d/heal/log.jsonl" "$b" <<'PY' || true
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+last = recs[-1]
+ppl = [r for r in recs if r.get("heldout_ppl")]
+secs = [r["secs"] for r in recs[1:]][-20:]
+print(f"{sys.argv[2]}: update {last['step']} tokens {last['tokens']:,} loss {last['loss']:.4f} "
+      f"held-out PPL {ppl[-1]['heldout_ppl']:.3f} (start {ppl[0]['heldout_ppl']:.3f}) "
+      f"{sum(secs) / max(len(secs), 1):.2f} s/update")
+PY
+    done
+    exit $status
+    ;;
   eval)
     evaluate "$W/$2" "$2"
     ;;
   *)
-    echo "usage: heal-device.sh probe | run TOKENS [BASES] | eval NAME" >&2
+    echo "usage: heal-device.sh probe | run TOKENS [BASES] | parallel TOKENS SECS [BASES] | eval NAME" >&2
     exit 2
     ;;
 esac

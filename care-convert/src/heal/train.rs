@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -156,6 +156,8 @@ pub struct Healer<'a> {
     /// The epoch whose permutation `order` holds.
     order_epoch: Option<u64>,
     order: Vec<usize>,
+    /// Stop (with a checkpoint) before this instant: time-boxed runs resume later.
+    deadline: Option<Instant>,
 }
 
 impl<'a> Healer<'a> {
@@ -231,6 +233,7 @@ impl<'a> Healer<'a> {
             resumed_from: None,
             order_epoch: None,
             order: Vec::new(),
+            deadline: None,
         };
         if let Some(dir) = latest_checkpoint(state_dir)? {
             if !resume {
@@ -243,6 +246,14 @@ impl<'a> Healer<'a> {
             healer.load_checkpoint(&dir)?;
         }
         Ok(healer)
+    }
+
+    /// Make [`Healer::run`] stop, with a checkpoint, once one more update would likely
+    /// end after `deadline` (judged from the last update's duration, with a margin for the
+    /// evaluation and the checkpoint). The result does not depend on where it stops:
+    /// resuming continues exactly.
+    pub fn stop_by(&mut self, deadline: Instant) {
+        self.deadline = Some(deadline);
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -395,6 +406,7 @@ impl<'a> Healer<'a> {
         let limit = stop_after.map_or(total, |n| (self.state.step + n).min(total));
         while self.state.step < limit {
             let mut r = self.update()?;
+            let secs = r.secs;
             let last = r.step == total;
             if last || (self.opts.eval_every > 0 && r.step.is_multiple_of(self.opts.eval_every)) {
                 r.heldout_ppl = Some(self.heldout_ppl()?);
@@ -402,11 +414,19 @@ impl<'a> Healer<'a> {
             on_step(&r, total);
             self.state.records.push(r);
             let step = self.state.step;
+            let next_update = Duration::from_secs_f64(secs * 1.5 + 5.0);
+            let out_of_time = self
+                .deadline
+                .is_some_and(|d| Instant::now() + next_update >= d);
             if step == limit
+                || out_of_time
                 || (self.opts.save_every > 0 && step.is_multiple_of(self.opts.save_every))
             {
                 self.save_checkpoint()?;
                 on_save(&self.student, &self.state.records)?;
+            }
+            if out_of_time {
+                break;
             }
         }
         Ok(HealOutcome {
