@@ -134,8 +134,10 @@ PY
     status=0
     for p in "${pids[@]}"; do wait "$p" || status=1; done
     rm -f "$OUT/gpu.txt" "$OUT"/convert-*.json # at most 8 files come back
-    # Finished runs are evaluated at once (CPU, in parallel) unless SKIP_EVAL=1; their
-    # stderr is shown below instead of returned.
+    # Finished runs are evaluated at once (CPU, in parallel; perplexity and zero-shot),
+    # unfinished ones by perplexity only, unless SKIP_EVAL=1. Leave ~1 minute (unfinished)
+    # or ~3 minutes (finishing) of the call for this. A finished run's stderr is shown
+    # below instead of returned.
     epids=()
     for b in $BASES; do
       if grep -q '"finished": *true' "$OUT/heal-$b-$TOKENS.json" 2>/dev/null; then
@@ -143,6 +145,16 @@ PY
         rm -f "$OUT/heal-$b-$TOKENS.log"
         if [[ "${SKIP_EVAL:-0}" != 1 ]]; then
           evaluate "$W/healed-$b-$TOKENS" "healed-$b-$TOKENS" &
+          epids+=($!)
+        fi
+      elif [[ "${SKIP_EVAL:-0}" != 1 ]]; then
+        # Not finished: the output directory holds the model of the last update (written
+        # with the checkpoint), so its perplexity comes back now — a machine that goes back
+        # before the next call loses the checkpoint but not this row.
+        done_=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["updates_done"])' \
+          "$OUT/heal-$b-$TOKENS.json" 2>/dev/null || echo 0)
+        if (( done_ > 0 )); then
+          TASKS="" evaluate "$W/healed-$b-$TOKENS" "healed-$b-$TOKENS-at-$done_" &
           epids+=($!)
         fi
       fi
