@@ -64,7 +64,26 @@ case "$MODE" in
       echo "ncu source exit $? $(wc -l < "$OUT/ncu_src.csv") lines"
     fi
     exit 0 ;;
-  *) echo "run-device.sh: mode quick|full|all|profile" >&2; exit 2 ;;
+  sweep)
+    # Kernel-shape and split-length sweep: CONFIGS holds FORCE:SPLIT pairs (FORCE as
+    # MLA_TC_FORCE, e.g. m1t32, or "auto"; SPLIT as MLA_SPLIT_TOKENS, the bench's override of
+    # the automatic split length, or "auto"), then the anchor on the same card, one call.
+    for c in ${CONFIGS:-auto:auto auto:512 auto:1024}; do
+      f=${c%%:*}; n=${c#*:}
+      if [[ $f = auto ]]; then unset MLA_TC_FORCE; else export MLA_TC_FORCE=$f; fi
+      if [[ $n = auto ]]; then unset MLA_SPLIT_TOKENS; else export MLA_SPLIT_TOKENS=$n; fi
+      echo "== kernel $f, split tokens $n"
+      timeout -k 5 120 "$BIN/mla_cuda_bench" --mode kernel --ctx "${SCTX:-4096,16384,32768,65536}" \
+        --batch "${SBATCH:-1,2,4,8}" --out "/tmp/sweep_${f}_$n" > /dev/null 2> "/tmp/sweep-$f-$n.log"
+      grep -E "bf16 512/64 ctx|rror" "/tmp/sweep-$f-$n.log"
+    done
+    unset MLA_TC_FORCE
+    unset MLA_SPLIT_TOKENS
+    timeout -k 5 150 "$BIN/anchor-kbench" --ctx "${ACTX:-4096,32768}" --batch "${ABATCH:-1,8}" > "$OUT/anchor.csv" 2> "$OUT/anchor.log"
+    echo "anchor-kbench exit $?"
+    cat "$OUT/anchor.csv"
+    exit 0 ;;
+  *) echo "run-device.sh: mode quick|full|all|profile|sweep" >&2; exit 2 ;;
 esac
 
 rc=0

@@ -145,6 +145,14 @@ pub fn kernel_cell(
     let qp = queries(k, &mut g, batch * HEADS * width.rope)?;
     let scale = 1.0 / (192f32).sqrt();
     let mut dec = CudaMlaDecoder::new(k.clone());
+    // Development knob: `MLA_SPLIT_TOKENS=N` replaces the automatic split length (sweeps
+    // of the batch-1 split count, docs/CUDA.md).
+    if let Some(n) = std::env::var("MLA_SPLIT_TOKENS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        dec = dec.with_policy(mla_attention::cuda::SplitPolicy::Fixed(n));
+    }
     let t = Instant::now();
     dec.plan_for(&cache, &seqs, 0)?;
     k.synchronize()?;
