@@ -1,0 +1,186 @@
+//! CPU decode benchmark on the real SmolLM2-135M-Instruct: the original GQA model against
+//! its stock-MLA conversion at 50 % KV (CARE, `kv_lora_rank` 160 incl. the anchor, RoPE
+//! 32), f32, on the CPU:
+//!
+//! - **original**: the GQA decoder with its contiguous K/V cache;
+//! - **MLA contiguous**: the converted decoder with its contiguous latent cache;
+//! - **MLA paged**: `DecoderRunner` — absorbed decode over the paged latent cache.
+//!
+//! For each (prompt length, batch), every engine prefills `batch` prompts (untimed), then
+//! decodes `STEPS` greedy steps for the whole batch (timed; one warm-up step first).
+//! Prints decode tokens/s and the KV cache bytes per token of each engine as a markdown
+//! table for `docs/BENCHMARKS.md`.
+//!
+//! `cargo bench -p care-convert --bench decode [-- MODEL.gguf]`
+//! Under `cargo test --all-targets` it runs one tiny cell as a smoke check.
+
+use std::time::Instant;
+
+use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
+use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
+use mla_attention::io::{tokenizer::encode, Checkpoint};
+use mla_attention::mla::MlaAttention;
+use mla_attention::model::Decoder;
+use mla_attention::runner::{DecoderRunner, RunnerConfig};
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+const BLOCK: usize = 16;
+
+/// `batch` distinct prompts of `ctx` token ids (any ids of the vocabulary do for speed).
+fn prompts(batch: usize, ctx: usize) -> Vec<Vec<u32>> {
+    (0..batch)
+        .map(|b| {
+            (0..ctx)
+                .map(|i| 100 + ((i * 37 + b * 101) % 40_000) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Greedy next token of every row of `hidden` `(batch, t, d)` at its last position.
+fn next_tokens(model: &Decoder, hidden: &candle_core::Tensor) -> Res<Vec<u32>> {
+    let (b, t, d) = hidden.dims3()?;
+    let last = hidden.narrow(1, t - 1, 1)?.reshape((b, d))?;
+    Ok(model.logits(&last)?.argmax(1)?.to_vec1::<u32>()?)
+}
+
+/// Decode tokens/s of a contiguous-cache decoder over `steps` batched steps.
+fn contiguous(model: &Decoder, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
+    let rows: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let mut cache = model.new_cache();
+    let h = model.forward_hidden_batch(&rows, &mut cache, None)?;
+    let mut next = next_tokens(model, &h)?;
+    let mut step = |next: &mut Vec<u32>| -> Res<()> {
+        let rows: Vec<&[u32]> = next.iter().map(std::slice::from_ref).collect();
+        let h = model.forward_hidden_batch(&rows, &mut cache, None)?;
+        *next = next_tokens(model, &h)?;
+        Ok(())
+    };
+    step(&mut next)?; // warm-up
+    let start = Instant::now();
+    for _ in 0..steps {
+        step(&mut next)?;
+    }
+    Ok((prompts.len() * steps) as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Decode tokens/s of `DecoderRunner` (paged latent cache) over `steps` steps.
+fn paged(runner: &mut DecoderRunner<f32>, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
+    for p in prompts {
+        runner.add_request(p.clone(), steps + 2, vec![])?;
+    }
+    runner.step()?; // warm-up (emits the prefill's token)
+    let start = Instant::now();
+    let mut emitted = 0;
+    for _ in 0..steps {
+        emitted += runner.step()?.len();
+    }
+    let tps = emitted as f64 / start.elapsed().as_secs_f64();
+    runner.run_to_completion()?; // frees every block for the next cell
+    Ok(tps)
+}
+
+fn main() -> Res<()> {
+    let bench_mode = std::env::args().any(|a| a == "--bench");
+    let assets = mla_attention::io::asset_cache_dir();
+    let path = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| assets.join("models/smollm2-135m-instruct/model.gguf"));
+    let (ctxs, batches, steps, samples): (&[usize], &[usize], usize, usize) = if bench_mode {
+        (&[128, 1024], &[1, 4, 16], 16, 128)
+    } else {
+        (&[16], &[2], 2, 16)
+    };
+    let ckpt = Checkpoint::open(&path)
+        .map_err(|e| format!("{}: {e} (run scripts/fetch_assets.py)", path.display()))?;
+    let original = Decoder::load(&ckpt)?;
+    let tok = ckpt.tokenizer()?;
+    let text = std::fs::read_to_string(assets.join("data/exllamav2-cal/wiki.utf8"))?;
+    let copts = CalibrationOptions {
+        samples,
+        seq_len: 32,
+        seed: 42,
+    };
+    let windows = sample_windows(&encode(tok, &text)?, &copts)?;
+    let t0 = Instant::now();
+    let stats = collect_all(&original, &windows, &mut |_, _| {})?;
+    let opts = StockOptions {
+        kv_lora_rank: 160,
+        rank: None,
+        rope: RopeSplitOptions {
+            rope_dim: 32,
+            freqfold: 2,
+            pca: true,
+        },
+        basis: LatentBasis::Care,
+        balance: true,
+        latent_norm: LatentNorm::BiasAnchor,
+        pad_v: true,
+        damping: 0.01,
+    };
+    let stock = convert_stock(
+        &original.spec,
+        ckpt.weights.as_ref(),
+        &stats,
+        &opts,
+        &mut |_, _| {},
+    )?;
+    let convert_s = t0.elapsed().as_secs_f64();
+    let mla_decoder = || -> Res<Decoder> {
+        let mut d = Decoder::load(&ckpt)?;
+        stock.install(&mut d)?;
+        Ok(d)
+    };
+    let mla = mla_decoder()?;
+    let attns = stock
+        .layers
+        .iter()
+        .map(|l| -> Res<MlaAttention> { Ok(MlaAttention::new(&stock.mla, l.to_weights()?)?) })
+        .collect::<Res<Vec<_>>>()?;
+    let max_batch = *batches.iter().max().unwrap_or(&1);
+    let max_ctx = *ctxs.iter().max().unwrap_or(&1);
+    let num_blocks = max_batch * (max_ctx + steps + 2).div_ceil(BLOCK) + 8;
+    let mut runner = DecoderRunner::<f32>::from_parts(
+        mla_decoder()?,
+        attns,
+        RunnerConfig {
+            block_size: BLOCK,
+            num_blocks,
+        },
+    )?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "model: {} ({} layers), f32 CPU, {threads} threads; conversion (calibration {} x 32 \
+         tokens + CARE stock MLA 50 %) {convert_s:.1} s; {steps} timed decode steps per cell",
+        path.display(),
+        original.spec.num_layers,
+        samples
+    );
+    let kv = |values: usize| values * 4;
+    println!(
+        "KV cache bytes per token (f32): original GQA {}, MLA contiguous {}, MLA paged {}",
+        kv(original.cache_values_per_token()),
+        kv(mla.cache_values_per_token()),
+        runner.cache_bytes_per_token()
+    );
+    println!(
+        "| prompt tokens | batch | original GQA tok/s | MLA contiguous tok/s | MLA paged tok/s | paged vs original |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for &ctx in ctxs {
+        for &batch in batches {
+            let p = prompts(batch, ctx);
+            let a = contiguous(&original, &p, steps)?;
+            let b = contiguous(&mla, &p, steps)?;
+            let c = paged(&mut runner, &p, steps)?;
+            println!(
+                "| {ctx} | {batch} | {a:.1} | {b:.1} | {c:.1} | {:.2}× |",
+                c / a
+            );
+        }
+    }
+    Ok(())
+}
