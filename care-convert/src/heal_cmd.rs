@@ -92,7 +92,10 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
     let dev = device(&a.device)?;
     if a.tf32 {
         if !dev.is_cuda() {
-            bail!("--tf32 applies to CUDA matrix products; --device is {}", a.device);
+            bail!(
+                "--tf32 applies to CUDA matrix products; --device is {}",
+                a.device
+            );
         }
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }

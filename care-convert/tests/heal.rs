@@ -211,7 +211,11 @@ fn loss_falls_and_an_interrupted_run_resumes_onto_the_same_curve() {
     let mut h = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, false).unwrap();
     h.stop_by(std::time::Instant::now());
     let first = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
-    assert!(!first.finished && first.steps_done == 1, "{}", first.steps_done);
+    assert!(
+        !first.finished && first.steps_done == 1,
+        "{}",
+        first.steps_done
+    );
     drop(h);
     let student = StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
     let mut h = Healer::new(&teacher, student, &data, opts.clone(), &split_dir, true).unwrap();
