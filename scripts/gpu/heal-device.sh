@@ -56,6 +56,15 @@ convert() { # convert BASIS
     --calib-samples 256 --calib-seq-len 32 --seed 42 --out "$W/student-$1" > "$OUT/convert-$1.json"
 }
 
+heal() { # heal BASIS DEVICE [EXTRA FLAGS…]: the run of `run` and `parallel`, summary and log in $OUT
+  local b=$1 dev=$2
+  shift 2
+  "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
+    --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
+    --device "$dev" --out "$W/healed-$b-$TOKENS" --eval-every "${EVAL_EVERY:-100}" \
+    --save-every 0 "$@" --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"
+}
+
 evaluate() { # evaluate MODEL NAME
   "$CC" eval --quiet --model "$1" --ppl "$PROSE" --ppl "$CODE" --max-tokens 1024 --window 512 \
     ${TASKS:+--tasks "$TASKS" --limit 50} --format json > "$OUT/eval-$2.json"
@@ -87,10 +96,7 @@ PY
       # The unhealed student and the healed model are evaluated unless SKIP_EVAL=1 (a
       # call has 10 minutes; `eval DIR NAME` evaluates later in another call).
       [[ "${SKIP_EVAL:-0}" = 1 || "${SKIP_STUDENT_EVAL:-0}" = 1 ]] || evaluate "$W/student-$b" "student-$b"
-      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
-        --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" --device cuda \
-        --out "$W/healed-$b-$TOKENS" --eval-every "${EVAL_EVERY:-100}" --save-every 0 \
-        --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"
+      heal "$b" cuda
       cp "$W/healed-$b-$TOKENS/heal/log.jsonl" "$OUT/log-$b-$TOKENS.jsonl"
       cp "$W/healed-$b-$TOKENS/heal/loss.png" "$OUT/loss-$b-$TOKENS.png"
       cp "$W/healed-$b-$TOKENS/care.json" "$OUT/care-$b-$TOKENS.json"
@@ -123,11 +129,7 @@ PY
       extra=()
       [[ -d "$d" ]] && extra+=(--resume)
       [[ "${TF32:-0}" = 1 ]] && extra+=(--tf32)
-      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
-        --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
-        --device "cuda:$((i % ngpu))" --out "$d" --eval-every "${EVAL_EVERY:-100}" \
-        --save-every 0 --time-limit "$SECS" "${extra[@]}" --format json \
-        > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log" &
+      heal "$b" "cuda:$((i % ngpu))" --time-limit "$SECS" "${extra[@]}" &
       pids+=($!)
       i=$((i + 1))
     done
