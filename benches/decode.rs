@@ -17,7 +17,7 @@
 use std::time::Instant;
 
 use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
-use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
+use care_convert::stock::{convert_stock, StockOptions};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::mla::MlaAttention;
 use mla_attention::model::Decoder;
@@ -107,20 +107,7 @@ fn main() -> Res<()> {
     let windows = sample_windows(&encode(tok, &text)?, &copts)?;
     let t0 = Instant::now();
     let stats = collect_all(&original, &windows, &mut |_, _| {})?;
-    let opts = StockOptions {
-        kv_lora_rank: 160,
-        rank: None,
-        rope: RopeSplitOptions {
-            rope_dim: 32,
-            freqfold: 2,
-            pca: true,
-        },
-        basis: LatentBasis::Care,
-        balance: true,
-        latent_norm: LatentNorm::BiasAnchor,
-        pad_v: true,
-        damping: 0.01,
-    };
+    let opts = StockOptions::care(160, 32, 2);
     let stock = convert_stock(
         &original.spec,
         ckpt.weights.as_ref(),

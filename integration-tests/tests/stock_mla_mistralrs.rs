@@ -29,7 +29,7 @@ use care_convert::heal::data::{pack, CorpusOptions};
 use care_convert::heal::student::{StudentParams, TrainScope};
 use care_convert::heal::train::{HealOptions, Healer};
 use care_convert::heal::{prepare_output, write_healed};
-use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
+use care_convert::stock::{convert_stock, StockOptions};
 use mistralrs_core::{
     Constraint, MistralRs, ModelSelected, NormalRequest, Request, RequestMessage, Response,
     SamplingParams,
@@ -82,20 +82,7 @@ fn convert_with(
     };
     let windows = sample_windows(&ids, &copts)?;
     let stats = collect_all(&model, &windows, &mut |_, _| {})?;
-    let opts = StockOptions {
-        kv_lora_rank,
-        rank: None,
-        rope: RopeSplitOptions {
-            rope_dim: 32,
-            freqfold: 2,
-            pca: true,
-        },
-        basis: LatentBasis::Care,
-        balance: true,
-        latent_norm: LatentNorm::BiasAnchor,
-        pad_v: true,
-        damping: 0.01,
-    };
+    let opts = StockOptions::care(kv_lora_rank, 32, 2);
     let stock = convert_stock(
         &model.spec,
         ckpt.weights.as_ref(),

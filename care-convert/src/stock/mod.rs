@@ -72,6 +72,28 @@ pub struct StockOptions {
     pub damping: f64,
 }
 
+impl StockOptions {
+    /// The usual conversion at one latent width: CARE basis, K/V balance, bias-anchored
+    /// latent norm, V padded for mistral.rs's CPU path, damping 0.01, RoRoPE (PCA) split
+    /// of `rope_dim` RoPE dims folded `freqfold` times — `care-convert mla`'s defaults.
+    pub fn care(kv_lora_rank: usize, rope_dim: usize, freqfold: usize) -> Self {
+        StockOptions {
+            kv_lora_rank,
+            rank: None,
+            rope: RopeSplitOptions {
+                rope_dim,
+                freqfold,
+                pca: true,
+            },
+            basis: LatentBasis::Care,
+            balance: true,
+            latent_norm: LatentNorm::BiasAnchor,
+            pad_v: true,
+            damping: 0.01,
+        }
+    }
+}
+
 /// What one layer's conversion did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StockLayerReport {
@@ -384,20 +406,7 @@ mod tests {
     }
 
     fn opts(kv_lora_rank: usize, rope_dim: usize, freqfold: usize) -> StockOptions {
-        StockOptions {
-            kv_lora_rank,
-            rank: None,
-            rope: RopeSplitOptions {
-                rope_dim,
-                freqfold,
-                pca: true,
-            },
-            basis: LatentBasis::Care,
-            balance: true,
-            latent_norm: LatentNorm::BiasAnchor,
-            pad_v: true,
-            damping: 0.01,
-        }
+        StockOptions::care(kv_lora_rank, rope_dim, freqfold)
     }
 
     #[test]
