@@ -12,7 +12,8 @@
 # evaluation texts, zero-shot task requests, part 1 of the teacher GGUF) and
 # .devcarry/heal-pNN/ (the teacher's other parts). They exceed one call's carry, so they
 # travel over several calls on the same warm machine (ignored paths stay there between
-# calls). TASKS="" evaluates perplexity only.
+# calls). TASKS="" evaluates perplexity only; LIMIT (default 50) sets the zero-shot docs per
+# task; HEAL_FLAGS adds flags to every `heal` (e.g. "--eval-sequences 8").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 MODE="${1:-probe}"
@@ -62,12 +63,12 @@ heal() { # heal BASIS DEVICE [EXTRA FLAGS…]: the run of `run` and `parallel`, 
   "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$b" --data "$A/heal.tokens" \
     --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
     --device "$dev" --out "$W/healed-$b-$TOKENS" --eval-every "${EVAL_EVERY:-100}" \
-    --save-every 0 "$@" --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"
+    --save-every 0 ${HEAL_FLAGS:-} "$@" --format json > "$OUT/heal-$b-$TOKENS.json" 2> "$OUT/heal-$b-$TOKENS.log"
 }
 
 evaluate() { # evaluate MODEL NAME
   "$CC" eval --quiet --model "$1" --ppl "$PROSE" --ppl "$CODE" --max-tokens 1024 --window 512 \
-    ${TASKS:+--tasks "$TASKS" --limit 50} --format json > "$OUT/eval-$2.json"
+    ${TASKS:+--tasks "$TASKS" --limit "${LIMIT:-50}"} --format json > "$OUT/eval-$2.json"
 }
 
 case "$MODE" in
@@ -167,7 +168,7 @@ PY
       cp "$d/heal/log.jsonl" "$OUT/log-$b-$TOKENS.jsonl" 2>/dev/null || true
       [[ -f "$d/heal/loss.png" ]] && grep -q '"finished": *true' "$OUT/heal-$b-$TOKENS.json" \
         && cp "$d/heal/loss.png" "$OUT/loss-$b-$TOKENS.png"
-      tail -3 "$OUT/heal-$b-$TOKENS.log"
+      tail -3 "$OUT/heal-$b-$TOKENS.log" 2>/dev/null || true # a finished run's is gone
       python3 - "$d/heal/log.jsonl" "$b" <<'PY' || true
 import json, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
