@@ -58,18 +58,19 @@ pub struct InfinigramArgs {
     #[arg(long)]
     pub infinigram_tokenizer: Option<PathBuf>,
 
-    /// Tokens drafted per verify step (γ of mistral.rs's speculative pipeline, 1–16). Default 3.
+    /// Longest draft per verify step (1–16); the policy may verify fewer. Default 6.
     #[arg(long, value_parser = parse_max_draft)]
     pub infinigram_max_draft: Option<usize>,
 
-    /// Which requests draft: `fixed` (every eligible request), `max-concurrency` (while at most
-    /// `--infinigram-max-concurrency` requests are in flight) or `calibrated` (learns online, per
-    /// concurrency level, whether drafted requests decode faster than plain ones). Default
-    /// `calibrated`.
+    /// How much of each draft is verified: `fixed` (the whole draft, up to the max),
+    /// `max-concurrency` (the whole draft while at most `--infinigram-max-concurrency` requests
+    /// are decoding, else none) or `calibrated` (learns acceptance online by match length,
+    /// count, depth and source, and verifies the prefix with the most expected tokens per unit
+    /// of the measured step time, down to none at large batches). Default `calibrated`.
     #[arg(long, value_enum)]
     pub infinigram_policy: Option<PolicyKind>,
 
-    /// In-flight requests up to which `max-concurrency` drafts. Default 4.
+    /// Active requests up to which `max-concurrency` drafts. Default 4.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     pub infinigram_max_concurrency: Option<u32>,
 
@@ -180,7 +181,7 @@ pub fn resolve(
     let Some(index) = flags.infinigram_index.clone().or(table.index) else {
         return Ok(None);
     };
-    let max_draft = flags.infinigram_max_draft.or(table.max_draft).unwrap_or(3);
+    let max_draft = flags.infinigram_max_draft.or(table.max_draft).unwrap_or(6);
     if !(1..=MAX_DRAFT_LIMIT).contains(&max_draft) {
         return Err(Error::InvalidSetting(format!(
             "infinigram max_draft must be between 1 and {MAX_DRAFT_LIMIT}, got {max_draft}"

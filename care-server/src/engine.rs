@@ -1,56 +1,54 @@
-//! Building the mistral.rs engines: a plain one, and with Infinigram a stock
-//! `SpeculativePipeline` (target + null drafter) beside it.
+//! Building the engines: mistral.rs's plain engine, and with Infinigram our
+//! [`DraftVerifyEngine`] beside it.
 //!
-//! Both engines load the same model the same way: the selected [`ModelSelected`], CPU or the
-//! first CUDA device, automatic device mapping, no paged attention (mistral.rs forces it off on
-//! CPU, and its speculative pipeline is fragile with it, `research/mistralrs.md` §1.5), the
-//! default scheduler with `max_seqs` sequences.
+//! The plain engine loads the selected [`ModelSelected`] exactly as `mistralrs serve` does
+//! (CPU or the first CUDA device, automatic device mapping, default scheduler with `max_seqs`
+//! sequences) and serves every route. With an index, greedy completions go to the
+//! draft-verify engine, which loads the same weights file (the `gguf` file or the `plain`
+//! folder of the selection) into `mla_attention`'s f32 decoder: mistral.rs 0.8.1 offers no
+//! working way to verify several positions against a kept KV cache (its
+//! `SpeculativePipeline` deadlocks; `docs/SERVING.md` has the measurements).
 
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::Device;
 use infinigram_spec::spec::JsonlLog;
-use infinigram_spec::{CalibratedPolicy, Index, NgramDrafterConfig, OpenOptions};
+use infinigram_spec::{Index, OpenOptions};
 use mistralrs_core::{
     get_auto_device_map_params, get_model_dtype, DefaultSchedulerMethod, DeviceMapSetting,
-    LoaderBuilder, MistralRs, MistralRsBuilder, ModelDType, ModelSelected, SchedulerConfig,
-    SpeculativeConfig, SpeculativeLoader, TokenSource,
+    LoaderBuilder, MistralRs, MistralRsBuilder, ModelSelected, SchedulerConfig, TokenSource,
 };
+use mla_attention::io::Checkpoint;
+use mla_attention::model::Decoder;
 
-use crate::adapters::{write_null_drafter, CostFn, HookShared};
 use crate::config::InfinigramConfig;
+use crate::draft_engine::{measure_step_cost, DraftVerifyEngine, EngineSettings};
 use crate::error::{Error, Result};
 use crate::stats::SpecStats;
 
-/// Environment variable that builds the speculative engine although mistral.rs 0.8.1's
-/// `SpeculativePipeline` deadlocks (for a locally fixed mistral.rs): `force`.
-pub const FORCE_ENV: &str = "CARE_SPECULATIVE_PIPELINE";
-
-/// Token whose null-drafter logit is the signature (any id works: real logits stay small).
-pub const SIGNATURE_TOKEN: u32 = 0;
-
 /// The engines the routes dispatch to.
 pub struct Engines {
-    /// Plain decoding; also serves every route the server does not override.
+    /// mistral.rs: every route, and every request the draft-verify engine does not take.
     pub plain: Arc<MistralRs>,
-    /// Speculative decoding, when an index is configured.
+    /// Drafting, when an index is configured.
     pub spec: Option<SpecEngine>,
 }
 
-/// The speculative engine and what its requests' hooks share.
+/// The draft-verify engine and what the routes need beside it.
 pub struct SpecEngine {
-    pub state: Arc<MistralRs>,
-    pub shared: Arc<HookShared>,
+    pub engine: DraftVerifyEngine,
     pub config: InfinigramConfig,
-    /// Holds the null drafter's checkpoint for the process lifetime.
-    _null_drafter: tempfile::TempDir,
+    /// The model's tokenizer (the one the index was checked against), for detokenizing.
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The weights the engine loaded.
+    pub weights: PathBuf,
 }
 
-/// The checked Infinigram inputs: the index, opened and verified, and the tokenizer's
-/// vocabulary size.
+/// The checked Infinigram inputs: the index, opened and verified, and the model's tokenizer.
 pub struct CheckedIndex {
     pub index: Index,
-    pub vocab_size: usize,
+    pub tokenizer: tokenizers::Tokenizer,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -98,7 +96,7 @@ pub fn check_index(config: &InfinigramConfig) -> Result<CheckedIndex> {
             ),
         });
     }
-    Ok(CheckedIndex { index, vocab_size })
+    Ok(CheckedIndex { index, tokenizer })
 }
 
 fn device() -> Result<Device> {
@@ -113,34 +111,11 @@ fn scheduler(max_seqs: usize) -> Result<SchedulerConfig> {
     })
 }
 
-/// A `plain` selection of the null drafter in `dir`, with the target's tokenizer.
-fn null_drafter_selection(dir: &std::path::Path, tokenizer: &std::path::Path) -> ModelSelected {
-    ModelSelected::Plain {
-        model_id: dir.display().to_string(),
-        tokenizer_json: Some(tokenizer.display().to_string()),
-        arch: None,
-        dtype: ModelDType::Auto,
-        topology: None,
-        organization: None,
-        write_uqff: None,
-        from_uqff: None,
-        imatrix: None,
-        calibration_file: None,
-        max_seq_len: 4096,
-        max_batch_size: 1,
-        hf_cache_path: None,
-        matformer_config_path: None,
-        matformer_slice_name: None,
-    }
-}
-
-/// Loads `loader`'s pipeline and starts an engine on it.
-async fn build_engine(
-    loader: Box<dyn mistralrs_core::Loader>,
-    model: &ModelSelected,
-    max_seqs: usize,
-    no_prefix_cache: bool,
-) -> Result<Arc<MistralRs>> {
+/// Loads the plain mistral.rs engine for `model`.
+pub async fn build_plain(model: &ModelSelected, max_seqs: usize) -> Result<Arc<MistralRs>> {
+    let loader = LoaderBuilder::new(model.clone())
+        .build()
+        .map_err(Error::Engine)?;
     let device = device()?;
     let dtype = get_model_dtype(model).map_err(Error::Engine)?;
     let mapper = DeviceMapSetting::Auto(get_auto_device_map_params(model).map_err(Error::Engine)?);
@@ -158,80 +133,91 @@ async fn build_engine(
         .map_err(Error::Engine)?;
     Ok(
         MistralRsBuilder::new(pipeline, scheduler(max_seqs)?, false, None)
-            .with_no_prefix_cache(no_prefix_cache)
             .build()
             .await,
     )
 }
 
-/// Loads the plain engine for `model`.
-pub async fn build_plain(model: &ModelSelected, max_seqs: usize) -> Result<Arc<MistralRs>> {
-    let loader = LoaderBuilder::new(model.clone())
-        .build()
-        .map_err(Error::Engine)?;
-    build_engine(loader, model, max_seqs, false).await
-}
-
-/// Loads a stock `SpeculativePipeline` of `model` and a null drafter (written into the
-/// returned folder, which must outlive the engine) for a vocabulary of `vocab_size` with the
-/// tokenizer at `tokenizer`; γ = `gamma`. Requests need an [`crate::adapters::InfinigramHook`]
-/// (or another processor that recognizes the signature) to draft anything useful.
-pub async fn build_speculative(
-    model: &ModelSelected,
-    max_seqs: usize,
-    tokenizer: &std::path::Path,
-    vocab_size: usize,
-    gamma: usize,
-) -> Result<(Arc<MistralRs>, tempfile::TempDir)> {
-    let dir = tempfile::Builder::new()
-        .prefix("care-null-drafter")
-        .tempdir()
-        .map_err(|e| Error::io(std::env::temp_dir(), e))?;
-    write_null_drafter(dir.path(), vocab_size, SIGNATURE_TOKEN)?;
-    let loader = SpeculativeLoader {
-        target: LoaderBuilder::new(model.clone())
-            .build()
-            .map_err(Error::Engine)?,
-        draft: LoaderBuilder::new(null_drafter_selection(dir.path(), tokenizer))
-            .build()
-            .map_err(Error::Engine)?,
-        config: SpeculativeConfig { gamma },
+/// The local weights of a model selection: the GGUF file of `gguf`, the folder of `plain`.
+pub fn weights_path(model: &ModelSelected) -> Result<PathBuf> {
+    let path = match model {
+        ModelSelected::GGUF {
+            quantized_model_id,
+            quantized_filename,
+            ..
+        } => {
+            if quantized_filename.contains(' ') {
+                return Err(Error::Target(
+                    "drafting needs a single GGUF file, not a split model".into(),
+                ));
+            }
+            PathBuf::from(quantized_model_id).join(quantized_filename)
+        }
+        ModelSelected::Plain { model_id, .. } => PathBuf::from(model_id),
+        _ => {
+            return Err(Error::Target(
+                "drafting needs a local `gguf` or `plain` model selection (the draft-verify \
+                 engine loads that file or folder itself)"
+                    .into(),
+            ))
+        }
     };
-    // A prefix-cache hit restores the target's KV cache but not the draft's
-    // (`pipeline/speculative.rs` clones them separately), so the speculative engine runs
-    // without the prefix cache.
-    let state = build_engine(Box::new(loader), model, max_seqs, true).await?;
-    Ok((state, dir))
+    if !path.exists() {
+        return Err(Error::Target(format!(
+            "{} does not exist (drafting needs local weights, not a Hugging Face id)",
+            path.display()
+        )));
+    }
+    Ok(path)
 }
 
-/// Loads the plain engine and, with `infinigram`, the speculative one.
+/// Tokens that end a request: the checkpoint's EOS and the usual end-of-turn markers of
+/// chat templates that the tokenizer knows.
+fn end_tokens(eos: Option<u32>, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = eos.into_iter().collect();
+    for name in [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+        "<|end|>",
+        "</s>",
+    ] {
+        if let Some(id) = tokenizer.token_to_id(name) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    ids
+}
+
+/// Loads the plain engine and, with `infinigram`, the draft-verify engine.
 pub async fn build_engines(
     model: &ModelSelected,
     max_seqs: usize,
     infinigram: Option<&InfinigramConfig>,
     stats: Arc<SpecStats>,
 ) -> Result<Engines> {
-    // Check the index before the (slow) model loads.
+    // Check the index and the target's weights before the (slow) model loads.
     let checked = infinigram.map(check_index).transpose()?;
-    if let Some(config) = infinigram {
-        if std::env::var(FORCE_ENV).as_deref() != Ok("force") {
-            return Err(Error::SpeculativePipelineUnavailable {
-                index: config.index.clone(),
-            });
-        }
-    }
+    let weights = infinigram.map(|_| weights_path(model)).transpose()?;
     let plain = build_plain(model, max_seqs).await?;
-    let (Some(config), Some(checked)) = (infinigram, checked) else {
+    let (Some(config), Some(checked), Some(weights)) = (infinigram, checked, weights) else {
         return Ok(Engines { plain, spec: None });
     };
-    let (state, dir) = build_speculative(
-        model,
-        max_seqs,
-        &config.tokenizer,
-        checked.vocab_size,
-        config.max_draft,
-    )
-    .await?;
+    let ckpt = Checkpoint::open(&weights).map_err(|e| Error::Target(e.to_string()))?;
+    let decoder = Decoder::load(&ckpt).map_err(|e| Error::Target(e.to_string()))?;
+    if decoder.spec.vocab_size < checked.index.vocab_size() as usize {
+        return Err(Error::Target(format!(
+            "{} has {} ids, fewer than the index's {}",
+            weights.display(),
+            decoder.spec.vocab_size,
+            checked.index.vocab_size()
+        )));
+    }
+    let cost = measure_step_cost(&decoder)?;
+    tracing::info!(?cost, weights = %weights.display(), "draft-verify engine: step cost measured");
     let log = config
         .log
         .as_deref()
@@ -241,27 +227,30 @@ pub async fn build_engines(
                 source,
             })
         })
-        .transpose()?
-        .map(Mutex::new);
-    // The cost model is irrelevant here (γ is the pipeline's); only the learned rates rank
-    // candidates. A flat cost keeps `draft_len` well defined for inspection.
-    let flat: CostFn = |_, _| 1.0;
-    let shared = Arc::new(HookShared {
-        index: Arc::new(checked.index),
-        drafter_config: NgramDrafterConfig::default(),
-        gamma: config.max_draft,
-        signature: SIGNATURE_TOKEN,
-        policy: Mutex::new(CalibratedPolicy::new(flat, config.max_draft)),
+        .transpose()?;
+    let ends = end_tokens(decoder.spec.eos_token_id, &checked.tokenizer);
+    let settings = EngineSettings {
+        max_draft: config.max_draft,
+        policy: config.policy,
+        max_concurrency: config.max_concurrency as usize,
+        max_active: max_seqs,
+    };
+    let engine = DraftVerifyEngine::start(
+        decoder,
+        Arc::new(checked.index),
+        settings,
+        cost,
+        ends,
         stats,
         log,
-    });
+    )?;
     Ok(Engines {
         plain,
         spec: Some(SpecEngine {
-            state,
-            shared,
+            engine,
             config: config.clone(),
-            _null_drafter: dir,
+            tokenizer: Arc::new(checked.tokenizer),
+            weights,
         }),
     })
 }

@@ -35,19 +35,10 @@ pub enum Error {
     },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
-    #[error("writing the null drafter: {0}")]
-    NullDrafter(#[source] candle_core::Error),
     #[error("mistral.rs: {0:#}")]
     Engine(anyhow::Error),
-    #[error(
-        "infinigram index {index} checked, but drafting cannot run: mistral.rs 0.8.1's \
-         SpeculativePipeline deadlocks on its first step (pipeline/speculative.rs:577 and :580 \
-         lock the draft pipeline twice in one expression), and no other public API verifies \
-         several positions with a kept KV cache; see docs/SERVING.md. Serve without \
-         --infinigram-index, or set CARE_SPECULATIVE_PIPELINE=force with a mistral.rs \
-         that has the fix"
-    )]
-    SpeculativePipelineUnavailable { index: PathBuf },
+    #[error("target model for drafting: {0}")]
+    Target(String),
 }
 
 impl Error {

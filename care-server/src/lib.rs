@@ -3,21 +3,19 @@
 //!
 //! - [`config`]: the command line (mistral.rs's `ModelSelected` subcommand plus
 //!   `--infinigram-*` flags) and the `[infinigram]` TOML table.
-//! - [`engine`]: a plain engine and, with an index, a stock `SpeculativePipeline` whose draft
-//!   model is a generated "null drafter" ([`adapters`]); the index is opened, verified and
-//!   checked against the model's tokenizer before any model loads.
-//! - [`adapters`]: the null drafter checkpoint and [`adapters::InfinigramHook`], the
-//!   `CustomLogitsProcessor` that replaces the null drafter's logits with the n-gram draft of
-//!   `infinigram-spec` and records which drafted tokens the target accepted.
-//! - [`admission`]: which requests draft (fixed, by concurrency, or learned online).
+//! - [`engine`]: mistral.rs's plain engine and, with an index, the [`draft_engine`] beside it;
+//!   the index is opened, verified and checked against the model's tokenizer before any
+//!   model loads.
+//! - [`draft_engine`]: our draft/verify loop (n-gram drafts from `infinigram-spec`, greedy
+//!   verification by the target in one batched pass per step, continuous batching), the route
+//!   that works on unpatched mistral.rs 0.8.1.
 //! - [`routes`]: stock routes, overridden chat/completions, `/v1/infinigram/stats`.
 //!
 //! `docs/SERVING.md` explains the choice of this route over the alternatives, with
 //! measurements.
 
-pub mod adapters;
-pub mod admission;
 pub mod config;
+pub mod draft_engine;
 pub mod engine;
 mod error;
 pub mod routes;
@@ -51,13 +49,8 @@ impl Server {
             Arc::clone(&stats),
         )
         .await?;
-        let admission = match &infinigram {
-            Some(c) => admission::Admission::new(c.policy, c.max_concurrency as usize),
-            None => admission::Admission::new(config::PolicyKind::Fixed, 0),
-        };
         let app = routes::AppState {
             engines: Arc::new(engines),
-            admission: Arc::new(admission),
             stats,
         };
         let router = routes::router(app).await?;

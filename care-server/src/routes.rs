@@ -1,38 +1,53 @@
 //! The HTTP surface: mistral.rs's stock router, with `/v1/chat/completions` and
-//! `/v1/completions` overridden to dispatch between the plain and the speculative engine, and
-//! `GET /v1/infinigram/stats`.
+//! `/v1/completions` overridden, and `GET /v1/infinigram/stats`.
 //!
-//! Both overrides reuse mistral.rs's own request parsing, streaming and response code
-//! (`mistralrs_server_core::{chat_completion, completions}`); they only choose the engine and,
-//! for the speculative one, attach an [`InfinigramHook`] as the request's logits processor.
-//! The header `x-infinigram: on|off` forces the route of an eligible request (benchmarks and
-//! tests compare both on one server); every response says the route it took in
-//! `x-infinigram-route`.
+//! Both overrides parse the request with mistral.rs's own code and answer with its own
+//! response types and streamers (`mistralrs_server_core::{chat_completion, completions}`).
+//! With an index, an eligible request (one choice, no grammar, no tools; greedy, or sampled
+//! with only temperature / top-k / top-p) is decoded by the
+//! [`DraftVerifyEngine`](crate::draft_engine::DraftVerifyEngine): mistral.rs turns
+//! its messages into prompt tokens (its chat template, through a `Tokenize` request), our
+//! engine generates, and [`relay`] turns the engine's tokens into mistral.rs's `Response`
+//! chunks. Everything else goes to mistral.rs's engine unchanged.
+//!
+//! The header `x-infinigram: on|off` turns drafting on or off for one eligible request (off:
+//! the same engine without drafts, the reference for losslessness and speed); every response
+//! says where it was decoded in `x-infinigram-route` (`draft-verify` or `mistralrs`) and, for
+//! the draft-verify engine, `x-infinigram-draft: on|off`. `x-infinigram-seed: N` fixes the
+//! seed of a sampled request (the OpenAI request of mistral.rs 0.8.1 has no `seed`), so that
+//! its output can be compared with and without drafting.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use mistralrs_core::{MistralRs, Request, Response};
+use either::Either;
+use mistralrs_core::{
+    ChatCompletionChunkResponse, ChatCompletionResponse, Choice, ChunkChoice, CompletionChoice,
+    CompletionChunkChoice, CompletionChunkResponse, CompletionResponse, Delta, MistralRs,
+    NormalRequest, Request, RequestMessage, Response, ResponseMessage, StopTokens,
+    TokenizationRequest, Usage,
+};
 use mistralrs_server_core::mistralrs_server_router_builder::MistralRsServerRouterBuilder;
 use mistralrs_server_core::openai::{ChatCompletionRequest, CompletionRequest};
-use mistralrs_server_core::types::OnDoneCallback;
 use mistralrs_server_core::{chat_completion, completions, handler_core};
 use serde::Serialize;
+use tokio::sync::mpsc::{Sender, UnboundedReceiver};
 
-use crate::adapters::InfinigramHook;
-use crate::admission::{Admission, LevelSnapshot, Route, Ticket};
-use crate::engine::Engines;
+use infinigram_spec::spec::{SampleParams, Sampling};
+
+use crate::draft_engine::{EngineEvent, EngineSnapshot, FinishReason, Job, RequestStats};
+use crate::engine::{Engines, SpecEngine};
 use crate::stats::{SpecStats, StatsSnapshot};
 
 /// Shared by every handler.
 #[derive(Clone)]
 pub struct AppState {
     pub engines: Arc<Engines>,
-    pub admission: Arc<Admission>,
     pub stats: Arc<SpecStats>,
 }
 
@@ -50,166 +65,611 @@ pub async fn router(app: AppState) -> anyhow::Result<Router> {
         .fallback_service(stock))
 }
 
-/// The route forced by the `x-infinigram` header, if any.
-fn forced_route(headers: &HeaderMap) -> Option<Route> {
+/// Drafting as forced by the `x-infinigram` header, if any.
+fn forced_draft(headers: &HeaderMap) -> Option<bool> {
     match headers.get("x-infinigram")?.to_str().ok()? {
-        "on" => Some(Route::Speculative),
-        "off" => Some(Route::Plain),
+        "on" => Some(true),
+        "off" => Some(false),
         _ => None,
     }
 }
 
-/// Greedy (temperature below mistral.rs's 1e-7 cut-off), one choice, no grammar.
-fn eligible(temperature: Option<f64>, n_choices: usize, constrained: bool) -> bool {
-    temperature.is_some_and(|t| t < 1e-7) && n_choices == 1 && !constrained
+/// One choice, no grammar, no tools (the rest is checked on the parsed request).
+fn eligible(n_choices: usize, constrained: bool, tools: bool) -> bool {
+    n_choices == 1 && !constrained && !tools
 }
 
-impl AppState {
-    /// Admits a request and returns the engine to send it to.
-    fn admit(&self, headers: &HeaderMap, eligible: bool) -> (Ticket, Arc<MistralRs>) {
-        let spec = self.engines.spec.as_ref();
-        let ticket = self
-            .admission
-            .admit(eligible && spec.is_some(), forced_route(headers));
-        self.stats
-            .record_request(ticket.route == Route::Speculative);
-        let engine = match (ticket.route, spec) {
-            (Route::Speculative, Some(s)) => Arc::clone(&s.state),
-            _ => Arc::clone(&self.engines.plain),
-        };
-        (ticket, engine)
+/// The sampling of a parsed request if the draft-verify engine reproduces it exactly:
+/// greedy (temperature below mistral.rs's 1e-7 cut-off) or temperature with top-k / top-p.
+/// Penalties, logit bias, min-p, DRY, logprobs and an unset temperature (mistral.rs's own
+/// default) stay with mistral.rs.
+fn engine_sampling(req: &NormalRequest, seed: u64) -> Option<Sampling> {
+    let p = &req.sampling_params;
+    let unset = |x: Option<f32>, neutral: f32| x.is_none_or(|v| v == neutral);
+    if !unset(p.frequency_penalty, 0.0)
+        || !unset(p.presence_penalty, 0.0)
+        || !unset(p.repetition_penalty, 1.0)
+        || p.logits_bias.as_ref().is_some_and(|b| !b.is_empty())
+        || p.min_p.is_some_and(|m| m > 0.0)
+        || p.dry_params.is_some()
+        || req.return_logprobs
+        || p.n_choices != 1
+    {
+        return None;
     }
-
-    /// Attaches a fresh hook to a speculative request.
-    fn attach_hook(&self, ticket: &Ticket, request: &mut Request) {
-        let (Route::Speculative, Some(spec), Request::Normal(req)) =
-            (ticket.route, self.engines.spec.as_ref(), request)
-        else {
-            return;
-        };
-        let hook = InfinigramHook::new(Arc::clone(&spec.shared), req.id as u64);
-        req.logits_processors = Some(vec![Arc::new(hook)]);
-        // Both engines serve the same model; the speculative one answers to the default name.
-        req.model_id = None;
+    let t = p.temperature?;
+    if t < 1e-7 {
+        return Some(Sampling::Greedy);
     }
+    let top_p = p.top_p.unwrap_or(1.0);
+    if !(t.is_finite() && top_p > 0.0 && top_p <= 1.0) {
+        return None;
+    }
+    Some(Sampling::Sample(SampleParams {
+        temperature: t as f32,
+        top_k: p.top_k.unwrap_or(0),
+        top_p: top_p as f32,
+        seed,
+    }))
 }
 
-fn with_route<R: IntoResponse>(route: Route, r: R) -> HttpResponse {
+/// The seed of the `x-infinigram-seed` header, else one from the clock and the request id.
+fn request_seed(headers: &HeaderMap, id: usize) -> u64 {
+    headers
+        .get("x-infinigram-seed")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            nanos ^ (id as u64).rotate_left(32)
+        })
+}
+
+fn with_headers<R: IntoResponse>(r: R, draft: Option<bool>) -> HttpResponse {
     let mut resp = r.into_response();
-    let v = match route {
-        Route::Speculative => "speculative",
-        Route::Plain => "plain",
+    let h = resp.headers_mut();
+    let route = if draft.is_some() {
+        "draft-verify"
+    } else {
+        "mistralrs"
     };
-    resp.headers_mut()
-        .insert("x-infinigram-route", HeaderValue::from_static(v));
+    h.insert("x-infinigram-route", HeaderValue::from_static(route));
+    if let Some(d) = draft {
+        h.insert(
+            "x-infinigram-draft",
+            HeaderValue::from_static(if d { "on" } else { "off" }),
+        );
+    }
     resp
 }
 
-/// Hands the ticket to a streamer's completion callback (or drops it with the streamer).
-fn on_done_ticket<R: 'static>(ticket: Ticket, tokens: fn(&[R]) -> usize) -> OnDoneCallback<R> {
-    let slot = Mutex::new(Some(ticket));
-    Box::new(move |chunks: &[R]| {
-        if let Some(t) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            t.finish(tokens(chunks));
-        }
+/// The two OpenAI shapes the engine answers in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Chat,
+    Completion,
+}
+
+/// What a draft-verify request needs besides its tokens.
+struct Prepared {
+    sampling: Sampling,
+    job_prompt: Vec<u32>,
+    max_new: usize,
+    stop_ids: Vec<u32>,
+    stop_strings: Vec<String>,
+    echo: Option<String>,
+    streaming: bool,
+    id: usize,
+    response: Sender<Response>,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Prompt tokens of a parsed request, by mistral.rs's own templating and tokenizer.
+async fn prompt_tokens(
+    engine: &Arc<MistralRs>,
+    req: &NormalRequest,
+) -> anyhow::Result<(Vec<u32>, Option<String>)> {
+    let (text, echo) = match &req.messages {
+        RequestMessage::Chat {
+            messages,
+            enable_thinking,
+            reasoning_effort,
+        } => (
+            (
+                Either::Left(messages.clone()),
+                *enable_thinking,
+                *reasoning_effort,
+            ),
+            None,
+        ),
+        RequestMessage::Completion {
+            text, echo_prompt, ..
+        } => (
+            (Either::Right(text.clone()), None, None),
+            echo_prompt.then(|| text.clone()),
+        ),
+        RequestMessage::CompletionTokens(ids) => return Ok((ids.clone(), None)),
+        _ => anyhow::bail!("this request kind is not served by the draft-verify engine"),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+    let request = Request::Tokenize(TokenizationRequest {
+        text: text.0,
+        tools: None,
+        add_generation_prompt: true,
+        add_special_tokens: true,
+        enable_thinking: text.1,
+        reasoning_effort: text.2,
+        response: tx,
+    });
+    engine.get_sender(None)?.send(request).await?;
+    let ids = rx
+        .recv()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("mistral.rs sent no prompt tokens"))??;
+    Ok((ids, echo))
+}
+
+/// Parses the request's settings for the draft-verify engine.
+async fn prepare(
+    spec: &SpecEngine,
+    plain: &Arc<MistralRs>,
+    req: NormalRequest,
+    sampling: Sampling,
+) -> anyhow::Result<Prepared> {
+    let (prompt, echo) = prompt_tokens(plain, &req).await?;
+    if prompt.is_empty() {
+        anyhow::bail!("the prompt is empty");
+    }
+    let max_context = spec.engine.max_context;
+    if prompt.len() >= max_context {
+        anyhow::bail!(
+            "the prompt has {} tokens, the model's context is {max_context}",
+            prompt.len()
+        );
+    }
+    let max_new = req
+        .sampling_params
+        .max_len
+        .unwrap_or(max_context - prompt.len());
+    let (stop_ids, stop_strings) = match &req.sampling_params.stop_toks {
+        Some(StopTokens::Ids(ids)) => (ids.clone(), Vec::new()),
+        Some(StopTokens::Seqs(s)) => (Vec::new(), s.clone()),
+        None => (Vec::new(), Vec::new()),
+    };
+    Ok(Prepared {
+        sampling,
+        job_prompt: prompt,
+        max_new,
+        stop_ids,
+        stop_strings,
+        echo,
+        streaming: req.is_streaming,
+        id: req.id,
+        response: req.response,
     })
+}
+
+/// Everything the relay needs to shape responses.
+struct Meta {
+    shape: Shape,
+    id: String,
+    model: String,
+    created: u64,
+    streaming: bool,
+    echo: Option<String>,
+    stop_strings: Vec<String>,
+    started: Instant,
+}
+
+fn usage(s: &RequestStats, started: Instant) -> Usage {
+    let total = started.elapsed().as_secs_f32().max(1e-9);
+    let prompt = (s.prefill_secs as f32).max(1e-9);
+    let decode = (s.decode_secs as f32).max(1e-9);
+    Usage {
+        completion_tokens: s.completion_tokens,
+        prompt_tokens: s.prompt_tokens,
+        total_tokens: s.prompt_tokens + s.completion_tokens,
+        avg_tok_per_sec: (s.prompt_tokens + s.completion_tokens) as f32 / total,
+        avg_prompt_tok_per_sec: s.prompt_tokens as f32 / prompt,
+        avg_compl_tok_per_sec: s.completion_tokens as f32 / decode,
+        total_time_sec: total,
+        total_prompt_time_sec: prompt,
+        total_completion_time_sec: decode,
+    }
+}
+
+impl Meta {
+    fn chunk(&self, text: String, finish: Option<FinishReason>, usage: Option<Usage>) -> Response {
+        let finish_reason = finish.map(|f| f.as_str().to_string());
+        match self.shape {
+            Shape::Chat => Response::Chunk(ChatCompletionChunkResponse {
+                id: self.id.clone(),
+                choices: vec![ChunkChoice {
+                    finish_reason,
+                    index: 0,
+                    delta: Delta {
+                        content: Some(text),
+                        role: "assistant".into(),
+                        tool_calls: None,
+                        reasoning_content: None,
+                    },
+                    logprobs: None,
+                }],
+                created: self.created as u128,
+                model: self.model.clone(),
+                system_fingerprint: "local".into(),
+                object: "chat.completion.chunk".into(),
+                usage,
+            }),
+            Shape::Completion => Response::CompletionChunk(CompletionChunkResponse {
+                id: self.id.clone(),
+                choices: vec![CompletionChunkChoice {
+                    text,
+                    index: 0,
+                    logprobs: None,
+                    finish_reason,
+                }],
+                created: self.created as u128,
+                model: self.model.clone(),
+                system_fingerprint: "local".into(),
+                object: "text_completion".into(),
+            }),
+        }
+    }
+
+    fn done(&self, text: String, finish: FinishReason, usage: Usage) -> Response {
+        let finish_reason = finish.as_str().to_string();
+        match self.shape {
+            Shape::Chat => Response::Done(ChatCompletionResponse {
+                id: self.id.clone(),
+                choices: vec![Choice {
+                    finish_reason,
+                    index: 0,
+                    message: ResponseMessage {
+                        content: Some(text),
+                        role: "assistant".into(),
+                        tool_calls: None,
+                        reasoning_content: None,
+                    },
+                    logprobs: None,
+                }],
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: "local".into(),
+                object: "chat.completion".into(),
+                usage,
+            }),
+            Shape::Completion => Response::CompletionDone(CompletionResponse {
+                id: self.id.clone(),
+                choices: vec![CompletionChoice {
+                    finish_reason,
+                    index: 0,
+                    text: match &self.echo {
+                        Some(p) => format!("{p}{text}"),
+                        None => text,
+                    },
+                    logprobs: None,
+                }],
+                created: self.created,
+                model: self.model.clone(),
+                system_fingerprint: "local".into(),
+                object: "text_completion".into(),
+                usage,
+            }),
+        }
+    }
+}
+
+/// Text generated so far, cut at the first stop string (which is not included).
+fn cut_at_stop(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter(|s| !s.is_empty())
+        .filter_map(|s| text.find(s.as_str()))
+        .min()
+}
+
+/// Turns the engine's events for one request into mistral.rs responses on `out`.
+/// Streaming sends the new text as it becomes final (never half a UTF-8 character) and a
+/// last chunk with the finish reason and usage; otherwise one response at the end.
+/// Returning drops `events`, which tells the engine to drop the request (stop strings).
+async fn relay(
+    mut events: UnboundedReceiver<EngineEvent>,
+    out: Sender<Response>,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    meta: Meta,
+) {
+    let mut ids: Vec<u32> = Vec::new();
+    let mut sent = 0usize; // bytes of text already streamed
+    if meta.streaming {
+        if let Some(p) = &meta.echo {
+            if out.send(meta.chunk(p.clone(), None, None)).await.is_err() {
+                return;
+            }
+        }
+    }
+    let mut stopped_by_string: Option<(String, RequestStats)> = None;
+    while let Some(ev) = events.recv().await {
+        match ev {
+            EngineEvent::Tokens(t) => {
+                ids.extend(t);
+                let text = match tokenizer.decode(&ids, true) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = out
+                            .send(Response::InternalError(format!("detokenizing: {e}").into()))
+                            .await;
+                        return;
+                    }
+                };
+                let (text, stop) = match cut_at_stop(&text, &meta.stop_strings) {
+                    Some(p) => (text[..p].to_string(), true),
+                    None => (text, false),
+                };
+                if stop {
+                    let stats = RequestStats {
+                        completion_tokens: ids.len(),
+                        ..Default::default()
+                    };
+                    stopped_by_string = Some((text, stats));
+                    break;
+                }
+                if meta.streaming {
+                    // Hold back an incomplete character at the end.
+                    let stable = text.trim_end_matches('\u{FFFD}');
+                    if stable.len() > sent && stable.is_char_boundary(sent) {
+                        let delta = stable[sent..].to_string();
+                        sent = stable.len();
+                        if out.send(meta.chunk(delta, None, None)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            EngineEvent::Finished { reason, stats } => {
+                let text = tokenizer.decode(&ids, true).unwrap_or_default();
+                finish(&out, &meta, text, sent, reason, &stats).await;
+                return;
+            }
+            EngineEvent::Failed(msg) => {
+                let _ = out.send(Response::ValidationError(msg.into())).await;
+                return;
+            }
+        }
+    }
+    match stopped_by_string {
+        Some((text, stats)) => {
+            finish(&out, &meta, text, sent, FinishReason::Stop, &stats).await;
+        }
+        None => {
+            let _ = out
+                .send(Response::InternalError(
+                    "the draft-verify engine stopped".into(),
+                ))
+                .await;
+        }
+    }
+}
+
+async fn finish(
+    out: &Sender<Response>,
+    meta: &Meta,
+    text: String,
+    sent: usize,
+    reason: FinishReason,
+    stats: &RequestStats,
+) {
+    let usage = usage(stats, meta.started);
+    let resp = if meta.streaming {
+        let rest = if text.is_char_boundary(sent) && text.len() >= sent {
+            text[sent..].to_string()
+        } else {
+            String::new()
+        };
+        meta.chunk(rest, Some(reason), Some(usage))
+    } else {
+        meta.done(text, reason, usage)
+    };
+    let _ = out.send(resp).await;
+}
+
+/// Runs a parsed eligible request on the draft-verify engine and answers with mistral.rs's
+/// streamer or response matcher.
+#[allow(clippy::too_many_arguments)]
+async fn draft_verify(
+    app: &AppState,
+    spec: &SpecEngine,
+    shape: Shape,
+    model: String,
+    headers: &HeaderMap,
+    request: NormalRequest,
+    sampling: Sampling,
+    rx: tokio::sync::mpsc::Receiver<Response>,
+) -> HttpResponse {
+    let plain = Arc::clone(&app.engines.plain);
+    let draft = forced_draft(headers).unwrap_or(true);
+    let error = |e: anyhow::Error| -> HttpResponse {
+        let r = match shape {
+            Shape::Chat => {
+                chat_completion::handle_error(Arc::clone(&plain), e.into()).into_response()
+            }
+            Shape::Completion => {
+                completions::handle_error(Arc::clone(&plain), e.into()).into_response()
+            }
+        };
+        with_headers(r, Some(draft))
+    };
+    let p = match prepare(spec, &plain, request, sampling).await {
+        Ok(p) => p,
+        Err(e) => return error(e),
+    };
+    let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
+    let job = Job {
+        id: p.id as u64,
+        prompt: p.job_prompt,
+        max_new: p.max_new,
+        stop_ids: p.stop_ids,
+        draft,
+        sampling: p.sampling,
+        events: etx,
+    };
+    if let Err(e) = spec.engine.submit(job) {
+        return error(e.into());
+    }
+    let meta = Meta {
+        shape,
+        id: format!(
+            "{}-{}",
+            match shape {
+                Shape::Chat => "chatcmpl",
+                Shape::Completion => "cmpl",
+            },
+            p.id
+        ),
+        model,
+        created: now_secs(),
+        streaming: p.streaming,
+        echo: p.echo,
+        stop_strings: p.stop_strings,
+        started: Instant::now(),
+    };
+    tokio::spawn(relay(erx, p.response, Arc::clone(&spec.tokenizer), meta));
+    let mut rx = rx;
+    let resp = match (shape, p.streaming) {
+        (Shape::Chat, true) => {
+            chat_completion::create_streamer(rx, plain, None, None).into_response()
+        }
+        (Shape::Completion, true) => {
+            completions::create_streamer(rx, plain, None, None).into_response()
+        }
+        (Shape::Chat, false) => match rx.recv().await {
+            Some(r) => chat_completion::match_responses(plain, r).into_response(),
+            None => return error(anyhow::anyhow!("no response received from the model")),
+        },
+        (Shape::Completion, false) => match rx.recv().await {
+            Some(r) => completions::match_responses(plain, r).into_response(),
+            None => return error(anyhow::anyhow!("no response received from the model")),
+        },
+    };
+    with_headers(resp, Some(draft))
+}
+
+type Rx = tokio::sync::mpsc::Receiver<Response>;
+
+/// The draft-verify engine and the request's sampling when it takes the request; the
+/// request back otherwise.
+#[allow(clippy::result_large_err)]
+fn route_to_engine<'a>(
+    app: &'a AppState,
+    eligible: bool,
+    headers: &HeaderMap,
+    request: Request,
+    rx: Rx,
+) -> std::result::Result<(&'a SpecEngine, NormalRequest, Sampling, Rx), (Request, Rx)> {
+    let (true, Some(spec), Request::Normal(req)) = (eligible, app.engines.spec.as_ref(), &request)
+    else {
+        return Err((request, rx));
+    };
+    let Some(sampling) = engine_sampling(req, request_seed(headers, req.id)) else {
+        return Err((request, rx));
+    };
+    let Request::Normal(req) = request else {
+        unreachable!("matched above")
+    };
+    Ok((spec, *req, sampling, rx))
 }
 
 async fn chat(
     State(app): State<AppState>,
     headers: HeaderMap,
-    Json(mut oai): Json<ChatCompletionRequest>,
+    Json(oai): Json<ChatCompletionRequest>,
 ) -> HttpResponse {
-    let ok = eligible(oai.temperature, oai.n_choices, oai.grammar.is_some());
-    let (ticket, engine) = app.admit(&headers, ok);
-    let route = ticket.route;
-    if route == Route::Speculative {
-        oai.model = "default".into();
-    }
-    let (tx, mut rx) = handler_core::create_response_channel(None);
-    let (mut request, streaming) =
+    let ok = eligible(oai.n_choices, oai.grammar.is_some(), oai.tools.is_some());
+    let model = oai.model.clone();
+    let engine = Arc::clone(&app.engines.plain);
+    let (tx, rx) = handler_core::create_response_channel(None);
+    let (request, streaming) =
         match chat_completion::parse_request(oai, Arc::clone(&engine), tx).await {
             Ok(x) => x,
-            Err(e) => return with_route(route, chat_completion::handle_error(engine, e.into())),
+            Err(e) => return with_headers(chat_completion::handle_error(engine, e.into()), None),
         };
-    app.attach_hook(&ticket, &mut request);
+    let (request, mut rx) = match route_to_engine(&app, ok, &headers, request, rx) {
+        Ok((spec, req, sampling, rx)) => {
+            return draft_verify(&app, spec, Shape::Chat, model, &headers, req, sampling, rx).await
+        }
+        Err(x) => x,
+    };
+    app.stats.record_request(false);
     if let Err(e) = handler_core::send_request(&engine, request).await {
-        return with_route(route, chat_completion::handle_error(engine, e.into()));
+        return with_headers(chat_completion::handle_error(engine, e.into()), None);
     }
     if streaming {
-        let done = on_done_ticket(
-            ticket,
-            |chunks: &[mistralrs_core::ChatCompletionChunkResponse]| {
-                chunks
-                    .iter()
-                    .rev()
-                    .find_map(|c| c.usage.as_ref().map(|u| u.completion_tokens))
-                    .unwrap_or(chunks.len())
-            },
-        );
-        return with_route(
-            route,
-            chat_completion::create_streamer(rx, engine, None, Some(done)),
+        return with_headers(
+            chat_completion::create_streamer(rx, engine, None, None),
+            None,
         );
     }
     let resp = match rx.recv().await {
-        Some(r) => {
-            if let Response::Done(c) = &r {
-                ticket.finish(c.usage.completion_tokens);
-            }
-            chat_completion::match_responses(engine, r)
-        }
+        Some(r) => chat_completion::match_responses(engine, r),
         None => chat_completion::handle_error(
             engine,
             anyhow::anyhow!("no response received from the model").into(),
         ),
     };
-    with_route(route, resp)
+    with_headers(resp, None)
 }
 
 async fn complete(
     State(app): State<AppState>,
     headers: HeaderMap,
-    Json(mut oai): Json<CompletionRequest>,
+    Json(oai): Json<CompletionRequest>,
 ) -> HttpResponse {
-    let ok = eligible(oai.temperature, oai.n_choices, oai.grammar.is_some());
-    let (ticket, engine) = app.admit(&headers, ok);
-    let route = ticket.route;
-    if route == Route::Speculative {
-        oai.model = "default".into();
-    }
-    let (tx, mut rx) = handler_core::create_response_channel(None);
-    let (mut request, streaming) = match completions::parse_request(oai, Arc::clone(&engine), tx) {
+    let ok = eligible(oai.n_choices, oai.grammar.is_some(), oai.tools.is_some());
+    let model = oai.model.clone();
+    let engine = Arc::clone(&app.engines.plain);
+    let (tx, rx) = handler_core::create_response_channel(None);
+    let (request, streaming) = match completions::parse_request(oai, Arc::clone(&engine), tx) {
         Ok(x) => x,
-        Err(e) => return with_route(route, completions::handle_error(engine, e.into())),
+        Err(e) => return with_headers(completions::handle_error(engine, e.into()), None),
     };
-    app.attach_hook(&ticket, &mut request);
+    let (request, mut rx) = match route_to_engine(&app, ok, &headers, request, rx) {
+        Ok((spec, req, sampling, rx)) => {
+            return draft_verify(
+                &app,
+                spec,
+                Shape::Completion,
+                model,
+                &headers,
+                req,
+                sampling,
+                rx,
+            )
+            .await
+        }
+        Err(x) => x,
+    };
+    app.stats.record_request(false);
     if let Err(e) = handler_core::send_request(&engine, request).await {
-        return with_route(route, completions::handle_error(engine, e.into()));
+        return with_headers(completions::handle_error(engine, e.into()), None);
     }
     if streaming {
-        let done = on_done_ticket(
-            ticket,
-            |chunks: &[mistralrs_core::CompletionChunkResponse]| chunks.len(),
-        );
-        return with_route(
-            route,
-            completions::create_streamer(rx, engine, None, Some(done)),
-        );
+        return with_headers(completions::create_streamer(rx, engine, None, None), None);
     }
     let resp = match rx.recv().await {
-        Some(r) => {
-            if let Response::CompletionDone(c) = &r {
-                ticket.finish(c.usage.completion_tokens);
-            }
-            completions::match_responses(engine, r)
-        }
+        Some(r) => completions::match_responses(engine, r),
         None => completions::handle_error(
             engine,
             anyhow::anyhow!("no response received from the model").into(),
         ),
     };
-    with_route(route, resp)
+    with_headers(resp, None)
 }
 
 /// What `GET /v1/infinigram/stats` returns.
@@ -218,10 +678,10 @@ pub struct StatsResponse {
     pub enabled: bool,
     pub max_draft: Option<usize>,
     pub policy: Option<crate::config::PolicyKind>,
-    pub in_flight: usize,
+    /// Active and queued requests of the draft-verify engine, its measured step-time model.
+    pub engine: Option<EngineSnapshot>,
     #[serde(flatten)]
     pub acceptance: StatsSnapshot,
-    pub admission: Vec<LevelSnapshot>,
 }
 
 async fn stats(State(app): State<AppState>) -> Json<StatsResponse> {
@@ -230,8 +690,7 @@ async fn stats(State(app): State<AppState>) -> Json<StatsResponse> {
         enabled: spec.is_some(),
         max_draft: spec.map(|s| s.config.max_draft),
         policy: spec.map(|s| s.config.policy),
-        in_flight: app.admission.in_flight(),
+        engine: spec.map(|s| s.engine.snapshot()),
         acceptance: app.stats.snapshot(),
-        admission: app.admission.levels(),
     })
 }

@@ -49,15 +49,15 @@ pub struct StatsSnapshot {
     /// Requests decoded speculatively / plainly since startup.
     pub requests_drafted: u64,
     pub requests_plain: u64,
-    /// Verify steps of the speculative pipeline (each verifies γ slots).
+    /// Verify steps of drafting requests (one target pass each).
     pub steps: u64,
-    /// Slots verified (γ per step).
+    /// Drafted tokens submitted for verification (the policy's `k`, summed).
     pub slots: u64,
-    /// Slots filled with an n-gram draft (the rest repeat the last draft token).
+    /// Submitted drafted tokens (= `slots`; per-bucket rows below split them).
     pub drafted_tokens: u64,
     /// Drafted tokens accepted.
     pub accepted_tokens: u64,
-    /// Tokens emitted by speculative steps (accepted slots, plus the correction token).
+    /// Tokens emitted by those steps (accepted drafts plus the target's own token each).
     pub emitted_tokens: u64,
     /// `emitted_tokens / steps`.
     pub tokens_per_step: f64,
@@ -108,17 +108,17 @@ impl Default for SpecStats {
     }
 }
 
-/// The outcome of one verify step, as the hook saw it.
+/// The outcome of one verify step of one request.
 #[derive(Debug, Clone, Copy)]
 pub struct StepOutcome<'a> {
-    /// Slots verified (γ).
-    pub slots: usize,
-    /// Features of the n-gram tokens in the leading slots.
+    /// Drafted tokens submitted for verification.
+    pub submitted: usize,
+    /// Features of the submitted tokens.
     pub drafted: &'a [TokenFeatures],
-    /// Leading slots accepted (drafted or padding).
-    pub accepted_slots: usize,
-    /// Slots the verifier sampled (accepted ones plus the first rejected one, if any).
-    pub reached: usize,
+    /// Leading submitted tokens accepted.
+    pub accepted: usize,
+    /// Tokens the step emitted (the accepted ones plus the target's own token).
+    pub emitted: usize,
 }
 
 impl SpecStats {
@@ -141,18 +141,13 @@ impl SpecStats {
     pub fn record_step(&self, o: StepOutcome<'_>) {
         let mut s = self.lock();
         s.steps += 1;
-        s.slots += o.slots as u64;
-        // A step emits its accepted slots plus the target's correction, except when every
-        // slot was accepted (mistral.rs 0.8.1 emits no bonus token).
-        let emitted = if o.accepted_slots >= o.slots {
-            o.slots
-        } else {
-            o.accepted_slots + 1
-        };
-        s.emitted_tokens += emitted as u64;
-        for (i, f) in o.drafted.iter().enumerate() {
-            let verified = i < o.reached;
-            let accepted = i < o.accepted_slots;
+        s.slots += o.submitted as u64;
+        s.emitted_tokens += o.emitted as u64;
+        // The verifier reaches the accepted tokens and the first rejected one.
+        let reached = o.submitted.min(o.accepted + 1);
+        for (i, f) in o.drafted.iter().take(o.submitted).enumerate() {
+            let verified = i < reached;
+            let accepted = i < o.accepted;
             s.drafted_tokens += 1;
             s.accepted_tokens += accepted as u64;
             let rows = [
@@ -221,22 +216,29 @@ mod tests {
         assert_eq!(bucket_label(8, 9), (128, None));
         let s = SpecStats::default();
         let d = [f(5, 3, 1), f(5, 2, 2), f(5, 1, 3)];
-        // Two drafted tokens accepted, the third rejected: 3 slots reached, 3 emitted.
+        // Two drafted tokens accepted, the third rejected: 3 reached, 3 emitted.
         s.record_step(StepOutcome {
-            slots: 4,
+            submitted: 3,
             drafted: &d,
-            accepted_slots: 2,
-            reached: 3,
+            accepted: 2,
+            emitted: 3,
         });
-        // Everything accepted: no bonus token in mistral.rs 0.8.1.
+        // Everything accepted: the target's own token comes on top.
         s.record_step(StepOutcome {
-            slots: 3,
+            submitted: 3,
             drafted: &d,
-            accepted_slots: 3,
-            reached: 3,
+            accepted: 3,
+            emitted: 4,
+        });
+        // A step the policy cut to nothing.
+        s.record_step(StepOutcome {
+            submitted: 0,
+            drafted: &d,
+            accepted: 0,
+            emitted: 1,
         });
         let snap = s.snapshot();
-        assert_eq!((snap.steps, snap.slots, snap.emitted_tokens), (2, 7, 6));
+        assert_eq!((snap.steps, snap.slots, snap.emitted_tokens), (3, 6, 8));
         assert_eq!((snap.drafted_tokens, snap.accepted_tokens), (6, 5));
         let row = snap.by_match_len[3];
         assert_eq!(
@@ -245,6 +247,6 @@ mod tests {
         );
         assert_eq!(snap.by_depth[2].accepted, 1);
         assert_eq!(snap.by_count[1].drafted, 2, "count 1");
-        assert!((snap.tokens_per_step - 3.0).abs() < 1e-12);
+        assert!((snap.tokens_per_step - 8.0 / 3.0).abs() < 1e-12);
     }
 }

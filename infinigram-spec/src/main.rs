@@ -189,7 +189,7 @@ struct Bar(ProgressBar);
 
 impl BuildProgress for Bar {
     fn input(&self, docs: u64, tokens: u64) {
-        if docs % 256 == 0 {
+        if docs.is_multiple_of(256) {
             self.0
                 .set_message(format!("{docs} documents, {tokens} tokens read"));
         }

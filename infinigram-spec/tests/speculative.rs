@@ -407,7 +407,7 @@ fn property_cases_exercise_acceptance_and_rejection() {
             policy: i as usize % 5,
             k: 1 + i as usize % 8,
             use_corpus: i % 4 != 0,
-            use_local: i % 2 == 0,
+            use_local: i.is_multiple_of(2),
             stop: None,
         };
         let (spec, plain, _, log) = run(&case, Sampling::Greedy);

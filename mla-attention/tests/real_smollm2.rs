@@ -123,6 +123,60 @@ fn incremental_decoding_matches_one_full_pass() {
     assert_eq!(cache.values_per_token(), 30 * 2 * 3 * 64);
 }
 
+/// The speculative-decoding primitives: three sequences at different cache lengths run as
+/// segments of one pass give the same hidden states as three separate passes, and dropping
+/// rejected tokens (`truncate_last`) leaves a cache that continues exactly like one that
+/// never saw them.
+#[test]
+fn segments_match_separate_passes_and_truncation_rolls_back() {
+    let ckpt = Checkpoint::open(smollm2()).unwrap();
+    let model = Decoder::load(&ckpt).unwrap();
+    let ids = encode(ckpt.tokenizer().unwrap(), &sotu_2016()).unwrap();
+    let prefixes = [&ids[..5], &ids[10..19], &ids[30..31]];
+    let news: [&[u32]; 3] = [&ids[5..9], &ids[19..20], &ids[31..37]];
+    let mut caches: Vec<_> = prefixes
+        .iter()
+        .map(|p| {
+            let mut c = model.new_cache();
+            model.forward_hidden(p, &mut c, None).unwrap();
+            c
+        })
+        .collect();
+    let mut separate = Vec::new();
+    for (c, n) in caches.iter().zip(news) {
+        let mut c = c.clone();
+        separate.push(model.forward_hidden(n, &mut c, None).unwrap());
+    }
+    let separate = Tensor::cat(&separate, 0).unwrap();
+    let mut refs: Vec<&mut _> = caches.iter_mut().collect();
+    let joint = model.forward_hidden_segments(&news, &mut refs).unwrap();
+    let d = max_abs_diff(&separate, &joint);
+    assert!(d < 1e-4, "segments differ from separate passes by {d}");
+    assert_eq!(caches[2].len(), 7);
+
+    // Sequence 2 "drafted" 5 tokens of which the target kept 2: drop 3 and continue.
+    caches[2].truncate_last(3).unwrap();
+    assert_eq!(caches[2].len(), 4);
+    let after = model
+        .forward_hidden(&ids[34..36], &mut caches[2], None)
+        .unwrap();
+    let mut fresh = model.new_cache();
+    model
+        .forward_hidden(&ids[30..34], &mut fresh, None)
+        .unwrap();
+    let want = model
+        .forward_hidden(&ids[34..36], &mut fresh, None)
+        .unwrap();
+    let d = max_abs_diff(&after, &want);
+    assert!(d < 1e-4, "continuing a truncated cache differs by {d}");
+    assert!(
+        caches[2].truncate_last(7).is_err(),
+        "more than the cache holds"
+    );
+    let mut empty: Vec<&mut _> = Vec::new();
+    assert!(model.forward_hidden_segments(&[], &mut empty).is_err());
+}
+
 /// Applying llama.cpp's pairing again on top of ours breaks RoPE: the forward must
 /// notice (this is the test that fails if the un-permutation is wrong or missing).
 struct Repermuted(GgufWeights);

@@ -334,7 +334,7 @@ fn read_shard_table(bytes: &[u8], origin: &Path, header: &Header) -> Result<Vec<
         for (section, offset, size) in sections {
             let end = size.and_then(|size| offset.checked_add(size));
             match end {
-                Some(end) if end <= bytes.len() as u64 && offset % 8 == 0 => {}
+                Some(end) if end <= bytes.len() as u64 && offset.is_multiple_of(8) => {}
                 _ => {
                     return Err(bad(
                         section,

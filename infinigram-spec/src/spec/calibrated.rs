@@ -195,7 +195,8 @@ impl<C: VerifyCost> CalibratedPolicy<C> {
 
     fn explore(&self, k: usize, available: usize) -> usize {
         let n = self.decisions.fetch_add(1, Ordering::Relaxed) + 1;
-        if self.explore_every > 0 && k >= 1 && k < available && n % self.explore_every == 0 {
+        if self.explore_every > 0 && k >= 1 && k < available && n.is_multiple_of(self.explore_every)
+        {
             k + 1
         } else {
             k

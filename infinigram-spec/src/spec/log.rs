@@ -97,16 +97,16 @@ impl<W: Write> DraftLog for JsonlLog<W> {
     }
 }
 
-/// Where a verify step stands, for [`log_draft`].
+/// Where a verify step stands, for [`log_draft`]: the request, its step, the step's batch.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct StepInfo {
+pub struct StepInfo {
     pub request: u64,
     pub step: u64,
     pub batch_size: usize,
 }
 
 /// Records every token of `draft`: `submitted` of them were verified, `accepted` accepted.
-pub(crate) fn log_draft(
+pub fn log_draft(
     log: &mut dyn DraftLog,
     info: StepInfo,
     draft: &Draft,

@@ -36,7 +36,7 @@ pub use generate::{
     GenerationStats, TargetModel,
 };
 pub use local::{LocalIndex, LocalMatch};
-pub use log::{DraftLog, DraftRecord, JsonlLog, NoLog};
+pub use log::{log_draft, DraftLog, DraftRecord, JsonlLog, NoLog, StepInfo};
 pub use policy::{
     expected_accepted, AcceptModel, CountThreshold, DraftPolicy, FixedK, MatchLenThreshold,
     PolicyContext, PriorModel, ScoreGate,

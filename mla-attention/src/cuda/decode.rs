@@ -218,7 +218,11 @@ impl CudaMlaDecoder {
         let (r, d) = (width.rank, width.rope);
         let w = r + d;
         let max = self.kernels.max_smem_bytes();
-        if T::TENSOR_CORES && self.choice == KernelChoice::Auto && r % 8 == 0 && d % 8 == 0 {
+        if T::TENSOR_CORES
+            && self.choice == KernelChoice::Auto
+            && r.is_multiple_of(8)
+            && d.is_multiple_of(8)
+        {
             if let Some(p) = tc_plan(r, d, num_heads, max, self.kernels.tc_force) {
                 return Ok(p);
             }

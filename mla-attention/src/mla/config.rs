@@ -337,7 +337,7 @@ impl DeepseekV2Fields {
         if experts == 0 {
             return None;
         }
-        (first..num_layers).find(|l| l % freq == 0)
+        (first..num_layers).find(|l| l.is_multiple_of(freq))
     }
 }
 

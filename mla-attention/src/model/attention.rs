@@ -92,7 +92,9 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k;
     let x2 = x.reshape((rows, k))?;
-    let y2 = if rows < 256 {
+    let y2 = if let Some(y) = few_rows_linear(&x2, w)? {
+        y
+    } else if rows < 256 {
         w.matmul(&x2.t()?)?.t()?.contiguous()?
     } else {
         x2.matmul(&w.t()?)?
@@ -104,6 +106,39 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         Some(b) => y.broadcast_add(b)?,
         None => y,
     })
+}
+
+/// [`few_rows_matmul`](super::few_rows::few_rows_matmul) for at most `MAX_ROWS` f32 rows on
+/// the CPU (decode and draft verification); `None` where it does not apply.
+fn few_rows_linear(x2: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    use super::few_rows::{available, few_rows_matmul, MAX_ROWS};
+    let (rows, k) = x2.dims2()?;
+    // The kernel computes outside candle's graph: never where autograd needs the product
+    // (healing trains through `linear`).
+    if rows > MAX_ROWS
+        || x2.track_op()
+        || w.track_op()
+        || x2.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || !w.device().is_cpu()
+        || !w.is_contiguous()
+        || !available()
+    {
+        return Ok(None);
+    }
+    let out = w.dim(0)?;
+    let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Ok(None);
+    };
+    let start = layout.start_offset();
+    let ws = &cpu.as_slice::<f32>()?[start..start + out * k];
+    let mut y = vec![0f32; rows * out];
+    if few_rows_matmul(&xs, rows, ws, out, k, &mut y).is_none() {
+        return Ok(None);
+    }
+    Ok(Some(Tensor::from_vec(y, (rows, out), x2.device())?))
 }
 
 /// Softmax over the last dimension, computed stably.

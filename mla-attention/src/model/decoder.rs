@@ -120,6 +120,26 @@ impl DecoderCache {
     pub fn values_per_token(&self) -> usize {
         self.layers.iter().map(LayerCache::values_per_token).sum()
     }
+
+    /// Forgets the last `n` tokens of every layer: speculative decoding appends drafted
+    /// tokens to the cache and takes back the ones the target rejected.
+    pub fn truncate_last(&mut self, n: usize) -> Result<()> {
+        let len = self.len();
+        if n > len {
+            return Err(Error::InvalidInput(format!(
+                "cannot drop {n} tokens from a cache of {len}"
+            )));
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        for layer in &mut self.layers {
+            for t in &mut layer.entries {
+                *t = t.narrow(2, 0, len - n)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A decoder-only language model.
@@ -292,6 +312,81 @@ impl Decoder {
             x = self.layer_forward(l, &x, start_pos, &mut cache.layers[l], obs)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Run several sequences of different lengths in one pass, each continuing its own
+    /// cache (`segments[i]` after `caches[i]`); returns the final-normed hidden states of
+    /// all new tokens, concatenated in order: `(Σ len_i, hidden)`.
+    ///
+    /// Attention runs per sequence (its own positions and cache); the embedding, norms and
+    /// MLP run once over all rows, which is where batching pays for a small model. Used to
+    /// verify the drafts of several requests in one step.
+    pub fn forward_hidden_segments(
+        &self,
+        segments: &[&[u32]],
+        caches: &mut [&mut DecoderCache],
+    ) -> Result<Tensor> {
+        if segments.is_empty() || segments.len() != caches.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} segments for {} caches",
+                segments.len(),
+                caches.len()
+            )));
+        }
+        if segments.iter().any(|s| s.is_empty()) {
+            return Err(Error::InvalidInput("empty token sequence".into()));
+        }
+        if let Some(&bad) = segments
+            .iter()
+            .flat_map(|r| r.iter())
+            .find(|&&t| t as usize >= self.spec.vocab_size)
+        {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.spec.vocab_size
+            )));
+        }
+        for c in caches.iter() {
+            if c.layers.len() != self.layers.len() {
+                return Err(Error::InvalidInput(format!(
+                    "cache has {} layers, model has {}",
+                    c.layers.len(),
+                    self.layers.len()
+                )));
+            }
+            if c.batch_size().is_some_and(|b| b != 1) {
+                return Err(Error::InvalidInput(
+                    "segments need single-sequence caches".into(),
+                ));
+            }
+        }
+        let starts: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let flat: Vec<u32> = segments.iter().flat_map(|r| r.iter().copied()).collect();
+        let mut x = self.embed(&flat)?;
+        for (l, layer) in self.layers.iter().enumerate() {
+            let h = layer.input_norm.forward(&x)?;
+            let mut parts = Vec::with_capacity(segments.len());
+            let mut offset = 0;
+            for (i, seg) in segments.iter().enumerate() {
+                let hs = h.narrow(1, offset, seg.len())?;
+                let input = AttnInput {
+                    x: &hs,
+                    start_pos: starts[i],
+                    rope: &self.rope,
+                };
+                parts.push(layer.attn.forward(&input, &mut caches[i].layers[l])?);
+                offset += seg.len();
+            }
+            let a = if parts.len() == 1 {
+                parts.pop().expect("one part")
+            } else {
+                Tensor::cat(&parts, 1)?
+            };
+            let x1 = (x + a)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x1)?)?;
+            x = (x1 + m)?;
+        }
+        Ok(self.norm.forward(&x)?.squeeze(0)?)
     }
 
     /// Token embeddings `(1, seq, hidden)`.

@@ -2,6 +2,7 @@
 
 pub mod attention;
 pub mod decoder;
+pub mod few_rows;
 pub mod lowrank;
 pub mod rope;
 

@@ -121,12 +121,19 @@ pub async fn complete(
         .send()
         .await?;
     let status = resp.status();
-    let route = resp
-        .headers()
-        .get("x-infinigram-route")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    // "draft-verify/on", "draft-verify/off" or "mistralrs/".
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let route = format!(
+        "{}/{}",
+        header("x-infinigram-route"),
+        header("x-infinigram-draft")
+    );
     let bytes = resp.bytes().await?;
     if !status.is_success() {
         bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));

@@ -4,9 +4,10 @@
 //!
 //! For each workload (HumanEval completions against a code index, MT-Bench chat against a
 //! prose index) it starts one `care-server` with that index and compares, on the same server
-//! and the same prompts, `x-infinigram: off` (plain engine), `on` (speculative engine) and
-//! `auto` (the server's admission policy) at each concurrency. Results: a Markdown report on
-//! stdout, `results.json` and PNG plots in `--out`.
+//! and the same prompts, `x-infinigram: off` (the draft-verify engine without drafts) and `on`
+//! (drafting under the server's `--policy`) at each concurrency; without an index (`--modes
+//! off` only) it measures mistral.rs's own engine. Results: a Markdown report on stdout,
+//! `results.json` and PNG plots in `--out`.
 
 mod client;
 mod plot;
@@ -54,13 +55,13 @@ struct Args {
     /// Generation lengths in tokens.
     #[arg(long, value_delimiter = ',', default_values_t = vec![32, 128])]
     gen: Vec<usize>,
-    /// Modes (`off`, `on`, `auto`).
+    /// Modes (`off`, `on`; `auto` sends no header, which drafts).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["off".to_string()])]
     modes: Vec<String>,
-    /// γ of the speculative engine.
-    #[arg(long, default_value_t = 3)]
+    /// Longest draft per step.
+    #[arg(long, default_value_t = 6)]
     max_draft: usize,
-    /// Admission policy for `auto`.
+    /// Draft policy of the server (`fixed`, `max-concurrency`, `calibrated`).
     #[arg(long, default_value = "calibrated")]
     policy: String,
     /// Prompts per workload for the byte-identity check (0: skip).
@@ -196,7 +197,7 @@ async fn lossless(
     for (i, p) in prompts.iter().enumerate() {
         let off = client::complete(http, base, p, tokens, "off").await?;
         let on = client::complete(http, base, p, tokens, "on").await?;
-        if on.route != "speculative" || off.route != "plain" {
+        if on.route != "draft-verify/on" || off.route != "draft-verify/off" {
             bail!(
                 "routes {} / {}: the server did not honour x-infinigram",
                 off.route,
@@ -208,7 +209,7 @@ async fn lossless(
         } else {
             differ.push(i);
             eprintln!(
-                "prompt {i}: outputs differ\n--- plain\n{}\n--- speculative\n{}",
+                "prompt {i}: outputs differ\n--- without drafting\n{}\n--- with drafting\n{}",
                 off.text, on.text
             );
         }
@@ -309,6 +310,31 @@ fn acceptance_tables(name: &str, stats: &Value) {
                 a as f64 / v.max(1) as f64
             );
         }
+    }
+}
+
+/// A plot series from one table of `/v1/infinigram/stats` (`by_match_len`, `by_count`):
+/// the live engine's acceptance rate per bucket.
+fn stats_series(name: &str, stats: &Value, key: &str) -> plot::Series {
+    let points = stats[key]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|row| {
+            let verified = row["verified"].as_u64()?;
+            let accepted = row["accepted"].as_u64()?;
+            let lo = row["lo"].as_u64()?;
+            let label = match row["hi"].as_u64() {
+                Some(hi) if hi == lo => format!("{lo}"),
+                Some(hi) => format!("{lo}–{hi}"),
+                None => format!("≥{lo}"),
+            };
+            (verified > 0).then(|| (label, accepted as f64 / verified as f64, verified))
+        })
+        .collect();
+    plot::Series {
+        name: name.to_string(),
+        points,
     }
 }
 
@@ -460,7 +486,7 @@ async fn main() -> Result<()> {
                                 / done.len().max(1) as f64,
                             speculative_requests: done
                                 .iter()
-                                .filter(|c| c.route == "speculative")
+                                .filter(|c| c.route.ends_with("/on"))
                                 .count(),
                         };
                         eprintln!("{cell:?}");
@@ -509,6 +535,11 @@ async fn main() -> Result<()> {
         }
         if drafting {
             let stats = client::stats(&http, &base).await?;
+            // The plots show the live engine's acceptance (replay tables stay in the report).
+            plots_match.retain(|s: &plot::Series| s.name != w.name);
+            plots_count.retain(|s: &plot::Series| s.name != w.name);
+            plots_match.push(stats_series(w.name, &stats, "by_match_len"));
+            plots_count.push(stats_series(w.name, &stats, "by_count"));
             report.acceptance.push((w.name.to_string(), stats));
         }
     }
@@ -526,7 +557,7 @@ async fn main() -> Result<()> {
     if let Some(l) = &report.load_test {
         println!("\nload test: {l}");
     }
-    if !workloads.is_empty() {
+    if !plots_match.is_empty() {
         plot::plot_rates(
             &args.out.join("acceptance_vs_match_len.png"),
             "Acceptance vs match length",
