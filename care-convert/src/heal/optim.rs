@@ -1,10 +1,11 @@
 //! AdamW (decoupled weight decay, Loshchilov & Hutter) over candle `Var`s, the learning
 //! rate schedule (linear warmup, cosine decay to a floor) and global-norm clipping.
-//! The moments are plain tensors so a checkpoint can save and restore them exactly.
+//! The moments live in `Var`s so a checkpoint can save and restore them exactly and an
+//! update can overwrite them in place.
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::error::{Error, Result};
 
@@ -29,19 +30,27 @@ impl Default for AdamWConfig {
 }
 
 /// AdamW state for a fixed, named list of parameters.
+///
+/// The moments are allocated once and overwritten in place by every update (as the
+/// parameters are, by `Var::set`), so no tensor allocated during an update outlives it.
+/// Fresh moment tensors per update (freed one update later) left the CPU heap flat, but on
+/// CUDA, where cudarc allocates from the driver's stream-ordered pool, these long-lived
+/// blocks (2 × the trainable bytes, placed each update among the freed activations of the
+/// backward pass) are the likely cause of the ~0.5 GB per update growth to OOM seen while
+/// healing Qwen2.5-0.5B: a live block keeps its pool chunk mapped.
 #[derive(Debug)]
 pub struct AdamW {
     pub config: AdamWConfig,
     /// Updates taken so far (the bias correction's `t`).
     pub step: u64,
     names: Vec<String>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    m: Vec<Var>,
+    v: Vec<Var>,
 }
 
 impl AdamW {
     pub fn new(config: AdamWConfig, params: &[(String, Var)]) -> Result<Self> {
-        let zeros = |v: &Var| v.as_tensor().zeros_like();
+        let zeros = |v: &Var| Var::zeros(v.shape(), v.dtype(), v.device());
         Ok(AdamW {
             config,
             step: 0,
@@ -72,34 +81,39 @@ impl AdamW {
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         for (i, ((_, p), g)) in params.iter().zip(grads).enumerate() {
-            let m = ((&self.m[i] * c.beta1)? + (g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            // Detached reads: the update itself must not be recorded for autograd.
+            let (m_var, v_var) = (&self.m[i], &self.v[i]);
+            let m = ((m_var.as_tensor().detach() * c.beta1)? + (g * (1.0 - c.beta1))?)?;
+            let v = ((v_var.as_tensor().detach() * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let m_hat = (&m / bc1)?;
             let v_hat = (&v / bc2)?;
             let adam = (m_hat / (v_hat.sqrt()? + c.eps)?)?;
-            // Detached: the update itself must not be recorded for autograd.
             let decayed = (p.as_tensor().detach() * (1.0 - lr * c.weight_decay))?;
+            // In place (see the type's doc): the new values are temporaries of this update.
             p.set(&(decayed - (adam * lr)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            m_var.set(&m)?;
+            v_var.set(&v)?;
         }
         Ok(())
     }
 
-    /// The moments as named tensors (`m.<name>`, `v.<name>`) for a checkpoint.
-    pub fn state_tensors(&self) -> HashMap<String, Tensor> {
+    /// A snapshot of the moments as named tensors (`m.<name>`, `v.<name>`) on the CPU for a
+    /// checkpoint. A copy: the next update overwrites the moments in place, and on the CPU a
+    /// moved tensor would share their storage.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let snapshot = |v: &Var| v.as_tensor().detach().to_device(&Device::Cpu)?.copy();
         let mut out = HashMap::new();
         for (i, n) in self.names.iter().enumerate() {
-            out.insert(format!("m.{n}"), self.m[i].clone());
-            out.insert(format!("v.{n}"), self.v[i].clone());
+            out.insert(format!("m.{n}"), snapshot(&self.m[i])?);
+            out.insert(format!("v.{n}"), snapshot(&self.v[i])?);
         }
-        out
+        Ok(out)
     }
 
     /// Restore moments saved by [`Self::state_tensors`] after `step` updates.
     pub fn restore(&mut self, step: u64, saved: &HashMap<String, Tensor>) -> Result<()> {
         for (i, n) in self.names.iter().enumerate() {
-            for (slot, kind) in [(&mut self.m[i], "m"), (&mut self.v[i], "v")] {
+            for (slot, kind) in [(&self.m[i], "m"), (&self.v[i], "v")] {
                 let key = format!("{kind}.{n}");
                 let t = saved.get(&key).ok_or_else(|| {
                     Error::InvalidOption(format!(
@@ -113,7 +127,7 @@ impl AdamW {
                         slot.dims()
                     )));
                 }
-                *slot = t.to_dtype(DType::F32)?.to_device(slot.device())?;
+                slot.set(&t.to_dtype(DType::F32)?.to_device(slot.device())?)?;
             }
         }
         self.step = step;
@@ -160,7 +174,6 @@ pub fn clip_global_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn schedule_warms_up_then_decays_to_the_floor() {

@@ -452,13 +452,10 @@ impl<'a> Healer<'a> {
                 &self.student.trainable_tensors()?,
                 &tmp.join("params.safetensors"),
             )?;
-            let moments: HashMap<String, Tensor> = self
-                .optimizer
-                .state_tensors()
-                .into_iter()
-                .map(|(k, v)| Ok((k, v.to_device(&Device::Cpu)?)))
-                .collect::<Result<_>>()?;
-            save_tensors(&moments, &tmp.join("optimizer.safetensors"))?;
+            save_tensors(
+                &self.optimizer.state_tensors()?,
+                &tmp.join("optimizer.safetensors"),
+            )?;
             let json = serde_json::to_string_pretty(&self.state).map_err(|e| Error::BadData {
                 path: tmp.join("state.json"),
                 reason: e.to_string(),
