@@ -174,7 +174,7 @@ const GATE_LEVELS: usize = 6;
 /// Steps per level before the gate trusts its averages, and its exploration period.
 const GATE_WARMUP: u64 = 8;
 const GATE_EXPLORE_EVERY: u64 = 16;
-const GATE_EMA: f64 = 0.02;
+const GATE_EMA: f64 = 0.05;
 
 /// The calibrated policy's safety net: per batch-size level, moving averages of the tokens
 /// per second that steps with drafting and steps without it actually achieved. Drafting is
