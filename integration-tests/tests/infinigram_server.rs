@@ -157,6 +157,19 @@ async fn greedy(
     (text, route)
 }
 
+/// `GET /v1/infinigram/stats`.
+async fn infinigram_stats(http: &reqwest::Client, base: &str) -> Value {
+    let body = http
+        .get(format!("{base}/v1/infinigram/stats"))
+        .send()
+        .await
+        .expect("stats request")
+        .bytes()
+        .await
+        .expect("stats body");
+    serde_json::from_slice(&body).expect("stats JSON")
+}
+
 fn plain_args(extra: &[&str]) -> Args {
     let smol = smol_dir();
     let mut argv: Vec<String> = vec!["care-server".into(), "--port".into(), "0".into()];
@@ -236,17 +249,7 @@ async fn overridden_routes_serve_completions_and_chat() {
             "prompt {i}: streamed and non-streamed greedy outputs differ"
         );
     }
-    let stats: Value = serde_json::from_slice(
-        &http
-            .get(format!("{base}/v1/infinigram/stats"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let stats = infinigram_stats(&http, &base).await;
     assert_eq!(stats["enabled"], false);
     assert_eq!(stats["requests_plain"], 2 * requests.len() as u64);
     // A stock route answers through the fallback router.
@@ -333,17 +336,7 @@ async fn drafting_is_lossless_on_real_prompts() {
         let other = run("off", "8").await;
         assert_ne!(other, off, "sampled prompt {i}: the seed is ignored");
     }
-    let stats: Value = serde_json::from_slice(
-        &http
-            .get(format!("{base}/v1/infinigram/stats"))
-            .send()
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let stats = infinigram_stats(&http, &base).await;
     assert_eq!(stats["enabled"], true);
     assert!(stats["steps"].as_u64().unwrap() > 0, "{stats}");
     assert!(

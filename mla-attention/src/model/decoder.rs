@@ -274,23 +274,7 @@ impl Decoder {
         if rows.iter().any(|r| r.len() != seq) {
             return Err(Error::InvalidInput("batch rows differ in length".into()));
         }
-        if let Some(&bad) = rows
-            .iter()
-            .flat_map(|r| r.iter())
-            .find(|&&t| t as usize >= self.spec.vocab_size)
-        {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.spec.vocab_size
-            )));
-        }
-        if cache.layers.len() != self.layers.len() {
-            return Err(Error::InvalidInput(format!(
-                "cache has {} layers, model has {}",
-                cache.layers.len(),
-                self.layers.len()
-            )));
-        }
+        self.check_input(rows, cache)?;
         if let Some(b) = cache.batch_size() {
             if b != rows.len() {
                 return Err(Error::InvalidInput(format!(
@@ -312,6 +296,28 @@ impl Decoder {
             x = self.layer_forward(l, &x, start_pos, &mut cache.layers[l], obs)?;
         }
         self.norm.forward(&x)
+    }
+
+    /// Token ids inside the vocabulary and a cache with one entry per layer.
+    fn check_input(&self, rows: &[&[u32]], cache: &DecoderCache) -> Result<()> {
+        if let Some(&bad) = rows
+            .iter()
+            .flat_map(|r| r.iter())
+            .find(|&&t| t as usize >= self.spec.vocab_size)
+        {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                self.spec.vocab_size
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(Error::InvalidInput(format!(
+                "cache has {} layers, model has {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        Ok(())
     }
 
     /// Run several sequences of different lengths in one pass, each continuing its own
@@ -336,24 +342,8 @@ impl Decoder {
         if segments.iter().any(|s| s.is_empty()) {
             return Err(Error::InvalidInput("empty token sequence".into()));
         }
-        if let Some(&bad) = segments
-            .iter()
-            .flat_map(|r| r.iter())
-            .find(|&&t| t as usize >= self.spec.vocab_size)
-        {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                self.spec.vocab_size
-            )));
-        }
-        for c in caches.iter() {
-            if c.layers.len() != self.layers.len() {
-                return Err(Error::InvalidInput(format!(
-                    "cache has {} layers, model has {}",
-                    c.layers.len(),
-                    self.layers.len()
-                )));
-            }
+        for (seg, c) in segments.iter().zip(caches.iter()) {
+            self.check_input(&[seg], c)?;
             if c.batch_size().is_some_and(|b| b != 1) {
                 return Err(Error::InvalidInput(
                     "segments need single-sequence caches".into(),
