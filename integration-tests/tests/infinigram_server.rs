@@ -126,6 +126,28 @@ fn mtbench_questions(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Greedy request bodies: `humaneval` completions, then `mtbench` chat turns.
+fn greedy_requests(
+    humaneval: usize,
+    mtbench: usize,
+    max_tokens: usize,
+) -> Vec<(&'static str, Value)> {
+    let mut requests: Vec<(&str, Value)> = humaneval_prompts(humaneval)
+        .into_iter()
+        .map(|p| {
+            let body = json!({"model": "default", "prompt": p, "max_tokens": max_tokens,
+                              "temperature": 0.0});
+            ("/v1/completions", body)
+        })
+        .collect();
+    requests.extend(mtbench_questions(mtbench).into_iter().map(|q| {
+        let body = json!({"model": "default", "messages": [{"role": "user", "content": q}],
+                          "max_tokens": max_tokens, "temperature": 0.0});
+        ("/v1/chat/completions", body)
+    }));
+    requests
+}
+
 /// One greedy request; returns (text, route header).
 async fn greedy(
     http: &reqwest::Client,
@@ -223,19 +245,7 @@ async fn streamed(http: &reqwest::Client, base: &str, path: &str, body: Value) -
 async fn overridden_routes_serve_completions_and_chat() {
     let base = start(&plain_args(&[])).await;
     let http = reqwest::Client::new();
-    let mut requests: Vec<(&str, Value)> = humaneval_prompts(4)
-        .into_iter()
-        .map(|p| {
-            let body =
-                json!({"model": "default", "prompt": p, "max_tokens": 24, "temperature": 0.0});
-            ("/v1/completions", body)
-        })
-        .collect();
-    requests.extend(mtbench_questions(3).into_iter().map(|q| {
-        let body = json!({"model": "default", "messages": [{"role": "user", "content": q}],
-                          "max_tokens": 24, "temperature": 0.0});
-        ("/v1/chat/completions", body)
-    }));
+    let requests = greedy_requests(4, 3, 24);
     for (i, (path, body)) in requests.iter().enumerate() {
         let (text, route) = greedy(&http, &base, path, body.clone(), "auto").await;
         assert_eq!(route, "mistralrs");
@@ -278,19 +288,7 @@ async fn drafting_is_lossless_on_real_prompts() {
     ))
     .await;
     let http = reqwest::Client::new();
-    let mut requests: Vec<(&str, Value)> = humaneval_prompts(n)
-        .into_iter()
-        .map(|p| {
-            let body =
-                json!({"model": "default", "prompt": p, "max_tokens": 64, "temperature": 0.0});
-            ("/v1/completions", body)
-        })
-        .collect();
-    requests.extend(mtbench_questions(n).into_iter().map(|q| {
-        let body = json!({"model": "default", "messages": [{"role": "user", "content": q}],
-                          "max_tokens": 64, "temperature": 0.0});
-        ("/v1/chat/completions", body)
-    }));
+    let requests = greedy_requests(n, n, 64);
     for (i, (path, body)) in requests.iter().enumerate() {
         let (off, route) = greedy(&http, &base, path, body.clone(), "off").await;
         assert_eq!(route, "draft-verify");
