@@ -387,6 +387,23 @@ pub struct HealArgs {
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Data parallelism over several devices in one process, instead of --device: a
+    /// comma-separated list such as `cuda:0,cuda:1,cuda:2,cuda:3` (a CUDA device at most
+    /// once; `cpu,cpu` runs two replicas on the CPU, for tests). Every
+    /// device holds a copy of the teacher and the student; the --grad-accum micro-batches
+    /// of each update are split over the devices in contiguous blocks (so --grad-accum must
+    /// be at least the number of devices; the first devices take one more when it does not
+    /// divide), the devices' gradient sums are added on the first device in list order,
+    /// which takes the AdamW step and the held-out evaluation, and the new weights are
+    /// copied back to the others. Tokens per update, rows and schedule are those of one
+    /// device with the same --batch / --grad-accum (equal up to float rounding), and the
+    /// checkpoints are the same: a run may --resume on another device list.
+    #[arg(long, value_name = "LIST", conflicts_with = "device")]
+    pub devices: Option<String>,
+    /// How --devices moves gradients and weights between devices: `direct` (CUDA
+    /// peer-to-peer copies) or `host` (through CPU memory).
+    #[arg(long, value_enum, default_value_t = ReplicaCopyArg::Direct, requires = "devices")]
+    pub replica_copy: ReplicaCopyArg,
     /// On CUDA, let cuBLAS run the f32 matrix products on tensor cores in TF32 (inputs
     /// rounded to a 10-bit mantissa, f32 accumulation): faster, and not bit-comparable
     /// with a run without it. Recorded in care.json.
@@ -401,6 +418,15 @@ pub struct HealArgs {
     /// Hide progress bars.
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// `--replica-copy` choices.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ReplicaCopyArg {
+    /// Device to device (CUDA peer copies).
+    Direct,
+    /// Through host memory.
+    Host,
 }
 
 /// `--train` choices.

@@ -8,33 +8,63 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::cli::{CorpusArgs, Format, HealArgs, PackDataArgs, PlotLossArgs, TrainWhat};
+use crate::cli::{
+    CorpusArgs, Format, HealArgs, PackDataArgs, PlotLossArgs, ReplicaCopyArg, TrainWhat,
+};
 use care_convert::heal::data::{pack, read_corpus, tokenizer_fingerprint, CorpusOptions};
 use care_convert::heal::data::{write_corpus, PackedCorpus};
 use care_convert::heal::plot::plot_loss_png;
 use care_convert::heal::student::{OnDevice, StudentParams, TrainScope};
-use care_convert::heal::train::{HealOptions, Healer, StepRecord};
+use care_convert::heal::train::{HealOptions, Healer, Replica, ReplicaCopy, StepRecord};
 use care_convert::heal::{prepare_output, write_healed, write_log};
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
 
-fn device(spec: &str) -> Result<Device> {
+fn device(spec: &str, flag: &str) -> Result<Device> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s == "cuda" || s.starts_with("cuda:") => {
             let ordinal: usize = match s.strip_prefix("cuda:") {
                 Some(n) => n
                     .parse()
-                    .with_context(|| format!("--device {s}: expected cuda:N"))?,
+                    .with_context(|| format!("{flag} {s}: expected cuda:N"))?,
                 None => 0,
             };
             if !candle_core::utils::cuda_is_available() {
-                bail!("--device {s}: this build has no CUDA (build with --features cuda)");
+                bail!("{flag} {s}: this build has no CUDA (build with --features cuda)");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            Ok(Device::new_cuda(ordinal)
+                .with_context(|| format!("{flag}: opening CUDA device {ordinal}"))?)
         }
-        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+        other => bail!("{flag} {other}: expected cpu, cuda or cuda:N"),
     }
+}
+
+/// The devices of `--devices LIST` (or the one of `--device`), in order.
+fn devices(a: &HealArgs) -> Result<(Vec<Device>, String)> {
+    let Some(list) = &a.devices else {
+        return Ok((vec![device(&a.device, "--device")?], a.device.clone()));
+    };
+    let specs: Vec<&str> = list.split(',').map(str::trim).collect();
+    if specs.iter().any(|s| s.is_empty()) {
+        bail!("--devices {list}: expected a comma-separated list such as cuda:0,cuda:1");
+    }
+    let mut seen = Vec::new();
+    for s in &specs {
+        let canonical = if *s == "cuda" { "cuda:0" } else { s };
+        if canonical != "cpu" && seen.contains(&canonical) {
+            bail!("--devices {list}: {canonical} is listed twice (one replica per GPU)");
+        }
+        seen.push(canonical);
+    }
+    let devs = specs
+        .iter()
+        .map(|s| device(s, "--devices"))
+        .collect::<Result<Vec<_>>>()?;
+    if devs.iter().any(Device::is_cuda) && !devs.iter().all(Device::is_cuda) {
+        bail!("--devices {list}: mixes CPU and CUDA devices");
+    }
+    Ok((devs, specs.join(",")))
 }
 
 fn corpus_options(c: &CorpusArgs, tokens: u64, seed: u64) -> Result<CorpusOptions> {
@@ -89,13 +119,34 @@ pub fn run_pack_data(a: PackDataArgs) -> Result<()> {
 
 pub fn run_heal(a: HealArgs) -> Result<()> {
     let started = Instant::now();
-    let dev = device(&a.device)?;
+    let (devs, device_names) = devices(&a)?;
+    let dev = devs[0].clone();
+    #[cfg(feature = "cuda")]
+    if devs.len() > 1 && a.replica_copy == ReplicaCopyArg::Direct {
+        for d in &devs {
+            if let Device::Cuda(c) = d {
+                // SAFETY: candle runs every device on one stream, and the data-parallel copies
+                // synchronize both devices around every cross-device copy (train.rs,
+                // `move_to` and `broadcast`). With cudarc's per-slice event tracking on, a
+                // peer copy records the source's event on the destination's stream — an
+                // event of another context, which fails (CUDA_ERROR_INVALID_CONTEXT, kept in
+                // the destination context's error state). Nothing is allocated yet.
+                unsafe { c.disable_event_tracking() };
+            }
+        }
+    }
+    if devs.len() > a.grad_accum {
+        bail!(
+            "--devices lists {} devices but --grad-accum is {}: every device needs at least \
+             one micro-batch per update (raise --grad-accum, or lower --batch to keep the \
+             tokens per update)",
+            devs.len(),
+            a.grad_accum
+        );
+    }
     if a.tf32 {
         if !dev.is_cuda() {
-            bail!(
-                "--tf32 applies to CUDA matrix products; --device is {}",
-                a.device
-            );
+            bail!("--tf32 applies to CUDA matrix products; the device is {device_names}");
         }
         candle_core::cuda::set_gemm_reduced_precision_f32(true);
     }
@@ -165,21 +216,82 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
     }
     let teacher_ckpt =
         Checkpoint::open(&a.teacher).with_context(|| format!("opening {}", a.teacher.display()))?;
-    let on_dev = OnDevice {
-        inner: teacher_ckpt.weights.as_ref(),
-        device: dev.clone(),
+    // A teacher on every device and, for data parallelism, a student on every further
+    // device, loaded in parallel (one thread per device).
+    let loading = Instant::now();
+    let load = |d: &Device, with_student: bool| -> Result<(Decoder, Option<StudentParams>)> {
+        let on_dev = OnDevice {
+            inner: teacher_ckpt.weights.as_ref(),
+            device: d.clone(),
+        };
+        let teacher = Decoder::load_weights(&teacher_ckpt.spec, &on_dev)
+            .with_context(|| format!("loading the teacher {}", a.teacher.display()))?;
+        let student = if with_student {
+            Some(
+                StudentParams::open(&a.student, opts.scope, d)
+                    .with_context(|| format!("opening the student {}", a.student.display()))?,
+            )
+        } else {
+            None
+        };
+        Ok((teacher, student))
     };
-    let teacher = Decoder::load_weights(&teacher_ckpt.spec, &on_dev)
-        .with_context(|| format!("loading the teacher {}", a.teacher.display()))?;
+    let loaded: Vec<Result<(Decoder, Option<StudentParams>)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let load = &load;
+                scope.spawn(move || load(d, i > 0))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| bail!("a model-loading thread panicked"))
+            })
+            .collect()
+    });
+    let mut teachers = Vec::with_capacity(devs.len());
+    let mut replica_students = Vec::new();
+    for l in loaded {
+        let (t, s) = l?;
+        teachers.push(t);
+        replica_students.extend(s);
+    }
+    if devs.len() > 1 {
+        eprintln!(
+            "loaded the teacher on {} devices and {} more students in {:.1} s",
+            devs.len(),
+            devs.len() - 1,
+            loading.elapsed().as_secs_f64()
+        );
+    }
+    let (teacher, replica_teachers) = teachers
+        .split_first()
+        .context("no device to heal on (--device or --devices)")?;
     prepare_output(&a.student, &a.out)?;
     let mut healer = Healer::new(
-        &teacher,
+        teacher,
         student,
         &corpus,
         opts.clone(),
         &state_dir,
         a.resume,
     )?;
+    if devs.len() > 1 {
+        let replicas = replica_teachers
+            .iter()
+            .zip(replica_students)
+            .map(|(teacher, student)| Replica { teacher, student })
+            .collect();
+        let copy = match a.replica_copy {
+            ReplicaCopyArg::Direct => ReplicaCopy::Direct,
+            ReplicaCopyArg::Host => ReplicaCopy::Host,
+        };
+        healer = healer.with_replicas(replicas, copy)?;
+    }
     if let Some(secs) = a.time_limit {
         healer.stop_by(started + std::time::Duration::from_secs(secs));
     }
@@ -198,7 +310,7 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
         healer.student.trainable_count(),
         total,
         corpus.info.seq_len * a.batch * a.grad_accum,
-        a.device,
+        device_names,
         if healer.step() > 0 {
             format!(", resuming at update {}", healer.step())
         } else {
@@ -259,7 +371,8 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
             "tokens_done": done as f64 * tokens_per_update,
             "heldout_ppl_start": records.first().and_then(|r| r.heldout_ppl),
             "heldout_ppl_last": records.iter().rev().find_map(|r| r.heldout_ppl),
-            "device": a.device,
+            "device": device_names,
+            "data_parallel_devices": devs.len(),
             "matmul_precision": if a.tf32 { "tf32" } else { "f32" },
         })
     };

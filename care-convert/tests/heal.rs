@@ -2,8 +2,9 @@
 //! SmolLM2 / Qwen weights, `scripts/heal.sh`): the KD term vanishes when student =
 //! teacher, autograd gradients of one MLA layer match finite differences, the loss
 //! falls, an interrupted and resumed run reproduces the uninterrupted curve, bad
-//! inputs are refused without touching the output, and no allocation made during an
-//! update outlives it.
+//! inputs are refused without touching the output, no allocation made during an
+//! update outlives it, and a data-parallel run over two replicas follows the one-device
+//! curve.
 
 use std::path::Path;
 
@@ -11,7 +12,7 @@ use candle_core::{Device, Tensor};
 use care_convert::heal::data::{CorpusInfo, PackedCorpus};
 use care_convert::heal::loss::distill_loss;
 use care_convert::heal::student::{StudentParams, TrainScope};
-use care_convert::heal::train::{HealOptions, Healer, StepRecord};
+use care_convert::heal::train::{HealOptions, Healer, Replica, ReplicaCopy, StepRecord};
 use care_convert::heal::{prepare_output, write_healed};
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
@@ -476,4 +477,245 @@ fn no_allocation_made_during_an_update_outlives_it() {
             h.step()
         );
     }
+}
+
+/// Largest difference of the numbers two runs logged (loss, CE, KD, gradient norm,
+/// held-out perplexity) over all updates, relative to the value or to 1 if that is larger
+/// (the KD term is ~0.05 nats here: its f32 rounding is absolute, not relative).
+fn max_rel_diff(a: &[StepRecord], b: &[StepRecord]) -> f64 {
+    assert_eq!(a.len(), b.len(), "runs of different lengths");
+    let mut worst = 0.0f64;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.step, y.step);
+        assert_eq!(x.tokens, y.tokens);
+        assert_eq!(x.heldout_ppl.is_some(), y.heldout_ppl.is_some());
+        for (u, v) in [
+            (x.loss, y.loss),
+            (x.ce, y.ce),
+            (x.kd, y.kd),
+            (x.grad_norm, y.grad_norm),
+            (x.heldout_ppl.unwrap_or(0.0), y.heldout_ppl.unwrap_or(0.0)),
+        ] {
+            if !(u.is_nan() && v.is_nan()) {
+                worst = worst.max((u - v).abs() / u.abs().max(1.0));
+            }
+        }
+    }
+    worst
+}
+
+/// Data parallelism on CPU "replicas" (each its own teacher and student): two replicas
+/// splitting 4 micro-batches 2 + 2, and three splitting 5 as 2 + 2 + 1, follow the
+/// one-device loss curve to 1e-6 relative (only the order in which the gradients are
+/// summed differs: (g0+g1)+(g2+g3) instead of ((g0+g1)+g2)+g3), repeat exactly, and a
+/// checkpoint of a two-replica run resumes on one device onto the same curve. Dropping the
+/// other replicas' gradients (the hook) misses the curve by far more than the tolerance,
+/// so the comparison can fail.
+#[test]
+fn data_parallel_replicas_follow_the_one_device_curve() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (teacher, src, stock) = models(tmp.path());
+    let more: Vec<Decoder> = (0..2)
+        .map(|_| Decoder::load(&Checkpoint::open(&src).unwrap()).unwrap())
+        .collect();
+    let data = corpus(6, 64);
+    let open = || StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();
+    let run = |opts: &HealOptions, replicas: usize, dir: &str, sum: bool, stop: Option<u64>| {
+        let mut h = Healer::new(
+            &teacher,
+            open(),
+            &data,
+            opts.clone(),
+            &tmp.path().join(dir),
+            false,
+        )
+        .unwrap();
+        if replicas > 1 {
+            let r = more[..replicas - 1]
+                .iter()
+                .map(|teacher| Replica {
+                    teacher,
+                    student: open(),
+                })
+                .collect();
+            h = h.with_replicas(r, ReplicaCopy::Host).unwrap();
+        }
+        assert_eq!(h.devices(), replicas);
+        h.sum_replica_gradients(sum);
+        h.run(stop, &mut |_, _| {}, &mut no_save).unwrap()
+    };
+    for (replicas, accum) in [(2, 4), (3, 5)] {
+        let mut opts = options(10 * (2 * accum * SEQ) as u64);
+        opts.micro_batch = 2;
+        opts.grad_accum = accum;
+        let tag = format!("{replicas}x{accum}");
+        let one = run(&opts, 1, &format!("one-{tag}"), true, None);
+        assert_eq!(one.records.len(), 11);
+        assert!(one.records.iter().all(|r| r.sync_secs.is_none()));
+        let dp = run(&opts, replicas, &format!("dp-{tag}"), true, None);
+        assert!(dp.finished);
+        assert!(dp.records[1..].iter().all(|r| r.sync_secs.is_some()));
+        let diff = max_rel_diff(&one.records, &dp.records);
+        let loss_diff = one.records[1..]
+            .iter()
+            .zip(&dp.records[1..])
+            .map(|(a, b)| (a.loss - b.loss).abs() / a.loss.abs())
+            .fold(0.0f64, f64::max);
+        eprintln!(
+            "{replicas} replicas, {accum} micro-batches vs one device: loss curve {loss_diff:.3e} \
+             relative, all logged numbers {diff:.3e}"
+        );
+        assert!(loss_diff < 1e-6, "loss curve: {loss_diff:.3e}");
+        assert!(diff < 1e-6, "{replicas} replicas vs one device: {diff:.3e}");
+        // Deterministic for a fixed seed and device count: bit for bit.
+        let again = run(&opts, replicas, &format!("again-{tag}"), true, None);
+        assert_eq!(max_rel_diff(&dp.records, &again.records), 0.0);
+        // The test can fail: without the other replicas' gradients the curve departs.
+        let wrong = run(&opts, replicas, &format!("wrong-{tag}"), false, None);
+        let off = max_rel_diff(&one.records, &wrong.records);
+        eprintln!(
+            "{replicas} replicas without the others' gradients: max relative difference {off:.3e}"
+        );
+        assert!(
+            off > 1e-3,
+            "dropping gradients changed the curve by only {off:.3e}"
+        );
+        if replicas == 2 {
+            // Checkpoints do not depend on the device count: 4 updates on two replicas,
+            // the rest on one device.
+            let split = run(&opts, 2, &format!("split-{tag}"), true, Some(4));
+            assert_eq!(split.steps_done, 4);
+            let mut h = Healer::new(
+                &teacher,
+                open(),
+                &data,
+                opts.clone(),
+                &tmp.path().join(format!("split-{tag}")),
+                true,
+            )
+            .unwrap();
+            assert_eq!(h.step(), 4);
+            let rest = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
+            let diff = max_rel_diff(&one.records, &rest.records);
+            eprintln!("resumed on one device: max relative difference {diff:.3e}");
+            assert!(diff < 1e-6, "resumed on one device: {diff:.3e}");
+        }
+    }
+    // Every device needs a micro-batch per update.
+    let mut few = options(256);
+    few.grad_accum = 1;
+    let e = Healer::new(&teacher, open(), &data, few, &tmp.path().join("few"), false)
+        .unwrap()
+        .with_replicas(
+            vec![Replica {
+                teacher: &more[0],
+                student: open(),
+            }],
+            ReplicaCopy::Direct,
+        )
+        .err()
+        .expect("refused");
+    assert!(e.to_string().contains("--grad-accum 1"), "{e}");
+}
+
+/// A word-level tokenizer over the tiny model's vocabulary (`w0` … `w96`), for the CLI.
+fn write_tokenizer(dir: &Path) {
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..VOCAB)
+        .map(|i| (format!("w{i}"), serde_json::json!(i)))
+        .collect();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+}
+
+/// The CLI end to end: `heal --devices cpu,cpu` (teacher and student loaded per device in
+/// parallel, two replicas) logs the curve of `heal --device cpu` to 1e-6, records the
+/// device list, and refuses a device list longer than --grad-accum.
+#[test]
+fn cli_data_parallel_run_matches_the_one_device_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, src, stock) = models(tmp.path());
+    write_tokenizer(&src);
+    write_tokenizer(&stock);
+    // Text from the same progressions as `corpus`, as words.
+    let mut r = Rng(21);
+    let mut text = String::new();
+    for _ in 0..400 {
+        let start = ((r.next() + 1.0) * 40.0) as usize;
+        let step = 1 + ((r.next() + 1.0) * 3.0) as usize;
+        for i in 0..24 {
+            text.push_str(&format!("w{} ", (start + i * step) % VOCAB));
+        }
+        text.push('\n');
+    }
+    let source = tmp.path().join("text.txt");
+    std::fs::write(&source, text).unwrap();
+    let heal = |out: &str, devices: &[&str], accum: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_care-convert"))
+            .args(["heal", "--quiet", "--format", "json", "--teacher"])
+            .arg(&src)
+            .arg("--student")
+            .arg(&stock)
+            .arg("--source")
+            .arg(&source)
+            .args([
+                "--seq-len",
+                "16",
+                "--heldout",
+                "4",
+                "--tokens",
+                "640",
+                "--batch",
+                "2",
+            ])
+            .args(["--grad-accum", accum, "--lr", "1e-2", "--eval-every", "2"])
+            .args(["--eval-sequences", "4", "--out"])
+            .arg(tmp.path().join(out))
+            .args(devices)
+            .output()
+            .unwrap()
+    };
+    let log = |out: &str| -> Vec<StepRecord> {
+        std::fs::read_to_string(tmp.path().join(out).join("heal/log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let one = heal("one", &["--device", "cpu"], "4");
+    assert!(
+        one.status.success(),
+        "{}",
+        String::from_utf8_lossy(&one.stderr)
+    );
+    let two = heal("two", &["--devices", "cpu,cpu"], "4");
+    assert!(
+        two.status.success(),
+        "{}",
+        String::from_utf8_lossy(&two.stderr)
+    );
+    let (a, b) = (log("one"), log("two"));
+    assert_eq!(a.len(), 6, "5 updates of 2 × 4 × 16 tokens + the start");
+    let diff = max_rel_diff(&a, &b);
+    eprintln!("CLI, two CPU replicas vs one device: max relative difference {diff:.3e}");
+    assert!(diff < 1e-6, "{diff:.3e}");
+    assert!(b[1..].iter().all(|r| r.sync_secs.is_some()));
+    let care: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("two").join("care.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(care["healing"]["device"], "cpu,cpu");
+    assert_eq!(care["healing"]["data_parallel_devices"], 2);
+    let few = heal("few", &["--devices", "cpu,cpu,cpu"], "2");
+    assert!(!few.status.success());
+    let err = String::from_utf8_lossy(&few.stderr);
+    assert!(err.contains("--grad-accum is 2"), "{err}");
+    assert!(
+        !tmp.path().join("few").exists(),
+        "nothing written for a refused run"
+    );
 }

@@ -6,6 +6,7 @@
 #   bash scripts/gpu/heal-device.sh run TOKENS [BASES]  # convert, heal, evaluate
 #   bash scripts/gpu/heal-device.sh parallel TOKENS SECS [BASES]  # all bases at once, time-boxed
 #   bash scripts/gpu/heal-device.sh eval NAME           # evaluate /tmp/heal/NAME
+#   bash scripts/gpu/heal-device.sh dp TOKENS SECS [BASIS]  # one basis on all GPUs (data parallel)
 #
 # Inputs (carried, git-ignored, made by heal-prepare.sh): .devcarry/heal-a/ (care-convert.xz
 # built with --features cuda, the teacher's sha256, calibration text, packed healing corpus,
@@ -182,11 +183,123 @@ PY
     done
     exit $status
     ;;
+  dp)
+    # dp TOKENS SECS [BASIS]: heal one basis (default care) data-parallel over every GPU of
+    # the machine (`heal --devices cuda:0,…`) for at most SECS seconds (loading included),
+    # resuming a run this machine already holds. While it runs, nvidia-smi logs each GPU's
+    # memory every 2 s ($OUT/mem-<call>.csv; with the log's per-update seconds that is the
+    # memory per update). SCALE=1 first times SCALE_UPDATES (default 4) updates of the same
+    # configuration on 1 GPU and on all GPUs (fresh outputs, 8 held-out rows) into
+    # $OUT/scale.txt; TOKENS=auto then sets the schedule to what all GPUs heal in
+    # TRAIN_SECS seconds at the measured rate (rounded down to 0.1 M; kept in
+    # $W/dp-tokens for the calls that resume). The copies between GPUs go device to device
+    # unless that fails in the probe (then through the host; REPLICA_COPY overrides).
+    # When the run is finished it is evaluated (perplexity; zero-shot unless TASKS="").
+    SECS="${3:-540}"
+    B="${4:-care}"
+    ngpu=$(nvidia-smi -L | wc -l)
+    mv "$OUT/gpu.txt" "$W/gpu.txt" # at most 8 files come back: the cards go into mem-*.csv
+    DEVS=$(seq -s, 0 $((ngpu - 1)) | sed 's/\([0-9]\+\)/cuda:\1/g')
+    CALL=$(( $(find "$W" -maxdepth 1 -name "dp-call-*" | wc -l) + 1 ))
+    touch "$W/dp-call-$CALL"
+    t0=$(date +%s)
+    convert "$B"
+    COPY="${REPLICA_COPY:-$(cat "$W/dp-copy" 2>/dev/null || echo direct)}"
+    probe() { # probe NAME DEVICES COPY: seconds per update (steady) or nothing
+      rm -rf "$W/probe-$1"
+      "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$B" --data "$A/heal.tokens" \
+        --tokens 2M --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
+        --devices "$2" --replica-copy "$3" --out "$W/probe-$1" --stop-after "${SCALE_UPDATES:-4}" \
+        --eval-every 0 --eval-sequences 8 --format json > "$W/probe-$1.json" 2> "$W/probe-$1.log" \
+        || { tail -3 "$W/probe-$1.log" >> "$OUT/scale.txt"; return 1; }
+      python3 - "$W/probe-$1/heal/log.jsonl" "$1 ($2, $3)" >> "$OUT/scale.txt" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])][1:]
+steady = recs[1:] or recs
+secs = sum(r["secs"] for r in steady) / len(steady)
+sync = [r["sync_secs"] for r in steady if r.get("sync_secs") is not None]
+toks = recs[0]["tokens"]
+losses = " ".join("%.4f" % r["loss"] for r in recs)
+print(f"{sys.argv[2]}: {secs:.3f} s/update, {toks / secs:,.0f} tokens/s"
+      + (f", of which {sum(sync) / len(sync):.3f} s moving/summing/copying back" if sync else "")
+      + f"; losses {losses}")
+PY
+    }
+    if [[ "${SCALE:-0}" = 1 && ! -f "$W/dp-tokens" ]]; then
+      probe 1gpu cuda:0 "$COPY" || true
+      if ! probe "${ngpu}gpu" "$DEVS" "$COPY"; then
+        COPY=host
+        probe "${ngpu}gpu" "$DEVS" host || true
+      fi
+      echo "$COPY" > "$W/dp-copy"
+      cat "$OUT/scale.txt"
+    fi
+    if [[ "$TOKENS" == auto ]]; then
+      if [[ ! -f "$W/dp-tokens" ]]; then
+        python3 - "$W/probe-${ngpu}gpu/heal/log.jsonl" "${TRAIN_SECS:-600}" > "$W/dp-tokens" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1])][1:]
+steady = recs[1:] or recs
+rate = recs[0]["tokens"] / (sum(r["secs"] for r in steady) / len(steady))
+print(f"{int(rate * float(sys.argv[2]) / 1e5) / 10:.1f}M")
+PY
+      fi
+      TOKENS=$(cat "$W/dp-tokens")
+      echo "schedule: $TOKENS tokens"
+    fi
+    d="$W/healed-$B-$TOKENS"
+    extra=()
+    [[ -d "$d" ]] && extra+=(--resume)
+    [[ "${TF32:-0}" = 1 ]] && extra+=(--tf32)
+    left=$(( SECS - ($(date +%s) - t0) ))
+    sed 's/^/# /' "$W/gpu.txt" > "$OUT/mem-$CALL.csv"
+    nvidia-smi --query-gpu=timestamp,index,memory.used --format=csv,noheader,nounits -lms 2000 \
+      >> "$OUT/mem-$CALL.csv" &
+    smi=$!
+    date +%s.%N > "$W/dp-start-$CALL"
+    status=0
+    "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$B" --data "$A/heal.tokens" \
+      --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
+      --devices "$DEVS" --replica-copy "$COPY" --out "$d" --eval-every "${EVAL_EVERY:-100}" \
+      --save-every 0 --time-limit "$left" ${HEAL_FLAGS:-} "${extra[@]}" --format json \
+      > "$OUT/heal-$B-$TOKENS-call$CALL.json" 2> "$OUT/heal-$B-$TOKENS-call$CALL.log" || status=1
+    date +%s.%N >> "$W/dp-start-$CALL"
+    kill "$smi" 2>/dev/null || true
+    echo "call $CALL: start/end $(tr '\n' ' ' < "$W/dp-start-$CALL")" >> "$OUT/mem-$CALL.csv"
+    cp "$d/heal/log.jsonl" "$OUT/log-$B-$TOKENS.jsonl" 2>/dev/null || true
+    tail -3 "$OUT/heal-$B-$TOKENS-call$CALL.log"
+    if grep -q '"finished": *true' "$OUT/heal-$B-$TOKENS-call$CALL.json" 2>/dev/null; then
+      cp "$d/heal/loss.png" "$OUT/loss-$B-$TOKENS.png"
+      cp "$d/care.json" "$OUT/care-$B-$TOKENS.json"
+      if [[ "${SKIP_EVAL:-0}" != 1 ]]; then
+        # Perplexity first (seconds), so a row comes back even if the zero-shot tasks
+        # outlast the call.
+        TASKS="" evaluate "$d" "healed-$B-$TOKENS-ppl" || status=1
+        [[ -z "$TASKS" ]] || evaluate "$d" "healed-$B-$TOKENS" || status=1
+      fi
+    fi
+    python3 - "$d/heal/log.jsonl" "$OUT" <<'PY' || true
+import json, pathlib, sys
+recs = [json.loads(l) for l in open(sys.argv[1])]
+last = recs[-1]
+ppl = [r for r in recs if r.get("heldout_ppl")]
+secs = [r["secs"] for r in recs[1:]][-20:]
+sync = [r.get("sync_secs") or 0 for r in recs[1:]][-20:]
+print(f"update {last['step']} tokens {last['tokens']:,} loss {last['loss']:.4f} "
+      f"held-out PPL {ppl[-1]['heldout_ppl']:.3f} (start {ppl[0]['heldout_ppl']:.3f}) "
+      f"{sum(secs) / max(len(secs), 1):.2f} s/update ({sum(sync) / max(len(sync), 1):.2f} s sync)")
+for f in sorted(pathlib.Path(sys.argv[2]).glob("eval-*.json")):
+    r = json.loads(f.read_text())
+    p = [x["result"]["ppl"] for x in r.get("perplexity", [])]
+    print(f"{f.stem}: PPL {' / '.join(f'{x:.2f}' for x in p)} avg acc {r.get('average_acc')}")
+PY
+    exit $status
+    ;;
   eval)
     evaluate "$W/$2" "$2"
     ;;
   *)
-    echo "usage: heal-device.sh probe | run TOKENS [BASES] | parallel TOKENS SECS [BASES] | eval NAME" >&2
+    echo "usage: heal-device.sh probe | run TOKENS [BASES] | parallel TOKENS SECS [BASES] | dp TOKENS SECS [BASIS] | eval NAME" >&2
     exit 2
     ;;
 esac

@@ -83,6 +83,13 @@ impl StudentParams {
         })
     }
 
+    /// The device the trainable values live on.
+    pub fn device(&self) -> Device {
+        self.trainable
+            .first()
+            .map_or(Device::Cpu, |(_, v)| v.device().clone())
+    }
+
     /// Number of trainable values.
     pub fn trainable_count(&self) -> usize {
         self.trainable

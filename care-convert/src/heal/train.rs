@@ -6,6 +6,14 @@
 //! permutation per epoch), and the checkpoint holds the f32 parameters and both Adam
 //! moments, so an interrupted run resumed from a checkpoint continues with exactly the
 //! numbers the uninterrupted run computes.
+//!
+//! Data parallelism ([`Healer::with_replicas`]): further copies of the teacher and the
+//! student on other devices each take a contiguous block of an update's micro-batches
+//! (one worker thread per device); their gradients are summed in device order on the
+//! first device, which takes the one AdamW step, and the new weights are copied back.
+//! The rows, the global batch and the schedule are those of the one-device run, so the
+//! numbers agree up to the rounding of the summation order, and a checkpoint does not
+//! depend on the device count (a run may resume on another).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -108,6 +116,11 @@ pub struct StepRecord {
     pub heldout_ppl: Option<f64>,
     /// Wall seconds of this update (not part of the determinism contract).
     pub secs: f64,
+    /// Data-parallel runs only: wall seconds of this update spent moving gradients to
+    /// the first device, summing them and copying the new weights back (the part of
+    /// `secs` that one device does not spend).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync_secs: Option<f64>,
 }
 
 /// serde_json writes NaN as `null`; read it back as NaN.
@@ -141,6 +154,24 @@ pub struct HealOutcome {
     pub records: Vec<StepRecord>,
 }
 
+/// Another copy of the teacher and the student, on another device, for data parallelism
+/// ([`Healer::with_replicas`]). Its student's trainable values are overwritten with the
+/// first device's when it joins and after every update.
+pub struct Replica<'a> {
+    pub teacher: &'a Decoder,
+    pub student: StudentParams,
+}
+
+/// How gradients and weights travel between the replicas' devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaCopy {
+    /// `Tensor::to_device` straight to the other device (on CUDA a device-to-device copy
+    /// on the destination's stream, with both devices synchronized around it).
+    Direct,
+    /// Through host memory: to the CPU, then to the destination.
+    Host,
+}
+
 /// A healing run over one teacher, one student and one packed corpus. `state_dir` holds
 /// the checkpoints (`step-NNNNNNNN/`); it is created if missing.
 pub struct Healer<'a> {
@@ -158,6 +189,12 @@ pub struct Healer<'a> {
     order: Vec<usize>,
     /// Stop (with a checkpoint) before this instant: time-boxed runs resume later.
     deadline: Option<Instant>,
+    /// Data parallelism: the replicas on the other devices (empty: one device).
+    replicas: Vec<Replica<'a>>,
+    copy: ReplicaCopy,
+    /// Whether the replicas' gradients enter the sum (always, except in the test that
+    /// shows the data-parallel test can fail).
+    sum_replicas: bool,
 }
 
 impl<'a> Healer<'a> {
@@ -198,11 +235,7 @@ impl<'a> Healer<'a> {
         let seq_len = corpus.info.seq_len;
         let per_step = (seq_len * opts.micro_batch * opts.grad_accum) as u64;
         let total_steps = opts.tokens.div_ceil(per_step);
-        let device = student
-            .trainable
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(Device::Cpu);
+        let device = student.device();
         let optimizer = AdamW::new(
             AdamWConfig {
                 beta1: opts.adam_beta1,
@@ -234,6 +267,9 @@ impl<'a> Healer<'a> {
             order_epoch: None,
             order: Vec::new(),
             deadline: None,
+            replicas: Vec::new(),
+            copy: ReplicaCopy::Direct,
+            sum_replicas: true,
         };
         if let Some(dir) = latest_checkpoint(state_dir)? {
             if !resume {
@@ -254,6 +290,111 @@ impl<'a> Healer<'a> {
     /// resuming continues exactly.
     pub fn stop_by(&mut self, deadline: Instant) {
         self.deadline = Some(deadline);
+    }
+
+    /// Spread every update over the primary student's device and one more device per
+    /// replica: the `grad_accum` micro-batches of an update go in contiguous blocks (sizes
+    /// differing by at most one, the first devices taking the larger) to the devices in
+    /// order, each device sums the gradients of its block, the first device sums the
+    /// devices' sums in device order, clips, takes the AdamW step and evaluates, and the
+    /// new weights are copied to the replicas. Refused unless every device gets at least
+    /// one micro-batch and every replica holds the same models.
+    pub fn with_replicas(mut self, replicas: Vec<Replica<'a>>, copy: ReplicaCopy) -> Result<Self> {
+        let devices = 1 + replicas.len();
+        if self.opts.grad_accum < devices {
+            return Err(Error::InvalidOption(format!(
+                "--grad-accum {} is smaller than the {devices} devices: every device needs at \
+                 least one micro-batch per update (raise --grad-accum, or lower --batch to keep \
+                 the tokens per update)",
+                self.opts.grad_accum
+            )));
+        }
+        let shapes = |s: &StudentParams| -> Vec<(String, Vec<usize>)> {
+            s.trainable
+                .iter()
+                .map(|(n, v)| (n.clone(), v.dims().to_vec()))
+                .collect()
+        };
+        let want = shapes(&self.student);
+        for (i, r) in replicas.iter().enumerate() {
+            if shapes(&r.student) != want
+                || r.student.spec.vocab_size != self.student.spec.vocab_size
+            {
+                return Err(Error::InvalidOption(format!(
+                    "replica {} holds another student (trainable tensors or vocabulary differ)",
+                    i + 1
+                )));
+            }
+            if r.teacher.spec.vocab_size != self.teacher.spec.vocab_size
+                || r.teacher.spec.num_layers != self.teacher.spec.num_layers
+                || r.teacher.spec.hidden_size != self.teacher.spec.hidden_size
+            {
+                return Err(Error::InvalidOption(format!(
+                    "replica {} holds another teacher",
+                    i + 1
+                )));
+            }
+        }
+        self.replicas = replicas;
+        self.copy = copy;
+        self.broadcast()?;
+        Ok(self)
+    }
+
+    /// Devices the updates run on (1 + replicas).
+    pub fn devices(&self) -> usize {
+        1 + self.replicas.len()
+    }
+
+    /// Test hook: `false` drops the replicas' gradients (only the first device's block
+    /// enters the update) — a wrong sum that the data-parallel test must detect.
+    #[doc(hidden)]
+    pub fn sum_replica_gradients(&mut self, on: bool) {
+        self.sum_replicas = on;
+    }
+
+    /// Copy the primary student's trainable values into every replica (in parallel, one
+    /// thread per replica).
+    fn broadcast(&self) -> Result<()> {
+        if self.replicas.is_empty() {
+            return Ok(());
+        }
+        let params: Vec<Tensor> = match self.copy {
+            ReplicaCopy::Direct => {
+                // The copies read the values on the replicas' streams.
+                self.device.synchronize()?;
+                self.student
+                    .trainable
+                    .iter()
+                    .map(|(_, v)| v.as_tensor().detach())
+                    .collect()
+            }
+            ReplicaCopy::Host => self
+                .student
+                .trainable
+                .iter()
+                .map(|(_, v)| Ok(v.as_tensor().detach().to_device(&Device::Cpu)?.copy()?))
+                .collect::<Result<_>>()?,
+        };
+        let params = &params;
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .replicas
+                .iter()
+                .map(|r| {
+                    scope.spawn(move || -> Result<()> {
+                        let dev = r.student.device();
+                        for ((_, var), p) in r.student.trainable.iter().zip(params) {
+                            var.set(&p.to_device(&dev)?)?;
+                        }
+                        dev.synchronize()?;
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(join_worker).collect()
+        });
+        results.into_iter().collect()
     }
 
     pub fn total_steps(&self) -> u64 {
@@ -282,11 +423,9 @@ impl<'a> Healer<'a> {
 
     /// Inputs and targets of a batch of rows.
     fn batch(&self, rows: &[usize], data: &[Vec<u32>]) -> Result<(Vec<Vec<u32>>, Tensor)> {
-        let t = self.state.seq_len;
-        let inputs: Vec<Vec<u32>> = rows.iter().map(|&r| data[r][..t].to_vec()).collect();
-        let targets: Vec<u32> = rows.iter().flat_map(|&r| data[r][1..].to_vec()).collect();
-        let targets = Tensor::from_vec(targets, rows.len() * t, &self.device)?;
-        Ok((inputs, targets))
+        let mb = MicroBatch::new(rows, data, self.state.seq_len);
+        let targets = mb.targets(&self.device)?;
+        Ok((mb.inputs, targets))
     }
 
     /// Logits `(b·t, vocab)` of `model` on `inputs`.
@@ -318,52 +457,50 @@ impl<'a> Healer<'a> {
         Ok(ppl)
     }
 
-    /// One update (gradient accumulation over `grad_accum` micro-batches).
+    /// One update (gradient accumulation over `grad_accum` micro-batches, spread over the
+    /// devices when there are replicas).
     fn update(&mut self) -> Result<StepRecord> {
         let started = Instant::now();
         let s = self.state.step;
         let o = self.opts.clone();
-        let model = self.student.decoder()?;
-        let mut sums: Vec<Option<Tensor>> = vec![None; self.student.trainable.len()];
-        let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
+        let seq_len = self.state.seq_len;
+        let mut micro = Vec::with_capacity(o.grad_accum);
         for m in 0..o.grad_accum {
             let first = (s * o.grad_accum as u64 + m as u64) * o.micro_batch as u64;
             let rows: Vec<usize> = (0..o.micro_batch as u64)
                 .map(|i| self.row(first + i))
                 .collect();
-            let (inputs, targets) = self.batch(&rows, &self.corpus.train)?;
-            let teacher = Self::logits(self.teacher, &inputs)?.detach();
-            let student = Self::logits(&model, &inputs)?;
-            let l = distill_loss(&student, &teacher, &targets, o.beta, o.tau)?;
-            let scaled = (&l.total / o.grad_accum as f64)?;
-            loss += scaled
-                .to_dtype(candle_core::DType::F64)?
-                .to_scalar::<f64>()?;
-            ce += l.ce / o.grad_accum as f64;
-            kd += l.kd / o.grad_accum as f64;
-            let grads = scaled.backward()?;
-            for (slot, (name, var)) in sums.iter_mut().zip(&self.student.trainable) {
-                let g = grads.get(var.as_tensor()).ok_or_else(|| {
-                    Error::InvalidOption(format!(
-                        "parameter {name} receives no gradient (not used by the forward pass)"
-                    ))
-                })?;
-                // Detached: a gradient computed from tracked tensors carries their graph,
-                // and the Adam moments would keep every step's forward graph alive.
-                let g = g.detach();
-                *slot = Some(match slot.take() {
-                    Some(acc) => (acc + g)?,
-                    None => g,
-                });
-            }
+            micro.push(MicroBatch::new(&rows, &self.corpus.train, seq_len));
         }
-        let mut grads: Vec<Tensor> = sums.into_iter().map(|g| g.expect("set above")).collect();
+        let (mut grads, losses, sync_secs) = if self.replicas.is_empty() {
+            let part = accumulate(self.teacher, &self.student, &micro, &o)?;
+            (part.grads, part.losses, None)
+        } else {
+            let (part, secs) = self.accumulate_parallel(&micro, &o)?;
+            (part.grads, part.losses, Some(secs))
+        };
+        // Losses summed in micro-batch order, as on one device.
+        let (mut loss, mut ce, mut kd) = (0.0, 0.0, 0.0);
+        for (l, c, k) in losses {
+            loss += l;
+            ce += c / o.grad_accum as f64;
+            kd += k / o.grad_accum as f64;
+        }
         let grad_norm = clip_global_norm(&mut grads, o.clip)?;
         let warmup = (o.warmup_ratio * self.state.total_steps as f64).round() as u64;
         let lr = lr_at(s, self.state.total_steps, warmup, o.lr, o.min_lr_ratio);
         self.optimizer.update(&self.student.trainable, &grads, lr)?;
+        drop(grads);
+        let sync_secs = match sync_secs {
+            Some(secs) => {
+                let t = Instant::now();
+                self.broadcast()?;
+                Some(secs + t.elapsed().as_secs_f64())
+            }
+            None => None,
+        };
         self.state.step += 1;
-        let per_step = (self.state.seq_len * o.micro_batch * o.grad_accum) as u64;
+        let per_step = (seq_len * o.micro_batch * o.grad_accum) as u64;
         Ok(StepRecord {
             step: self.state.step,
             tokens: self.state.step * per_step,
@@ -374,7 +511,69 @@ impl<'a> Healer<'a> {
             grad_norm,
             heldout_ppl: None,
             secs: started.elapsed().as_secs_f64(),
+            sync_secs,
         })
+    }
+
+    /// The micro-batches of one update over all devices: per-device gradient sums moved
+    /// to the first device and summed there in device order, the per-micro-batch losses in
+    /// micro-batch order, and the seconds spent moving and summing.
+    fn accumulate_parallel(&self, micro: &[MicroBatch], o: &HealOptions) -> Result<(Partial, f64)> {
+        let devices = self.devices();
+        let (base, extra) = (micro.len() / devices, micro.len() % devices);
+        let mut blocks = Vec::with_capacity(devices);
+        let mut at = 0;
+        for d in 0..devices {
+            let n = base + usize::from(d < extra);
+            blocks.push(&micro[at..at + n]);
+            at += n;
+        }
+        let primary = &self.device;
+        let copy = self.copy;
+        let workers: Vec<(&Decoder, &StudentParams)> =
+            std::iter::once((self.teacher, &self.student))
+                .chain(self.replicas.iter().map(|r| (r.teacher, &r.student)))
+                .collect();
+        let parts: Vec<Result<(Partial, f64)>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .iter()
+                .zip(&blocks)
+                .enumerate()
+                .map(|(d, (&(teacher, student), block))| {
+                    scope.spawn(move || -> Result<(Partial, f64)> {
+                        let mut part = accumulate(teacher, student, block, o)?;
+                        let t = Instant::now();
+                        if d > 0 {
+                            part.grads = move_to(&part.grads, &student.device(), primary, copy)?;
+                        }
+                        Ok((part, t.elapsed().as_secs_f64()))
+                    })
+                })
+                .collect();
+            handles.into_iter().map(join_worker).collect()
+        });
+        let mut sum: Option<Vec<Tensor>> = None;
+        let mut losses = Vec::with_capacity(micro.len());
+        let mut move_secs = 0.0f64;
+        for part in parts {
+            let (part, secs) = part?;
+            move_secs = move_secs.max(secs);
+            losses.extend(part.losses);
+            sum = Some(match sum {
+                None => part.grads,
+                Some(acc) if self.sum_replicas => acc
+                    .iter()
+                    .zip(&part.grads)
+                    .map(|(a, g)| Ok((a + g)?))
+                    .collect::<Result<_>>()?,
+                Some(acc) => acc,
+            });
+        }
+        let t = Instant::now();
+        let sum = sum.ok_or_else(|| Error::InvalidOption("no device to heal on".into()))?;
+        primary.synchronize()?;
+        let secs = move_secs + t.elapsed().as_secs_f64();
+        Ok((Partial { grads: sum, losses }, secs))
     }
 
     /// Train until the budget is spent or `stop_after` more updates ran, evaluating and
@@ -399,6 +598,7 @@ impl<'a> Healer<'a> {
                 grad_norm: 0.0,
                 heldout_ppl: Some(ppl),
                 secs: 0.0,
+                sync_secs: None,
             };
             on_step(&r, total);
             self.state.records.push(r);
@@ -503,8 +703,116 @@ impl<'a> Healer<'a> {
         self.optimizer.restore(state.step, &moments)?;
         self.resumed_from = Some(state.step);
         self.state = state;
-        Ok(())
+        self.broadcast()
     }
+}
+
+/// The rows of one micro-batch, on the host.
+struct MicroBatch {
+    inputs: Vec<Vec<u32>>,
+    targets: Vec<u32>,
+}
+
+impl MicroBatch {
+    fn new(rows: &[usize], data: &[Vec<u32>], seq_len: usize) -> Self {
+        MicroBatch {
+            inputs: rows.iter().map(|&r| data[r][..seq_len].to_vec()).collect(),
+            targets: rows.iter().flat_map(|&r| data[r][1..].to_vec()).collect(),
+        }
+    }
+
+    fn targets(&self, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::from_vec(
+            self.targets.clone(),
+            self.targets.len(),
+            device,
+        )?)
+    }
+}
+
+/// What one device computed for its block of micro-batches: the sum of their gradients
+/// (in block order) and each micro-batch's (loss / grad_accum, CE, KD).
+struct Partial {
+    grads: Vec<Tensor>,
+    losses: Vec<(f64, f64, f64)>,
+}
+
+/// Forward and backward of `block` on the device of `student`, gradients summed in order.
+fn accumulate(
+    teacher: &Decoder,
+    student: &StudentParams,
+    block: &[MicroBatch],
+    o: &HealOptions,
+) -> Result<Partial> {
+    let device = student.device();
+    let model = student.decoder()?;
+    let mut sums: Vec<Option<Tensor>> = vec![None; student.trainable.len()];
+    let mut losses = Vec::with_capacity(block.len());
+    for mb in block {
+        let targets = mb.targets(&device)?;
+        let teacher_logits = Healer::logits(teacher, &mb.inputs)?.detach();
+        let student_logits = Healer::logits(&model, &mb.inputs)?;
+        let l = distill_loss(&student_logits, &teacher_logits, &targets, o.beta, o.tau)?;
+        let scaled = (&l.total / o.grad_accum as f64)?;
+        let scaled_value = scaled
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        losses.push((scaled_value, l.ce, l.kd));
+        let grads = scaled.backward()?;
+        for (slot, (name, var)) in sums.iter_mut().zip(&student.trainable) {
+            let g = grads.get(var.as_tensor()).ok_or_else(|| {
+                Error::InvalidOption(format!(
+                    "parameter {name} receives no gradient (not used by the forward pass)"
+                ))
+            })?;
+            // Detached: a gradient computed from tracked tensors carries their graph,
+            // and the Adam moments would keep every step's forward graph alive.
+            let g = g.detach();
+            *slot = Some(match slot.take() {
+                Some(acc) => (acc + g)?,
+                None => g,
+            });
+        }
+    }
+    let grads = sums
+        .into_iter()
+        .map(|g| g.ok_or_else(|| Error::InvalidOption("an empty block of micro-batches".into())))
+        .collect::<Result<_>>()?;
+    Ok(Partial { grads, losses })
+}
+
+/// `tensors` (on `from`) as new tensors on `to`, the copies complete on return.
+fn move_to(
+    tensors: &[Tensor],
+    from: &Device,
+    to: &Device,
+    copy: ReplicaCopy,
+) -> Result<Vec<Tensor>> {
+    from.synchronize()?;
+    let moved = tensors
+        .iter()
+        .map(|t| match copy {
+            ReplicaCopy::Direct => Ok(t.to_device(to)?),
+            ReplicaCopy::Host => Ok(t.to_device(&Device::Cpu)?.to_device(to)?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The copies run on the destination's stream: done before the sources can be freed.
+    to.synchronize()?;
+    Ok(moved)
+}
+
+/// A worker thread's result; a panic becomes an error.
+fn join_worker<T>(h: std::thread::ScopedJoinHandle<'_, Result<T>>) -> Result<T> {
+    h.join().unwrap_or_else(|e| {
+        let what = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        Err(Error::InvalidOption(format!(
+            "a data-parallel worker thread panicked: {what}"
+        )))
+    })
 }
 
 fn save_tensors(t: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
