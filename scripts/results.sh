@@ -142,10 +142,13 @@ if any(sorted(d.glob("heal-*.json")) for _, d, _ in heal_runs):
             "peak lr 1e-4, 3 % warmup, cosine to 10 %, global-norm clip 1, 8 192 tokens per update (SmolLM2 4 × 512 × 4, Qwen 2 × 512 × 8 "
             "accumulation), attention projections only (q, kv_a, kv_b, o: 40.1 M values in SmolLM2, 85.0 M in Qwen). Healing text: the other "
             "SOTU speeches, the Python 3.11 docs and the CPython stdlib, packed into 512-token rows (the two perplexity texts excluded). "
-            "Trained on one NVIDIA H200 (f32, candle autograd, `scripts/gpu/heal-device.sh`); evaluated on the device's CPU with the harness "
-            "above (same data and code; the unhealed students reproduce their dev-machine rows to 1e-6). Stock MLA at 50 % KV "
-            "(SmolLM2 kv_lora_rank 160, Qwen 96, incl. the anchor; rope 32). Qwen's zero-shot tasks were not run on the device "
-            "(the task files did not fit the transfer next to the 491 MB teacher).", "",
+            "Trained on one NVIDIA H200 (f32, candle autograd, `scripts/gpu/heal-device.sh`), except Qwen's 4.0 M row: four NVIDIA H200 "
+            "of one host with data parallelism (`heal --devices cuda:0,…,cuda:3`: one replica per GPU, the update's 8 micro-batches "
+            "split 2 per GPU, gradients summed on the first; same global batch and schedule as on one GPU; 489 updates, 5 077 tokens/s, "
+            "2.79× one GPU's 1 820 tokens/s; 2026-11-27; docs/results/heal/qwen-dp-4M/run.json). Evaluated on the device's CPU with "
+            "the harness above (same data and code; the unhealed students reproduce their dev-machine rows to 1e-6). Stock MLA at 50 % KV "
+            "(SmolLM2 kv_lora_rank 160, Qwen 96, incl. the anchor; rope 32). Qwen's zero-shot average is shown where it was run "
+            "(20 docs per task, as Qwen's stock rows; the 0.3 M run had no room for the task files next to the teacher).", "",
             "| model | init | healing tokens | PPL prose | PPL code | avg acc (7 tasks) | held-out PPL (healing text, 32×512) |",
             "|---|---|---:|---:|---:|---:|---:|"]
     for model, d, teacher_heldout in heal_runs:
@@ -167,7 +170,8 @@ if any(sorted(d.glob("heal-*.json")) for _, d, _ in heal_runs):
                 p1, a1 = ev(e)
                 out.append(f"| {model} stock MLA 50 % | {basis} | {h['tokens_done']/1e6:.2f} M | {p1[0]:.2f} | {p1[1]:.2f} | {a1} | {h['heldout_ppl_last']:.2f} |")
     out += ["", "Share of the one-shot PPL gap closed (prose / code): SmolLM2 CARE init after 1.5 M tokens > 100 % / > 100 %, "
-            "Qwen2.5-Coder-0.5B CARE init after 0.3 M tokens 97.5 % / 94.5 % (33.41 vs original 32.28; 6.48 vs 5.25). "
+            "Qwen2.5-Coder-0.5B CARE init after 0.3 M tokens 97.5 % / 94.5 % (33.41 vs original 32.28; 6.48 vs 5.25), after 4.0 M tokens "
+            "115.7 % / 101.0 % (25.16 and 5.02: 0.779× / 0.955× the original, within the issue's ≤ 1.05× target). "
             "SmolLM2's healed models beat the original's perplexity because the healing text is in the evaluation texts' domains "
             "(speeches, Python) and the CE term adapts to it; the teacher was not fine-tuned on the same text, so the fair reading "
             "is \"the conversion loss is gone\", not \"MLA is better\". The zero-shot average (50 docs per task, ±0.03 noise) is back "
@@ -218,7 +222,8 @@ if qruns:
             "healing corpus: a 6 M-token packing of the same sources (its 32 held-out rows, so the held-out column is not comparable with "
             "the 0.3 M row above). Zero-shot: first "
             f"{o_docs} documents per task (as Qwen's stock rows; ±0.1 noise per task, avg ±0.04). Gap closed = (PPL one-shot − PPL healed) / "
-            "(PPL one-shot − PPL original). Longer runs did not fit: see docs/HEALING.md (a process dies with CUDA out-of-memory after ~50 Qwen updates).", "",
+            "(PPL one-shot − PPL original). Longer runs did not fit then (a process died with CUDA out-of-memory after ~50 Qwen updates; fixed since, "
+            "see the 4.0 M row above and docs/HEALING.md).", "",
             "| init | healing tokens | PPL prose | PPL code | vs original (prose / code) | gap closed (prose / code) | avg acc (7 tasks) | held-out PPL (32×512) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|",
             f"| original (GQA) | — | {o_ppl[0]:.2f} | {o_ppl[1]:.2f} | 1 / 1 | — | {orig['report']['average_acc']:.3f} | — |"]
