@@ -25,9 +25,9 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use infinigram_spec::spec::{
-    log_draft, verify_greedy, verify_sample_match, AcceptModel, CalibratedPolicy, DraftLog,
-    DraftPolicy, Drafter, FixedK, JsonlLog, NgramDrafter, NgramDrafterConfig, PolicyContext, Rng,
-    Sampling, StepInfo, VerifyCost,
+    expected_accepted, log_draft, verify_greedy, verify_sample_match, AcceptModel,
+    CalibratedPolicy, DraftLog, DraftPolicy, Drafter, FixedK, JsonlLog, NgramDrafter,
+    NgramDrafterConfig, PolicyContext, Rng, Sampling, StepInfo, VerifyCost,
 };
 use infinigram_spec::{Draft, Index};
 use mla_attention::model::{Decoder, DecoderCache};
@@ -117,16 +117,79 @@ pub struct StepCost {
     pub per_sequence: f64,
 }
 
+impl StepCost {
+    /// A pass of `rows` token rows (more than one) over `batch` sequences.
+    fn multi(&self, batch: usize, rows: usize) -> f64 {
+        self.multi_base
+            + self.per_token * rows as f64
+            + self.per_sequence * (batch.max(1) - 1) as f64
+    }
+}
+
 impl VerifyCost for StepCost {
     fn verify_cost(&self, batch_size: usize, draft_len: usize) -> f64 {
         let b = batch_size.max(1);
         let rows = b * (1 + draft_len);
-        let pass = if rows == 1 {
+        if rows == 1 {
             self.single
         } else {
-            self.multi_base + self.per_token * rows as f64
-        };
-        pass + self.per_sequence * (b - 1) as f64
+            self.multi(b, rows)
+        }
+    }
+}
+
+/// Weight of a new pass time in [`LiveStepCost`]'s moving averages.
+const COST_EMA: f64 = 0.1;
+
+/// The step-time model the calibrated policy uses: the startup measurement, corrected by
+/// the passes the engine actually runs. The startup timing runs on freshly loaded weights
+/// while the machine may still be busy (seen: a 1-row pass timed at 44 ms that takes 30 ms
+/// in service), and a wrong ratio of the 1-row to the multi-row cost makes every draft
+/// look cheaper or dearer than it is. So the 1-row cost is a moving average of measured
+/// 1-row passes, and the multi-row cost is the startup fit scaled by a moving average of
+/// measured / predicted.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct LiveStepCost {
+    /// As measured at startup.
+    pub measured: StepCost,
+    /// Current 1-row pass estimate (seconds).
+    pub single: f64,
+    /// Current factor on the startup fit of multi-row passes.
+    pub multi_scale: f64,
+}
+
+impl LiveStepCost {
+    pub fn new(measured: StepCost) -> Self {
+        LiveStepCost {
+            measured,
+            single: measured.single,
+            multi_scale: 1.0,
+        }
+    }
+
+    /// A target pass of `rows` rows over `batch` sequences took `secs`.
+    pub fn observe(&mut self, batch: usize, rows: usize, secs: f64) {
+        if !(secs.is_finite() && secs > 0.0) || rows == 0 {
+            return;
+        }
+        if rows == 1 {
+            self.single = (1.0 - COST_EMA) * self.single + COST_EMA * secs;
+        } else {
+            let ratio = secs / self.measured.multi(batch, rows).max(1e-9);
+            self.multi_scale = (1.0 - COST_EMA) * self.multi_scale + COST_EMA * ratio;
+        }
+    }
+}
+
+impl VerifyCost for LiveStepCost {
+    fn verify_cost(&self, batch_size: usize, draft_len: usize) -> f64 {
+        let b = batch_size.max(1);
+        let rows = b * (1 + draft_len);
+        if rows == 1 {
+            self.single
+        } else {
+            self.multi_scale * self.measured.multi(b, rows)
+        }
     }
 }
 
@@ -145,7 +208,7 @@ pub struct EngineSettings {
 /// The policy of the engine: chosen once at startup.
 enum StepPolicy {
     Fixed(FixedK),
-    Calibrated(CalibratedPolicy<StepCost>),
+    Calibrated(CalibratedPolicy<LiveStepCost>),
 }
 
 impl StepPolicy {
@@ -171,21 +234,43 @@ impl StepPolicy {
 
 /// Batch-size levels of the [`ThroughputGate`]: 1, 2–3, 4–7, 8–15, 16–31, ≥ 32.
 const GATE_LEVELS: usize = 6;
-/// Steps per level before the gate trusts its averages, and its exploration period.
-const GATE_WARMUP: u64 = 8;
-const GATE_EXPLORE_EVERY: u64 = 16;
+/// Confidence classes of a step: the policy's expected accepted tokens per request of the
+/// drafts it chose, below 0.5, 0.5–1.5, 1.5–3, from 3.
+const GATE_CLASS_BOUNDS: [f64; 3] = [0.5, 1.5, 3.0];
+const GATE_CLASSES: usize = GATE_CLASS_BOUNDS.len() + 1;
+/// Steps per arm before the gate trusts its averages, and its exploration periods: often
+/// while the arms are within [`GATE_CLOSE`] of each other, rarely once one is clearly
+/// faster (each exploration step of the slower arm costs throughput).
+const GATE_WARMUP: u64 = 6;
+const GATE_EXPLORE_CLOSE: u64 = 16;
+const GATE_EXPLORE_FAR: u64 = 64;
+const GATE_CLOSE: f64 = 0.15;
 const GATE_EMA: f64 = 0.05;
 
-/// The calibrated policy's safety net: per batch-size level, moving averages of the tokens
-/// per second that steps with drafting and steps without it actually achieved. Drafting is
-/// allowed only while it measures faster (every [`GATE_EXPLORE_EVERY`]-th step of a level
-/// tries the other arm), so a wrong cost model or a workload the index does not know
-/// cannot make drafting slower than plain decoding for long.
+/// The confidence class of a step whose drafts expect `expected` accepted tokens per
+/// request in all.
+pub fn gate_class(expected: f64) -> usize {
+    GATE_CLASS_BOUNDS
+        .iter()
+        .take_while(|&&b| expected >= b)
+        .count()
+}
+
+/// The calibrated policy's safety net: per batch-size level and confidence class, moving
+/// averages of the tokens per second that steps with drafting and steps without it
+/// actually achieved. Drafting is allowed only while it measures faster (every
+/// [`GATE_EXPLORE_CLOSE`]-th or [`GATE_EXPLORE_FAR`]-th step of a context tries the other
+/// arm), so a wrong cost model
+/// or a workload the index does not know cannot make drafting slower than plain decoding
+/// for long. The confidence class keeps one request's phases apart: a chat answer that
+/// first copies the prompt's code (long local matches, nearly all accepted) and then writes
+/// new code (short corpus matches, mostly rejected) would otherwise flip one shared
+/// average back and forth, always a phase late.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ThroughputGate {
-    /// Per level: [drafting, plain] tokens/s and steps seen.
-    levels: [[GateArm; 2]; GATE_LEVELS],
-    steps: [u64; GATE_LEVELS],
+    /// Per level and class: [drafting, plain] tokens/s and steps seen.
+    levels: [[[GateArm; 2]; GATE_CLASSES]; GATE_LEVELS],
+    steps: [[u64; GATE_CLASSES]; GATE_LEVELS],
 }
 
 /// One arm of a level: moving averages of tokens emitted and seconds spent per step (their
@@ -203,31 +288,62 @@ fn gate_level(batch: usize) -> usize {
     (usize::BITS - batch.max(1).leading_zeros()) as usize - 1
 }
 
+fn gate_cell(batch: usize, class: usize) -> (usize, usize) {
+    (
+        gate_level(batch).min(GATE_LEVELS - 1),
+        class.min(GATE_CLASSES - 1),
+    )
+}
+
 impl ThroughputGate {
-    /// Whether the next step of `batch` sequences drafts.
-    pub fn allow(&mut self, batch: usize) -> bool {
-        let l = gate_level(batch).min(GATE_LEVELS - 1);
-        self.steps[l] += 1;
-        let [draft, plain] = self.levels[l];
-        // Warm-up: alternate blocks of steps between the arms.
+    /// Whether the next step of `batch` sequences, whose drafts are of confidence `class`
+    /// ([`gate_class`]), drafts.
+    pub fn allow(&mut self, batch: usize, class: usize) -> bool {
+        let (l, c) = gate_cell(batch, class);
+        self.steps[l][c] += 1;
+        let [draft, plain] = self.levels[l][c];
         if draft.steps < GATE_WARMUP || plain.steps < GATE_WARMUP {
+            // Drafts of more confidence pay at least as well as drafts of less: a class
+            // still warming up follows a settled class below it that drafts, or one above
+            // it that does not, instead of spending its own warm-up steps.
+            let level = &self.levels[l];
+            let settled = |a: &[GateArm; 2]| a[0].steps >= GATE_WARMUP && a[1].steps >= GATE_WARMUP;
+            let drafts = |a: &[GateArm; 2]| a[0].tokens_per_s >= a[1].tokens_per_s;
+            if level[..c].iter().any(|a| settled(a) && drafts(a)) {
+                return true;
+            }
+            if level[c + 1..].iter().any(|a| settled(a) && !drafts(a)) {
+                return false;
+            }
+            // Warm-up: alternate the arms.
             return draft.steps <= plain.steps;
         }
         let better = draft.tokens_per_s >= plain.tokens_per_s;
-        if self.steps[l].is_multiple_of(GATE_EXPLORE_EVERY) {
+        let (fast, slow) = if better {
+            (draft.tokens_per_s, plain.tokens_per_s)
+        } else {
+            (plain.tokens_per_s, draft.tokens_per_s)
+        };
+        let every = if slow >= (1.0 - GATE_CLOSE) * fast {
+            GATE_EXPLORE_CLOSE
+        } else {
+            GATE_EXPLORE_FAR
+        };
+        if self.steps[l][c].is_multiple_of(every) {
             !better
         } else {
             better
         }
     }
 
-    /// A step of `batch` sequences that drafted (or not) emitted `tokens` in `secs`.
-    pub fn record(&mut self, batch: usize, drafted: bool, tokens: usize, secs: f64) {
+    /// A step of `batch` sequences and confidence `class` that drafted (or not) emitted
+    /// `tokens` in `secs`.
+    pub fn record(&mut self, batch: usize, class: usize, drafted: bool, tokens: usize, secs: f64) {
         if secs <= 0.0 {
             return;
         }
-        let l = gate_level(batch).min(GATE_LEVELS - 1);
-        let arm = &mut self.levels[l][usize::from(!drafted)];
+        let (l, c) = gate_cell(batch, class);
+        let arm = &mut self.levels[l][c][usize::from(!drafted)];
         if arm.steps == 0 {
             (arm.tokens, arm.secs) = (tokens as f64, secs);
         } else {
@@ -238,9 +354,10 @@ impl ThroughputGate {
         arm.steps += 1;
     }
 
-    /// Per level (from batch 1, 2, 4, …): the drafting and the plain arm.
-    pub fn snapshot(&self) -> Vec<[GateArm; 2]> {
-        self.levels.to_vec()
+    /// Per level (from batch 1, 2, 4, …) and confidence class: the drafting and the plain
+    /// arm.
+    pub fn snapshot(&self) -> Vec<Vec<[GateArm; 2]>> {
+        self.levels.iter().map(|l| l.to_vec()).collect()
     }
 }
 
@@ -249,8 +366,10 @@ impl ThroughputGate {
 pub struct EngineSnapshot {
     pub active: usize,
     pub queued: usize,
-    /// The measured step-time model (seconds).
+    /// The step-time model (seconds): measured at startup, and as corrected by the passes
+    /// run since (calibrated policy only).
     pub step_cost: Option<StepCost>,
+    pub live_step_cost: Option<LiveStepCost>,
     pub max_draft: usize,
     /// Steps run, and where their time went (seconds): drafting (index lookups and the
     /// policy), the target's pass (forward, logits, argmax), the rest (verification, cache
@@ -262,8 +381,9 @@ pub struct EngineSnapshot {
     /// Tokens the target's passes ran (the last emitted token and the drafts of each request).
     pub target_tokens: u64,
     /// The calibrated policy's measured tokens/s with and without drafting, per batch level
-    /// (batch 1, 2–3, 4–7, 8–15, 16–31, ≥ 32); empty for the other policies.
-    pub gate: Vec<[GateArm; 2]>,
+    /// (batch 1, 2–3, 4–7, 8–15, 16–31, ≥ 32) and confidence class (expected accepted
+    /// tokens per request < 0.5, 0.5–1.5, 1.5–3, ≥ 3); empty for the other policies.
+    pub gate: Vec<Vec<[GateArm; 2]>>,
 }
 
 /// Handle to the worker thread. Dropping it stops the worker after its current step.
@@ -370,9 +490,10 @@ impl DraftVerifyEngine {
         log: Option<JsonlLog<std::io::BufWriter<std::fs::File>>>,
     ) -> crate::Result<DraftVerifyEngine> {
         let policy = match settings.policy {
-            PolicyKind::Calibrated => {
-                StepPolicy::Calibrated(CalibratedPolicy::new(cost, settings.max_draft))
-            }
+            PolicyKind::Calibrated => StepPolicy::Calibrated(CalibratedPolicy::new(
+                LiveStepCost::new(cost),
+                settings.max_draft,
+            )),
             PolicyKind::Fixed | PolicyKind::MaxConcurrency => {
                 StepPolicy::Fixed(FixedK(settings.max_draft))
             }
@@ -528,13 +649,13 @@ impl Worker {
         let t0 = Instant::now();
         let batch = active.len();
         let ctx = PolicyContext { batch_size: batch };
-        let wants_draft = active.iter().any(|a| a.job.draft);
         let may_draft = match self.settings.policy {
             PolicyKind::MaxConcurrency => batch <= self.settings.max_concurrency,
-            PolicyKind::Fixed => true,
-            PolicyKind::Calibrated => wants_draft && self.gate.allow(batch),
+            PolicyKind::Fixed | PolicyKind::Calibrated => true,
         };
         let mut drafts: Vec<(Draft, usize)> = Vec::with_capacity(batch);
+        // The policy's expected accepted tokens of the chosen drafts, over the batch.
+        let mut expected = 0.0;
         for a in active.iter_mut() {
             // The target's own token always comes, so at most `room` drafted tokens fit.
             let room = a.job.max_new - a.generated - 1;
@@ -553,8 +674,27 @@ impl Worker {
                 .draft_len(&draft, &ctx)
                 .min(draft.len())
                 .min(room);
+            if k > 0 {
+                expected += expected_accepted(self.policy.as_accept(), &draft.features[..k])[k];
+            }
             drafts.push((draft, k));
         }
+        // The calibrated policy's gate judges steps that would draft, by batch size and
+        // confidence; it may send them without drafts.
+        let gated = if self.settings.policy == PolicyKind::Calibrated
+            && drafts.iter().any(|(_, k)| *k > 0)
+        {
+            let class = gate_class(expected / batch as f64);
+            let allow = self.gate.allow(batch, class);
+            if !allow {
+                for (_, k) in drafts.iter_mut() {
+                    *k = 0;
+                }
+            }
+            Some((class, allow))
+        } else {
+            None
+        };
         let segments: Vec<Vec<u32>> = active
             .iter()
             .zip(&drafts)
@@ -580,6 +720,10 @@ impl Worker {
             (greedy_rows(&logits)?, logits)
         };
         let t2 = Instant::now();
+        if let StepPolicy::Calibrated(p) = &mut self.policy {
+            p.cost_mut()
+                .observe(batch, argmax.len(), (t2 - t1).as_secs_f64());
+        }
         let mut offset = 0;
         let mut emitted_total = 0;
         let mut keep = vec![true; batch];
@@ -667,13 +811,14 @@ impl Worker {
             keep[i - 1]
         });
         let emitted: usize = emitted_total;
-        if self.settings.policy == PolicyKind::Calibrated && wants_draft {
+        if let Some((class, drafted)) = gated {
             self.gate
-                .record(batch, may_draft, emitted, t0.elapsed().as_secs_f64());
+                .record(batch, class, drafted, emitted, t0.elapsed().as_secs_f64());
         }
         let mut s = lock(&self.snapshot);
-        if self.settings.policy == PolicyKind::Calibrated {
+        if let StepPolicy::Calibrated(p) = &self.policy {
             s.gate = self.gate.snapshot();
+            s.live_step_cost = Some(*p.cost());
         }
         s.steps += 1;
         s.draft_secs += (t1 - t0).as_secs_f64();
@@ -702,9 +847,9 @@ mod tests {
         let mut g = ThroughputGate::default();
         let mut drafted = 0;
         for step in 0..400 {
-            let d = g.allow(batch);
+            let d = g.allow(batch, 1);
             let rate = if d { draft_rate } else { plain_rate };
-            g.record(batch, d, 10, 10.0 / rate);
+            g.record(batch, 1, d, 10, 10.0 / rate);
             if step >= 100 && d {
                 drafted += 1;
             }
@@ -729,14 +874,14 @@ mod tests {
         let mut g = ThroughputGate::default();
         let (mut drafted, mut draft_steps) = (0, 0);
         for step in 0..600 {
-            let d = g.allow(1);
+            let d = g.allow(1, 2);
             draft_steps += usize::from(d);
             let (tokens, secs) = match (d, draft_steps % 2) {
                 (false, _) => (1, 1.0),
                 (true, 0) => (1, 4.0),
                 (true, _) => (10, 6.0),
             };
-            g.record(1, d, tokens, secs);
+            g.record(1, 2, d, tokens, secs);
             if step >= 100 && d {
                 drafted += 1;
             }
@@ -748,17 +893,124 @@ mod tests {
     fn gate_levels_are_separate() {
         let mut g = ThroughputGate::default();
         for _ in 0..64 {
-            let d = g.allow(1);
-            g.record(1, d, 10, if d { 0.05 } else { 0.1 });
-            let d = g.allow(32);
-            g.record(32, d, 10, if d { 0.1 } else { 0.05 });
+            let d = g.allow(1, 0);
+            g.record(1, 0, d, 10, if d { 0.05 } else { 0.1 });
+            let d = g.allow(32, 0);
+            g.record(32, 0, d, 10, if d { 0.1 } else { 0.05 });
         }
         let s = g.snapshot();
-        assert!(s[0][0].tokens_per_s > s[0][1].tokens_per_s);
-        assert!(s[5][0].tokens_per_s < s[5][1].tokens_per_s);
+        assert!(s[0][0][0].tokens_per_s > s[0][0][1].tokens_per_s);
+        assert!(s[5][0][0].tokens_per_s < s[5][0][1].tokens_per_s);
         assert_eq!(
             (gate_level(1), gate_level(3), gate_level(4), gate_level(40)),
             (0, 1, 2, 5)
+        );
+    }
+
+    /// One request alternates phases of 40 steps: confident drafts (class 3) that pay 3×,
+    /// and doubtful ones (class 0) that cost 20 %. A gate shared by the phases drafts in
+    /// neither or both; per class it drafts in the first and not in the second.
+    #[test]
+    fn gate_keeps_confidence_classes_apart() {
+        let mut g = ThroughputGate::default();
+        let (mut confident, mut doubtful) = ((0, 0), (0, 0));
+        for step in 0..1600 {
+            let class = if (step / 40) % 2 == 0 { 3 } else { 0 };
+            let d = g.allow(1, class);
+            let (tokens, secs) = match (d, class) {
+                (false, _) => (1, 1.0),
+                (true, 3) => (3, 1.0),
+                (true, _) => (1, 1.2),
+            };
+            g.record(1, class, d, tokens, secs);
+            if step >= 400 {
+                let c = if class == 3 {
+                    &mut confident
+                } else {
+                    &mut doubtful
+                };
+                c.0 += usize::from(d);
+                c.1 += 1;
+            }
+        }
+        assert!(
+            confident.0 * 10 > confident.1 * 9,
+            "confident {confident:?}"
+        );
+        assert!(doubtful.0 * 10 < doubtful.1, "doubtful {doubtful:?}");
+        assert_eq!(
+            (
+                gate_class(0.0),
+                gate_class(0.5),
+                gate_class(2.0),
+                gate_class(9.0)
+            ),
+            (0, 1, 2, 3)
+        );
+    }
+
+    /// A class still warming up follows a settled neighbour: below one that drafts it
+    /// drafts, above one that does not it does not; otherwise it alternates.
+    #[test]
+    fn gate_classes_borrow_a_settled_neighbour() {
+        let mut g = ThroughputGate::default();
+        for _ in 0..40 {
+            let d = g.allow(16, 1);
+            g.record(16, 1, d, 16, if d { 0.3 } else { 0.2 });
+            let d = g.allow(1, 1);
+            g.record(1, 1, d, 2, if d { 0.05 } else { 0.1 });
+        }
+        assert!(!g.allow(16, 0), "less confident than a losing class");
+        assert!(g.allow(1, 3), "more confident than a winning class");
+        let (first, second) = (g.allow(16, 2), g.allow(16, 2));
+        assert!(
+            first && second,
+            "no settled class above: warm-up starts with drafting"
+        );
+        let mut h = ThroughputGate::default();
+        let d = h.allow(1, 2);
+        h.record(1, 2, d, 1, 1.0);
+        assert_ne!(d, h.allow(1, 2), "alone, a class alternates its warm-up");
+    }
+
+    /// Once drafting is clearly slower, the gate explores it rarely.
+    #[test]
+    fn gate_explores_a_clearly_slower_arm_rarely() {
+        let mut g = ThroughputGate::default();
+        let mut explored = 0;
+        for step in 0..1000 {
+            let d = g.allow(16, 1);
+            g.record(16, 1, d, 16, if d { 0.4 } else { 0.2 });
+            if step >= 100 && d {
+                explored += 1;
+            }
+        }
+        assert!((10..=20).contains(&explored), "explored {explored} of 900");
+    }
+
+    /// The live model follows measured passes: a 1-row pass timed too slow at startup, and
+    /// multi-row passes that run at half the startup fit.
+    #[test]
+    fn live_step_cost_follows_measured_passes() {
+        let measured = StepCost {
+            single: 0.044,
+            multi_base: 0.046,
+            per_token: 0.002,
+            per_sequence: 0.001,
+        };
+        let mut c = LiveStepCost::new(measured);
+        assert_eq!(c.verify_cost(1, 3), measured.verify_cost(1, 3));
+        for _ in 0..100 {
+            c.observe(1, 1, 0.030);
+            c.observe(2, 6, 0.5 * measured.multi(2, 6));
+        }
+        assert!((c.verify_cost(1, 0) - 0.030).abs() < 1e-6);
+        assert!((c.verify_cost(1, 3) / measured.verify_cost(1, 3) - 0.5).abs() < 1e-4);
+        c.observe(1, 1, f64::NAN);
+        c.observe(1, 0, 1.0);
+        assert!(
+            (c.verify_cost(1, 0) - 0.030).abs() < 1e-6,
+            "bad samples ignored"
         );
     }
 

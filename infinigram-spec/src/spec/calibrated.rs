@@ -135,6 +135,11 @@ impl<C: VerifyCost> CalibratedPolicy<C> {
         &self.cost
     }
 
+    /// The cost model, for callers that refine it from measured steps.
+    pub fn cost_mut(&mut self) -> &mut C {
+        &mut self.cost
+    }
+
     fn coarse_index(f: &TokenFeatures) -> usize {
         f.source.ordinal() * BUCKETS + depth_bucket(f.depth)
     }

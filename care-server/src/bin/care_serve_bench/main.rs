@@ -40,6 +40,11 @@ struct Args {
     /// Index for the HumanEval workload (CPython stdlib + Python docs).
     #[arg(long)]
     code_index: Option<PathBuf>,
+    /// Workloads run when their index is given: `humaneval` (completions) and `humaneval-chat`
+    /// (the same problems as chat requests) with `--code-index`, `mtbench` with
+    /// `--prose-index`.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["humaneval".to_string(), "mtbench".to_string()])]
+    workloads: Vec<String>,
     /// Index for the MT-Bench workload (prose).
     #[arg(long)]
     prose_index: Option<PathBuf>,
@@ -79,6 +84,13 @@ struct Args {
     /// Draft lengths γ of the replay.
     #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 3, 4, 6, 8])]
     replay_gammas: Vec<usize>,
+    /// Node budgets of the tree replay (trees of continuations verified in one pass; 0 or
+    /// empty: skip).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 8, 16, 32, 64])]
+    replay_trees: Vec<usize>,
+    /// Deepest level of a replayed tree.
+    #[arg(long, default_value_t = 8)]
+    replay_tree_depth: usize,
     /// Concurrent streaming requests of the load test (0: skip).
     #[arg(long, default_value_t = 0)]
     load_test: usize,
@@ -373,6 +385,22 @@ fn replay_tables(name: &str, r: &replay::Replay) {
             row.accepted as f64 / row.drafted.max(1) as f64
         );
     }
+    if !r.trees.is_empty() {
+        println!("\n| tree budget | depth | verify steps | tokens | tokens/step | nodes/step | accepted |");
+        println!("|---:|---:|---:|---:|---:|---:|---:|");
+        for t in &r.trees {
+            println!(
+                "| {} | {} | {} | {} | {:.2} | {:.1} | {} |",
+                t.budget,
+                t.max_depth,
+                t.steps,
+                t.tokens,
+                t.tokens as f64 / t.steps.max(1) as f64,
+                t.nodes as f64 / t.steps.max(1) as f64,
+                t.accepted
+            );
+        }
+    }
     for (title, rows) in [
         ("match length", &r.by_match_len),
         ("n-gram count", &r.by_count),
@@ -426,8 +454,14 @@ async fn main() -> Result<()> {
     let he = a.join("data/human-eval/HumanEval.jsonl.gz");
     let mt = a.join("data/mt-bench/question.jsonl");
     let sotu = a.join("data/sotu");
+    for w in &args.workloads {
+        if !["humaneval", "humaneval-chat", "mtbench"].contains(&w.as_str()) {
+            bail!("unknown workload `{w}` (humaneval, humaneval-chat, mtbench)");
+        }
+    }
+    let wants = |name: &str| args.workloads.iter().any(|w| w == name);
     let mut workloads = Vec::new();
-    if let Some(i) = &args.code_index {
+    if let (Some(i), true) = (&args.code_index, wants("humaneval")) {
         let he = he.clone();
         workloads.push(Workload {
             name: "humaneval",
@@ -435,7 +469,15 @@ async fn main() -> Result<()> {
             prompts: Box::new(move |l| workload::humaneval(&he, l)),
         });
     }
-    if let Some(i) = &args.prose_index {
+    if let (Some(i), true) = (&args.code_index, wants("humaneval-chat")) {
+        let he = he.clone();
+        workloads.push(Workload {
+            name: "humaneval-chat",
+            index: i.clone(),
+            prompts: Box::new(move |l| workload::humaneval_chat(&he, l)),
+        });
+    }
+    if let (Some(i), true) = (&args.prose_index, wants("mtbench")) {
         let (mt, sotu) = (mt.clone(), sotu.clone());
         workloads.push(Workload {
             name: "mtbench",
@@ -528,7 +570,20 @@ async fn main() -> Result<()> {
                 std::sync::Arc::new(infinigram_spec::Index::open(&w.index, Default::default())?);
             let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let r = replay::replay(&index, &tok, &items, &args.replay_gammas)?;
+            let budgets: Vec<usize> = args
+                .replay_trees
+                .iter()
+                .copied()
+                .filter(|&b| b > 0)
+                .collect();
+            let r = replay::replay(
+                &index,
+                &tok,
+                &items,
+                &args.replay_gammas,
+                &budgets,
+                args.replay_tree_depth,
+            )?;
             plots_match.push(replay_series(w.name, &r.by_match_len));
             plots_count.push(replay_series(w.name, &r.by_count));
             report.replay.push((w.name.to_string(), r));

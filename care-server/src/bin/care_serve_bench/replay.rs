@@ -33,10 +33,25 @@ pub struct Bucket {
     pub accepted: u64,
 }
 
+/// Outcome of tree drafting at one node budget: per step the drafter proposes a tree of at
+/// most `budget` nodes (depth ≤ `max_depth`), and the longest root path equal to the output
+/// is accepted, plus the bonus token (what `infinigram_spec::verify_greedy_tree` emits).
+#[derive(Debug, Clone, Serialize)]
+pub struct TreeRow {
+    pub budget: usize,
+    pub max_depth: usize,
+    pub steps: usize,
+    pub tokens: usize,
+    /// Nodes proposed over all steps (the verify pass's extra rows).
+    pub nodes: usize,
+    pub accepted: usize,
+}
+
 /// Replay results: one row per γ, and at the largest γ the acceptance tables.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Replay {
     pub rows: Vec<GammaRow>,
+    pub trees: Vec<TreeRow>,
     pub by_match_len: Vec<Bucket>,
     pub by_count: Vec<Bucket>,
 }
@@ -71,12 +86,15 @@ fn encode(tok: &tokenizers::Tokenizer, text: &str) -> Result<Vec<u32>> {
         .to_vec())
 }
 
-/// Replays `(prompt, output)` texts at each γ in `gammas` (ascending; tables at the last).
+/// Replays `(prompt, output)` texts at each γ in `gammas` (ascending; tables at the last) and
+/// with trees of each node budget in `budgets` (depth at most `max_depth`).
 pub fn replay(
     index: &Arc<Index>,
     tok: &tokenizers::Tokenizer,
     items: &[(String, String)],
     gammas: &[usize],
+    budgets: &[usize],
+    max_depth: usize,
 ) -> Result<Replay> {
     let encoded: Vec<(Vec<u32>, Vec<u32>)> = items
         .iter()
@@ -131,5 +149,54 @@ pub fn replay(
         }
         out.rows.push(row);
     }
+    for &budget in budgets {
+        out.trees
+            .push(replay_trees(index, &encoded, budget, max_depth)?);
+    }
     Ok(out)
+}
+
+fn replay_trees(
+    index: &Arc<Index>,
+    encoded: &[(Vec<u32>, Vec<u32>)],
+    budget: usize,
+    max_depth: usize,
+) -> Result<TreeRow> {
+    let mut row = TreeRow {
+        budget,
+        max_depth,
+        steps: 0,
+        tokens: 0,
+        nodes: 0,
+        accepted: 0,
+    };
+    for (prompt, output) in encoded {
+        let mut d = NgramDrafter::new(Some(Arc::clone(index)), NgramDrafterConfig::default());
+        d.start(prompt)?;
+        let mut pos = 0;
+        while pos < output.len() {
+            let room = output.len() - pos - 1;
+            let tree = d.draft_tree(budget, max_depth.min(room), &PriorModel)?;
+            // Walk the tree along the output: the deepest node whose path equals it.
+            let mut parent = None;
+            let mut accepted = 0;
+            while pos + accepted < output.len() {
+                match tree.child(parent, output[pos + accepted]) {
+                    Some(node) => {
+                        parent = Some(node);
+                        accepted += 1;
+                    }
+                    None => break,
+                }
+            }
+            let emitted = (accepted + 1).min(output.len() - pos);
+            d.accept(&output[pos..pos + emitted])?;
+            pos += emitted;
+            row.steps += 1;
+            row.nodes += tree.len();
+            row.accepted += accepted;
+        }
+        row.tokens += output.len();
+    }
+    Ok(row)
 }

@@ -1,4 +1,5 @@
-//! The benchmark prompts: HumanEval (raw completion) and MT-Bench (chat), short and long.
+//! The benchmark prompts: HumanEval (raw completion, or as a chat instruction) and MT-Bench
+//! (chat), short, full and long.
 
 use std::io::Read;
 use std::path::Path;
@@ -76,6 +77,25 @@ pub fn humaneval(path: &Path, length: Length) -> Result<Vec<Prompt>> {
                     ))
                 }
             }
+        })
+        .collect())
+}
+
+/// HumanEval problems as chat requests, the way instruction-tuned models are usually asked
+/// for HumanEval (EvalPlus's instruct setting, in our words): the problem (at `length`, as in
+/// [`humaneval`]) in a Python code block, with the instruction to return the whole function.
+pub fn humaneval_chat(path: &Path, length: Length) -> Result<Vec<Prompt>> {
+    Ok(humaneval(path, length)?
+        .into_iter()
+        .map(|p| {
+            let code = p.text();
+            Prompt::Chat(vec![(
+                "user".to_string(),
+                format!(
+                    "Complete this Python function and return the whole function, \
+                     signature included, in one ```python code block.\n\n```python\n{code}```"
+                ),
+            )])
         })
         .collect())
 }
