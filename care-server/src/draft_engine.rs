@@ -889,14 +889,32 @@ mod tests {
         assert!(drafted > 450, "drafted {drafted} of 500 steps");
     }
 
+    /// One gated step of `batch` sequences in `class`: emits `tokens` in `draft_secs` if the
+    /// gate lets it draft, else in `plain_secs`. Returns whether it drafted.
+    fn gated_step(
+        g: &mut ThroughputGate,
+        (batch, class): (usize, usize),
+        tokens: usize,
+        draft_secs: f64,
+        plain_secs: f64,
+    ) -> bool {
+        let d = g.allow(batch, class);
+        g.record(
+            batch,
+            class,
+            d,
+            tokens,
+            if d { draft_secs } else { plain_secs },
+        );
+        d
+    }
+
     #[test]
     fn gate_levels_are_separate() {
         let mut g = ThroughputGate::default();
         for _ in 0..64 {
-            let d = g.allow(1, 0);
-            g.record(1, 0, d, 10, if d { 0.05 } else { 0.1 });
-            let d = g.allow(32, 0);
-            g.record(32, 0, d, 10, if d { 0.1 } else { 0.05 });
+            gated_step(&mut g, (1, 0), 10, 0.05, 0.1);
+            gated_step(&mut g, (32, 0), 10, 0.1, 0.05);
         }
         let s = g.snapshot();
         assert!(s[0][0][0].tokens_per_s > s[0][0][1].tokens_per_s);
@@ -955,10 +973,8 @@ mod tests {
     fn gate_classes_borrow_a_settled_neighbour() {
         let mut g = ThroughputGate::default();
         for _ in 0..40 {
-            let d = g.allow(16, 1);
-            g.record(16, 1, d, 16, if d { 0.3 } else { 0.2 });
-            let d = g.allow(1, 1);
-            g.record(1, 1, d, 2, if d { 0.05 } else { 0.1 });
+            gated_step(&mut g, (16, 1), 16, 0.3, 0.2);
+            gated_step(&mut g, (1, 1), 2, 0.05, 0.1);
         }
         assert!(!g.allow(16, 0), "less confident than a losing class");
         assert!(g.allow(1, 3), "more confident than a winning class");
@@ -979,8 +995,7 @@ mod tests {
         let mut g = ThroughputGate::default();
         let mut explored = 0;
         for step in 0..1000 {
-            let d = g.allow(16, 1);
-            g.record(16, 1, d, 16, if d { 0.4 } else { 0.2 });
+            let d = gated_step(&mut g, (16, 1), 16, 0.4, 0.2);
             if step >= 100 && d {
                 explored += 1;
             }

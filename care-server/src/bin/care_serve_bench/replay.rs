@@ -138,9 +138,7 @@ pub fn replay(
                         }
                     }
                 }
-                let emitted = (accepted + 1).min(output.len() - pos);
-                d.accept(&output[pos..pos + emitted])?;
-                pos += emitted;
+                pos = emit(&mut d, output, pos, accepted)?;
                 row.steps += 1;
                 row.drafted += draft.len();
                 row.accepted += accepted;
@@ -154,6 +152,14 @@ pub fn replay(
             .push(replay_trees(index, &encoded, budget, max_depth)?);
     }
     Ok(out)
+}
+
+/// Emits the `accepted` drafted tokens at `pos` and the target's bonus token (as the
+/// verifier does), feeds them to the drafter, and returns the new position.
+fn emit(d: &mut NgramDrafter, output: &[u32], pos: usize, accepted: usize) -> Result<usize> {
+    let emitted = (accepted + 1).min(output.len() - pos);
+    d.accept(&output[pos..pos + emitted])?;
+    Ok(pos + emitted)
 }
 
 fn replay_trees(
@@ -189,9 +195,7 @@ fn replay_trees(
                     None => break,
                 }
             }
-            let emitted = (accepted + 1).min(output.len() - pos);
-            d.accept(&output[pos..pos + emitted])?;
-            pos += emitted;
+            pos = emit(&mut d, output, pos, accepted)?;
             row.steps += 1;
             row.nodes += tree.len();
             row.accepted += accepted;
