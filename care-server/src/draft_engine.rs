@@ -181,15 +181,22 @@ impl LiveStepCost {
     }
 }
 
+impl LiveStepCost {
+    /// The corrected model: the current 1-row estimate, the multi-row fit scaled.
+    pub fn current(&self) -> StepCost {
+        let m = &self.measured;
+        StepCost {
+            single: self.single,
+            multi_base: self.multi_scale * m.multi_base,
+            per_token: self.multi_scale * m.per_token,
+            per_sequence: self.multi_scale * m.per_sequence,
+        }
+    }
+}
+
 impl VerifyCost for LiveStepCost {
     fn verify_cost(&self, batch_size: usize, draft_len: usize) -> f64 {
-        let b = batch_size.max(1);
-        let rows = b * (1 + draft_len);
-        if rows == 1 {
-            self.single
-        } else {
-            self.multi_scale * self.measured.multi(b, rows)
-        }
+        self.current().verify_cost(batch_size, draft_len)
     }
 }
 

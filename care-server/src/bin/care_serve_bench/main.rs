@@ -454,37 +454,41 @@ async fn main() -> Result<()> {
     let he = a.join("data/human-eval/HumanEval.jsonl.gz");
     let mt = a.join("data/mt-bench/question.jsonl");
     let sotu = a.join("data/sotu");
-    for w in &args.workloads {
-        if !["humaneval", "humaneval-chat", "mtbench"].contains(&w.as_str()) {
-            bail!("unknown workload `{w}` (humaneval, humaneval-chat, mtbench)");
-        }
+    type Prompts = Box<dyn Fn(Length) -> Result<Vec<Prompt>>>;
+    let he2 = he.clone();
+    // Every workload the bench knows, with the index it drafts from.
+    let known: Vec<(&'static str, &Option<PathBuf>, Prompts)> = vec![
+        (
+            "humaneval",
+            &args.code_index,
+            Box::new(move |l| workload::humaneval(&he, l)),
+        ),
+        (
+            "humaneval-chat",
+            &args.code_index,
+            Box::new(move |l| workload::humaneval_chat(&he2, l)),
+        ),
+        (
+            "mtbench",
+            &args.prose_index,
+            Box::new(move |l| workload::mtbench(&mt, &sotu, l)),
+        ),
+    ];
+    let names: Vec<&str> = known.iter().map(|k| k.0).collect();
+    if let Some(w) = args.workloads.iter().find(|w| !names.contains(&w.as_str())) {
+        bail!("unknown workload `{w}` ({})", names.join(", "));
     }
-    let wants = |name: &str| args.workloads.iter().any(|w| w == name);
-    let mut workloads = Vec::new();
-    if let (Some(i), true) = (&args.code_index, wants("humaneval")) {
-        let he = he.clone();
-        workloads.push(Workload {
-            name: "humaneval",
-            index: i.clone(),
-            prompts: Box::new(move |l| workload::humaneval(&he, l)),
-        });
-    }
-    if let (Some(i), true) = (&args.code_index, wants("humaneval-chat")) {
-        let he = he.clone();
-        workloads.push(Workload {
-            name: "humaneval-chat",
-            index: i.clone(),
-            prompts: Box::new(move |l| workload::humaneval_chat(&he, l)),
-        });
-    }
-    if let (Some(i), true) = (&args.prose_index, wants("mtbench")) {
-        let (mt, sotu) = (mt.clone(), sotu.clone());
-        workloads.push(Workload {
-            name: "mtbench",
-            index: i.clone(),
-            prompts: Box::new(move |l| workload::mtbench(&mt, &sotu, l)),
-        });
-    }
+    let workloads: Vec<Workload> = known
+        .into_iter()
+        .filter(|(name, _, _)| args.workloads.iter().any(|w| w == name))
+        .filter_map(|(name, index, prompts)| {
+            index.clone().map(|index| Workload {
+                name,
+                index,
+                prompts,
+            })
+        })
+        .collect();
     let mut plots_match = Vec::new();
     let mut plots_count = Vec::new();
     for w in &workloads {
