@@ -66,7 +66,7 @@ fn contiguous(model: &Decoder, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
 }
 
 /// Decode tokens/s of `DecoderRunner` (paged latent cache) over `steps` steps.
-fn paged(runner: &mut DecoderRunner<f32>, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
+fn paged(runner: &mut DecoderRunner, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
     for p in prompts {
         runner.add_request(p.clone(), steps + 2, vec![])?;
     }
@@ -130,7 +130,7 @@ fn main() -> Res<()> {
     let max_batch = *batches.iter().max().unwrap_or(&1);
     let max_ctx = *ctxs.iter().max().unwrap_or(&1);
     let num_blocks = max_batch * (max_ctx + steps + 2).div_ceil(BLOCK) + 8;
-    let mut runner = DecoderRunner::<f32>::from_parts(
+    let mut runner: DecoderRunner = DecoderRunner::from_parts(
         mla_decoder()?,
         attns,
         RunnerConfig {

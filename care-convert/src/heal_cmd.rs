@@ -14,10 +14,11 @@ use crate::cli::{
 use care_convert::heal::data::{pack, read_corpus, tokenizer_fingerprint, CorpusOptions};
 use care_convert::heal::data::{write_corpus, PackedCorpus};
 use care_convert::heal::plot::plot_loss_png;
-use care_convert::heal::student::{OnDevice, StudentParams, TrainScope};
+use care_convert::heal::student::{StudentParams, TrainScope};
 use care_convert::heal::train::{HealOptions, Healer, Replica, ReplicaCopy, StepRecord};
 use care_convert::heal::{prepare_output, write_healed, write_log};
 use mla_attention::io::Checkpoint;
+use mla_attention::io::OnDevice;
 use mla_attention::model::Decoder;
 
 fn device(spec: &str, flag: &str) -> Result<Device> {
@@ -223,6 +224,7 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
         let on_dev = OnDevice {
             inner: teacher_ckpt.weights.as_ref(),
             device: d.clone(),
+            dtype: None,
         };
         let teacher = Decoder::load_weights(&teacher_ckpt.spec, &on_dev)
             .with_context(|| format!("loading the teacher {}", a.teacher.display()))?;

@@ -17,7 +17,8 @@
 //! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
 //! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
 //! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
-//! - [`runner`]: continuous-batching greedy generation over the paged latent cache (CPU).
+//! - [`runner`]: continuous-batching greedy generation over the paged latent cache (CPU,
+//!   and CUDA with feature `cuda`).
 //! - [`cache`]: [`cache::LatentPagedCache`], the paged MLA latent cache.
 //! - [`cpu`]: absorbed MLA decode over the paged cache ([`cpu::absorbed_decode`]).
 //! - `cuda` (feature `cuda`): the paged cache in device memory and CUDA decode kernels.

@@ -2,6 +2,8 @@
 # Runs on the device machine, from the repo root, with .devcarry/ carried:
 #   run(command="bash scripts/gpu/run-device.sh quick", carry=[".devcarry"])
 #   run(command="bash scripts/gpu/run-device.sh full",  carry=[".devcarry"])
+#   run(command="bash scripts/gpu/run-device.sh runner", carry=[".devcarry/runner-a"]) after
+#     a first call carrying .devcarry/runner-p2 (scripts/gpu/runner-prepare.sh)
 # Unpacks the binaries built by scripts/gpu/build.sh, records the card, runs our
 # checks and benchmarks (mla_cuda_bench) and the mistral.rs 0.8.1 kernel anchor
 # (anchor-kbench) at the same cells, in one call. Everything lands in $OUT
@@ -83,7 +85,50 @@ case "$MODE" in
     echo "anchor-kbench exit $?"
     cat "$OUT/anchor.csv"
     exit 0 ;;
-  *) echo "run-device.sh: mode quick|full|all|profile|sweep" >&2; exit 2 ;;
+  runner)
+    # The GPU DecoderRunner on a real converted model (inputs: scripts/gpu/runner-prepare.sh,
+    # carried over two calls). Converts here (CPU), then mla_cuda_bench --mode runner
+    # (CUDA runner vs CPU runner tokens, bad input, prefill/decode tokens/s) and the HF
+    # transformers anchor (original GQA model and the converted one) on the same card.
+    R=.devcarry/runner-a
+    W=/tmp/runner
+    mkdir -p "$W"
+    python3 -c "import lzma,shutil,sys;shutil.copyfileobj(lzma.open(sys.argv[1]),open(sys.argv[2],'wb'))" \
+      "$R/mla_cuda_bench.xz" "$BIN/mla_cuda_bench" && chmod +x "$BIN/mla_cuda_bench"
+    [[ -x "$W/care-convert" ]] || { xz -dc "$R/care-convert.xz" > "$W/care-convert"; chmod +x "$W/care-convert"; }
+    if [[ ! -s "$W/model.gguf" ]]; then
+      ls .devcarry/runner-*/model.part* | awk -F/ '{print $NF" "$0}' | sort | cut -d' ' -f2 \
+        | xargs cat > "$W/model.gguf"
+    fi
+    cp "$R/model.sha256" "$W/"
+    (cd "$W" && sha256sum -c model.sha256) || { rm -f "$W/model.gguf"; exit 1; }
+    export CARE_ASSETS="$W/assets"
+    mkdir -p "$CARE_ASSETS/data/exllamav2-cal"
+    cp "$R"/cal/* "$CARE_ASSETS/data/exllamav2-cal/"
+    if [[ ! -d "$W/mla" ]]; then
+      t0=$SECONDS
+      "$W/care-convert" mla --quiet --model "$W/model.gguf" --kv-keep 0.5 \
+        --calib-samples 256 --calib-seq-len 32 --seed 42 --out "$W/mla" > "$OUT/convert.json"
+      echo "converted in $((SECONDS - t0)) s"
+      "$W/care-convert" tokenizer --model "$W/model.gguf" --out "$W/mla/tokenizer.json" > /dev/null
+    fi
+    timeout -k 5 "${RT:-300}" "$BIN/mla_cuda_bench" --mode runner --model "$W/mla" --text "$R/prompt.txt" \
+      --ctx "${RCTX:-512,2048}" --batch "${RBATCH:-1,8,32,64}" --new "${RNEW:-64}" --out "$OUT" \
+      2> "$OUT/ours.log" > /dev/null
+    rc=$?
+    echo "mla_cuda_bench --mode runner exit $rc"
+    grep -E "runner|rror" "$OUT/ours.log" | tail -40
+    if [[ -f "$R/hf_decode_bench.py" && -z "${NO_HF:-}" ]]; then
+      [[ -d "$W/orig" ]] || "$W/care-convert" export-hf --model "$W/model.gguf" --out "$W/orig" > /dev/null
+      timeout -k 5 "${HT:-240}" python3 "$R/hf_decode_bench.py" --model "$W/orig" --model "$W/mla" \
+        --text "$R/prompt.txt" --tokenizer "$W/mla/tokenizer.json" --ctx "${RCTX:-512,2048}" \
+        --batch "${RBATCH:-1,8,32,64}" --new "${RNEW:-64}" > "$OUT/hf.json" 2> "$OUT/hf.log"
+      echo "hf_decode_bench exit $?"
+      grep -vE "Warning|warn" "$OUT/hf.log" | tail -30
+    fi
+    [[ -f "$OUT/results.md" ]] && cat "$OUT/results.md"
+    exit "$rc" ;;
+  *) echo "run-device.sh: mode quick|full|all|profile|sweep|runner" >&2; exit 2 ;;
 esac
 
 rc=0

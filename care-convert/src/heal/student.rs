@@ -200,23 +200,3 @@ impl WeightSource for MapWeights {
             })
     }
 }
-
-/// Another [`WeightSource`] with every tensor moved to `device` (the teacher on a GPU).
-pub struct OnDevice<'a> {
-    pub inner: &'a dyn WeightSource,
-    pub device: Device,
-}
-
-impl WeightSource for OnDevice<'_> {
-    fn path(&self) -> &Path {
-        self.inner.path()
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.inner.contains(name)
-    }
-
-    fn tensor(&self, name: &str) -> mla_attention::Result<Tensor> {
-        Ok(self.inner.tensor(name)?.to_device(&self.device)?)
-    }
-}

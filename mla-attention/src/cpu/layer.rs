@@ -87,20 +87,19 @@ impl PagedMlaLayer {
             .map(|&s| cache.tokens(s, self.layer))
             .collect::<Result<_>>()?;
         // Queries: (b, 1, n_h·(d_nope + d_rope)) → (b, n_h, d_nope + d_rope).
-        let q = linear(x, &self.attn.weights().q_proj, None)?.reshape((b, nh, dn + dr))?;
+        let q = self.attn.queries(x)?.reshape((b, nh, dn + dr))?;
         let q_nope = q.narrow(2, 0, dn)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut q_pe = Vec::with_capacity(b * nh * dr);
-        let mut latents = Vec::with_capacity(b);
-        for (i, &p) in pos.iter().enumerate() {
-            let qi = q
-                .narrow(0, i, 1)?
-                .narrow(2, dn, dr)?
-                .reshape((1, nh, 1, dr))?;
-            let qi = self.attn.rope().apply(&qi.contiguous()?, p)?;
-            q_pe.extend(qi.flatten_all()?.to_vec1::<f32>()?);
-            let lat = self.attn.latents(&x.narrow(0, i, 1)?, p)?;
-            latents.push(lat.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
-        }
+        let q_pe = self
+            .attn
+            .rope()
+            .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, &pos)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let latents = self
+            .attn
+            .latents_at(x, &pos)?
+            .to_dtype(DType::F32)?
+            .to_vec2::<f32>()?;
         self.append_all(cache, seqs, &pos, &latents)?;
         let q_lat = self.proj.absorb_queries(&q_nope)?;
         let query = DecodeQuery {

@@ -1,6 +1,8 @@
 //! [`CudaLatentElem`]: the cache element types the CUDA kernels take.
 
 use candle_core::cuda_backend::cudarc::driver::{CudaFunction, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::CudaDType;
+use candle_core::WithDType;
 use half::bf16;
 
 use super::kernels::MlaKernels;
@@ -8,7 +10,9 @@ use crate::cache::LatentElem;
 
 /// A [`LatentElem`] the CUDA kernels can read: `f32` (CUDA-core arithmetic) or
 /// `bf16` (tensor cores when the row width allows, see [`super::decode`]).
-pub trait CudaLatentElem: LatentElem + DeviceRepr + ValidAsZeroBits + Unpin {
+pub trait CudaLatentElem:
+    LatentElem + DeviceRepr + ValidAsZeroBits + Unpin + CudaDType + WithDType
+{
     /// Whether the tensor-core split kernel reads this type.
     const TENSOR_CORES: bool;
 

@@ -10,6 +10,8 @@
 //!   fills the GPU.
 //! - [`decode`]: [`CudaMlaDecoder`], split kernels (tensor cores for bf16, CUDA cores
 //!   otherwise) plus the log-sum-exp combine.
+//! - [`runner`]: [`CudaPagedModel`], a stock DeepSeek-V2 checkpoint on the GPU for the
+//!   continuous-batching [`DecoderRunner`](crate::runner::DecoderRunner).
 //!
 //! ```no_run
 //! use mla_attention::cache::{CacheConfig, LayerWidth};
@@ -33,9 +35,11 @@ pub mod decode;
 pub mod elem;
 pub mod kernels;
 pub mod plan;
+pub mod runner;
 
 pub use cache::CudaLatentCache;
 pub use decode::{CudaDecodeQuery, CudaMlaDecoder, KernelChoice, KernelPlan};
 pub use elem::CudaLatentElem;
 pub use kernels::MlaKernels;
 pub use plan::SplitPolicy;
+pub use runner::{CudaPagedModel, CudaRunnerOptions};

@@ -44,6 +44,32 @@ pub trait WeightSource: Send + Sync {
     fn tensor(&self, name: &str) -> Result<Tensor>;
 }
 
+/// Another [`WeightSource`] with every tensor moved to `device`, and cast to `dtype`
+/// where one is given (a teacher or a runner's weights on a GPU, in bf16).
+pub struct OnDevice<'a> {
+    pub inner: &'a dyn WeightSource,
+    pub device: candle_core::Device,
+    pub dtype: Option<candle_core::DType>,
+}
+
+impl WeightSource for OnDevice<'_> {
+    fn path(&self) -> &Path {
+        self.inner.path()
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        let t = self.inner.tensor(name)?.to_device(&self.device)?;
+        Ok(match self.dtype {
+            Some(d) => t.to_dtype(d)?,
+            None => t,
+        })
+    }
+}
+
 /// Load `name` and check its shape, naming both in the error.
 pub fn load_checked(src: &dyn WeightSource, name: &str, expected: &[usize]) -> Result<Tensor> {
     let t = src.tensor(name)?;

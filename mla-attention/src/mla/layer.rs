@@ -249,6 +249,46 @@ impl MlaAttention {
         self.softmax_scale
     }
 
+    /// `W_UK` per head, `(n_h, d_nope, r)`: `q̃_h = q_nope,h · W_UK,h`.
+    pub fn w_uk(&self) -> &Tensor {
+        &self.w_uk
+    }
+
+    /// `W_UVᵀ` per head, `(n_h, r, d_v)`: `o_h = õ_h · W_UVᵀ_h`.
+    pub fn w_uv_t(&self) -> &Tensor {
+        &self.w_uv_t
+    }
+
+    /// The query projection of `x` `(…, hidden)` → `(…, n_h·(d_nope + d_rope))`, before
+    /// RoPE: `q_proj · x`, or through the q-LoRA where the layer has one.
+    pub fn queries(&self, x: &Tensor) -> Result<Tensor> {
+        match (&self.weights.q_lora, &self.q_norm) {
+            (Some(ql), Some(norm)) => {
+                let a = linear(x, &ql.q_a_proj, ql.q_a_proj_bias.as_ref())?;
+                linear(&norm.forward(&a)?, &self.weights.q_proj, None)
+            }
+            _ => linear(x, &self.weights.q_proj, None),
+        }
+    }
+
+    /// The cache rows of one token per batch row, each at its own position: `x`
+    /// `(batch, 1, hidden)`, row `b` at `positions[b]` → `(batch, r + d_rope)`.
+    pub fn latents_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (b, _one, _hidden) = x.dims3()?;
+        let MlaShape {
+            qk_rope_head_dim: dr,
+            kv_lora_rank: r,
+            ..
+        } = self.spec.shape;
+        let w = &self.weights;
+        let a = linear(x, &w.kv_a_proj_with_mqa, w.kv_a_proj_with_mqa_bias.as_ref())?
+            .reshape((b, r + dr))?;
+        let c = self.kv_norm.forward(&a.narrow(1, 0, r)?.contiguous()?)?;
+        let k_pe = a.narrow(1, r, dr)?.reshape((b, 1, dr))?;
+        let k_pe = self.rope.apply_at(&k_pe, positions)?.reshape((b, dr))?;
+        Ok(Tensor::cat(&[c, k_pe], 1)?)
+    }
+
     /// The cache rows of `x` `(batch, seq, hidden)` at positions `start..start + seq`:
     /// `(batch, 1, seq, r + d_rope)` = `[RMSNorm(a_c) ⊙ γ ; RoPE(a_pe)]`.
     pub fn latents(&self, x: &Tensor, start: usize) -> Result<Tensor> {
@@ -365,14 +405,10 @@ impl Attention for MlaAttention {
             ..
         } = self.spec.shape;
         // (b, t, n_h·(d_nope + d_rope)) → (b, n_h, t, d_nope + d_rope)
-        let q = match (&self.weights.q_lora, &self.q_norm) {
-            (Some(ql), Some(norm)) => {
-                let a = linear(x, &ql.q_a_proj, ql.q_a_proj_bias.as_ref())?;
-                linear(&norm.forward(&a)?, &self.weights.q_proj, None)?
-            }
-            _ => linear(x, &self.weights.q_proj, None)?,
-        };
-        let q = q.reshape((b, t, nh, dn + dr))?.transpose(1, 2)?;
+        let q = self
+            .queries(x)?
+            .reshape((b, t, nh, dn + dr))?
+            .transpose(1, 2)?;
         let q_nope = q.narrow(3, 0, dn)?.contiguous()?;
         let q_pe = self
             .rope

@@ -9,6 +9,7 @@
 //! - [`rope`]: [`InterleavedRope`], pairs `(2i, 2i+1)`, optional YaRN.
 //! - [`reference`]: [`reference_forward`], scalar f64 oracle.
 //! - [`load`]: [`load_mla_attention`], [`load_mla_decoder`].
+//! - [`fixture`]: [`fixture::RandomDeepseek`], random-weight checkpoints for tests.
 //!
 //! The cache of a layer is one tensor `(batch, 1, tokens, r + d_rope)` holding
 //! `[c ; RoPE(k_pe)]` per token, `c` after `kv_a_layernorm`.
@@ -22,6 +23,7 @@
 //! ```
 
 pub mod config;
+pub mod fixture;
 pub mod layer;
 pub mod load;
 pub mod reference;

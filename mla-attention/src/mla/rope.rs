@@ -65,19 +65,53 @@ impl InterleavedRope {
     /// `(cos, sin)` tables, each `(seq, d_rope/2, 1)` f32 (factor included), for
     /// positions `start..start + seq`.
     fn tables(&self, start: usize, seq: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(seq * half);
-        let mut sin = Vec::with_capacity(seq * half);
-        for p in start..start + seq {
+        self.tables_at(start..start + seq, device)
+    }
+
+    /// `(cos, sin)` tables, each `(positions, d_rope/2, 1)` f32 (factor included).
+    fn tables_at(
+        &self,
+        positions: impl ExactSizeIterator<Item = usize>,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (n, half) = (positions.len(), self.inv_freq.len());
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in positions {
             for &f in &self.inv_freq {
                 let a = p as f64 * f;
                 cos.push((a.cos() * self.cos_sin_factor) as f32);
                 sin.push((a.sin() * self.cos_sin_factor) as f32);
             }
         }
-        let cos = Tensor::from_vec(cos, (seq, half, 1), device)?;
-        let sin = Tensor::from_vec(sin, (seq, half, 1), device)?;
+        let cos = Tensor::from_vec(cos, (n, half, 1), device)?;
+        let sin = Tensor::from_vec(sin, (n, half, 1), device)?;
         Ok((cos, sin))
+    }
+
+    /// Rotate one token per batch row, each at its own position: `x` `(batch, heads,
+    /// d_rope)`, row `b` at `positions[b]` (a decode step of sequences of different
+    /// lengths, in one launch per op on any device).
+    pub fn apply_at(&self, x: &Tensor, positions: &[usize]) -> Result<Tensor> {
+        let (b, h, dim) = x.dims3()?;
+        if dim != self.dim() || b != positions.len() {
+            return Err(Error::InvalidInput(format!(
+                "RoPE input {:?} for {} positions, expected (batch = positions, heads, {})",
+                x.dims(),
+                positions.len(),
+                self.dim()
+            )));
+        }
+        let half = dim / 2;
+        let (cos, sin) = self.tables_at(positions.iter().copied(), x.device())?;
+        let cos = cos.to_dtype(x.dtype())?.reshape((b, 1, half, 1))?;
+        let sin = sin.to_dtype(x.dtype())?.reshape((b, 1, half, 1))?;
+        let pairs = x.reshape((b, h, half, 2))?;
+        let even = pairs.narrow(D::Minus1, 0, 1)?;
+        let odd = pairs.narrow(D::Minus1, 1, 1)?;
+        let out_even = (even.broadcast_mul(&cos)? - odd.broadcast_mul(&sin)?)?;
+        let out_odd = (odd.broadcast_mul(&cos)? + even.broadcast_mul(&sin)?)?;
+        Ok(Tensor::cat(&[out_even, out_odd], D::Minus1)?.reshape((b, h, dim))?)
     }
 
     /// Rotate `x` `(batch, heads, seq, d_rope)` for positions `start..start + seq`.
@@ -119,6 +153,30 @@ impl InterleavedRope {
 mod tests {
     use super::*;
     use crate::mla::config::{MlaShape, YarnScaling};
+
+    #[test]
+    fn apply_at_rotates_each_row_at_its_own_position() {
+        let rope = InterleavedRope::plain(10000.0, 8);
+        let (b, h) = (3, 2);
+        let data: Vec<f32> = (0..b * h * 8).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x = Tensor::from_vec(data.clone(), (b, h, 8), &Device::Cpu).unwrap();
+        let positions = [0, 17, 4096];
+        let got = rope.apply_at(&x, &positions).unwrap();
+        let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for (bi, &p) in positions.iter().enumerate() {
+            for hi in 0..h {
+                let o = (bi * h + hi) * 8;
+                let v: Vec<f64> = data[o..o + 8].iter().map(|&v| v as f64).collect();
+                for (g, w) in got[o..o + 8].iter().zip(rope.apply_slow(&v, p)) {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5,
+                        "row {bi} head {hi}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        assert!(rope.apply_at(&x, &[1, 2]).is_err());
+    }
 
     fn check_against_slow(rope: &InterleavedRope, start: usize) {
         let dim = rope.dim();

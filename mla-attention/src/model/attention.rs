@@ -182,7 +182,10 @@ pub fn grouped_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) 
     // Fold the group into the query axis so each KV head is one batched matmul.
     let q = q.reshape((b, n_kv, group * t, dk))?;
     let scores = (q.matmul(&k.t()?)? * scale)?;
-    let mask = causal_mask(t, total, q.device())?.repeat((group, 1))?;
+    // In the scores' dtype, so a decoder loaded in bf16 (the CUDA runner) runs too.
+    let mask = causal_mask(t, total, q.device())?
+        .to_dtype(scores.dtype())?
+        .repeat((group, 1))?;
     let probs = softmax_last(&scores.broadcast_add(&mask)?)?;
     let out = probs.matmul(v)?;
     Ok(out.reshape((b, n_q, t, dv))?)

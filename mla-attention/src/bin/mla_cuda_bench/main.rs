@@ -1,8 +1,9 @@
 //! `mla_cuda_bench`: device checks and benchmarks of the CUDA paged MLA decode.
 //!
 //! ```text
-//! mla_cuda_bench [--mode check|bench|kernel|all] [--quick] [--ctx 4096,16384,...]
+//! mla_cuda_bench [--mode check|bench|kernel|all|runner] [--quick] [--ctx 4096,16384,...]
 //!                [--batch 1,8,32] [--e2e] [--out DIR]
+//!                [--model DIR]... [--text FILE] [--new N]      (runner mode)
 //! ```
 //!
 //! - `check`: paged CUDA decode against a contiguous f64 reference (f32 ≤ 1e-5,
@@ -12,6 +13,11 @@
 //!   for every ctx × batch, 32-layer steps (uniform 512 vs a 256–768 rank ramp),
 //!   sequences of 32K tokens per memory budget; `--e2e` adds a whole decode step of
 //!   an 8B-shaped random-weight model (candle matmuls + our kernel).
+//! - `runner`: the continuous-batching runner on the GPU for stock DeepSeek-V2
+//!   checkpoints (random ones and every `--model`): tokens equal the CPU runner's, bad
+//!   input refused, then prefill and decode tokens/s per `--ctx` × `--batch`
+//!   (`--new` tokens per request; prompts are windows of `--text` where the model has a
+//!   tokenizer).
 //!
 //! Writes `results.json` and `results.md` into `--out` (default `.`), prints the
 //! markdown last. Exit code: 0 ok, 1 a check failed, 2 an error.
@@ -21,6 +27,7 @@ mod check;
 mod e2e;
 mod report;
 mod rng;
+mod runner;
 
 use std::process::ExitCode;
 
@@ -39,6 +46,10 @@ struct Args {
     ctx: Vec<usize>,
     batch: Vec<usize>,
     out: std::path::PathBuf,
+    runner: bool,
+    models: Vec<std::path::PathBuf>,
+    text: Option<std::path::PathBuf>,
+    new: usize,
 }
 
 fn list(v: &str) -> Result<Vec<usize>> {
@@ -61,6 +72,10 @@ fn parse_args() -> Result<Args> {
         ctx: vec![4096, 16384, 32768, 65536],
         batch: vec![1, 8, 32],
         out: ".".into(),
+        runner: false,
+        models: Vec::new(),
+        text: None,
+        new: 64,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -71,6 +86,7 @@ fn parse_args() -> Result<Args> {
                 "bench" => (a.check, a.bench) = (false, true),
                 "all" => (a.check, a.bench) = (true, true),
                 "kernel" => (a.check, a.bench, a.kernel_only) = (false, true, true),
+                "runner" => (a.check, a.bench, a.runner) = (false, false, true),
                 m => bail!("unknown mode {m}"),
             },
             "--quick" => a.quick = true,
@@ -78,6 +94,9 @@ fn parse_args() -> Result<Args> {
             "--ctx" => a.ctx = list(&value()?)?,
             "--batch" => a.batch = list(&value()?)?,
             "--out" => a.out = value()?.into(),
+            "--model" => a.models.push(value()?.into()),
+            "--text" => a.text = Some(value()?.into()),
+            "--new" => a.new = value()?.parse().context("--new")?,
             f => bail!("unknown flag {f}"),
         }
     }
@@ -102,6 +121,19 @@ fn run(args: &Args) -> Result<bool> {
         total as f64 / (1u64 << 30) as f64
     );
     let mut ok = true;
+    if args.runner {
+        let r = runner::run(&runner::RunnerArgs {
+            models: &args.models,
+            text: args.text.as_deref(),
+            ctxs: &args.ctx,
+            batches: &args.batch,
+            new: args.new,
+            quick: args.quick,
+        })?;
+        eprintln!("runner: {} failure(s)", r.failures);
+        ok &= r.failures == 0;
+        rep.runner = Some(r);
+    }
     if args.check {
         let c = check::run(&k, args.quick)?;
         eprintln!("checks: {} cases, {} failure(s)", c.cases.len(), c.failures);

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use crate::bench::{Capacity, Cell, StepResult, GQA_BYTES_PER_TOKEN};
 use crate::check::CheckReport;
 use crate::e2e::E2eResult;
+use crate::runner::RunnerReport;
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Report {
@@ -18,6 +19,7 @@ pub struct Report {
     pub steps: Vec<StepResult>,
     pub capacity: Vec<Capacity>,
     pub e2e: Vec<E2eResult>,
+    pub runner: Option<RunnerReport>,
     pub errors: Vec<String>,
 }
 
@@ -32,6 +34,9 @@ pub fn markdown(r: &Report) -> String {
         r.sm_count,
         r.total_mem_bytes as f64 / (1u64 << 30) as f64
     );
+    if let Some(rr) = &r.runner {
+        runner_markdown(&mut s, rr);
+    }
     if let Some(c) = &r.checks {
         let worst = |dt: &str| {
             c.cases
@@ -148,4 +153,43 @@ pub fn markdown(r: &Report) -> String {
         let _ = writeln!(s, "- ERROR: {e}");
     }
     s
+}
+
+fn runner_markdown(s: &mut String, r: &RunnerReport) {
+    let _ = writeln!(
+        s,
+        "Runner checks (CUDA runner vs CPU runner, greedy tokens, requests joining mid-way), \
+         **{} failure(s)**:\n\n| model | variant | requests | equal tokens | first divergence |\n|---|---|---:|---:|---|",
+        r.failures
+    );
+    for c in &r.checks {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} / {} | {:?} |",
+            c.model, c.variant, c.requests, c.equal_tokens, c.tokens, c.first_divergence
+        );
+    }
+    for b in &r.bad_input {
+        let _ = writeln!(s, "\nBad input: {b}");
+    }
+    if !r.cells.is_empty() {
+        let _ = writeln!(
+            s,
+            "\nRunner, bf16 weights and cache:\n\n| model | ctx | batch | prefill tok/s | decode ms/step | decode tok/s | KV B/token |\n|---|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in &r.cells {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.0} | {:.2} | {:.0} | {} |",
+                c.model,
+                c.ctx,
+                c.batch,
+                c.prefill_tokens_per_s,
+                c.decode_ms_per_step,
+                c.decode_tokens_per_s,
+                c.kv_bytes_per_token
+            );
+        }
+    }
+    let _ = writeln!(s);
 }

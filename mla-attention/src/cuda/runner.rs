@@ -1,0 +1,334 @@
+//! [`CudaPagedModel`]: the GPU side of the [`DecoderRunner`] — a stock DeepSeek-V2
+//! checkpoint on one CUDA device, its latents in a [`CudaLatentCache`], decode through
+//! [`CudaMlaDecoder`].
+//!
+//! The dense parts (norms, projections, MLP, head) are candle ops on the device
+//! (cuBLAS); per layer and step:
+//!
+//! ```text
+//! h = norm(x)                   q = queries(h) → [q_nope ; RoPE_pos(q_pe)]   (b, n_h, ·)
+//! [c ; RoPE_pos(k_pe)] = latents_at(h, pos) → append_step (one row per sequence)
+//! q̃ = W_UKᵀ q_nope (per head)   õ = our split-KV decode over the blocks      (b, n_h, r)
+//! o = o_proj(W_UV õ)            x += o;  x += mlp(norm(x))
+//! ```
+//!
+//! then norm, head and argmax on the device; the ids are the step's one copy to the
+//! host. Prefill runs the prompt through the same decoder (materialized MLA) in chunks
+//! of [`CudaRunnerOptions::prefill_chunk`] tokens, so the score matrix stays
+//! `chunk × prompt` per head however long the prompt, and copies each layer's latent
+//! rows into the paged cache on the device.
+//!
+//! ```no_run
+//! use mla_attention::{io::Checkpoint, runner::{DecoderRunner, RunnerConfig}};
+//! use mla_attention::cuda::{CudaPagedModel, CudaRunnerOptions};
+//! let ckpt = Checkpoint::open("deepseek-v2-dense-dir")?;
+//! let cfg = RunnerConfig { block_size: 64, num_blocks: 4096 };
+//! let model = CudaPagedModel::<half::bf16>::load(&ckpt.spec, ckpt.weights.as_ref(), cfg,
+//!     CudaRunnerOptions::default())?;
+//! let mut runner = DecoderRunner::new(model);
+//! let id = runner.add_request(vec![1, 2, 3], 16, vec![])?;
+//! let out = runner.run_to_completion()?;
+//! # Ok::<(), mla_attention::Error>(())
+//! ```
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::op::BackpropOp;
+use candle_core::{DType, Device, Storage, Tensor, D};
+
+use super::{CudaDecodeQuery, CudaLatentCache, CudaLatentElem, CudaMlaDecoder, MlaKernels};
+use crate::cache::SeqId;
+use crate::config::ModelSpec;
+use crate::error::{Error, Result};
+use crate::io::{OnDevice, WeightSource};
+use crate::mla::{MlaAttention, MlaShape};
+use crate::model::Decoder;
+use crate::runner::cpu::{cache_config, check_parts, load_parts};
+use crate::runner::{PagedModel, RunnerConfig};
+
+/// How a [`CudaPagedModel`] holds its weights and runs prefill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CudaRunnerOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// Weight and activation dtype (`F32`, or `BF16` for speed).
+    pub dtype: DType,
+    /// Prompt tokens per prefill pass (bounds prefill memory for long prompts).
+    pub prefill_chunk: usize,
+}
+
+impl Default for CudaRunnerOptions {
+    fn default() -> Self {
+        CudaRunnerOptions {
+            device: 0,
+            dtype: DType::BF16,
+            prefill_chunk: 2048,
+        }
+    }
+}
+
+/// A stock DeepSeek-V2 decoder on one GPU over a paged latent cache of element `T`.
+pub struct CudaPagedModel<T: CudaLatentElem> {
+    decoder: Decoder,
+    attns: Vec<MlaAttention>,
+    cache: CudaLatentCache<T>,
+    dec: CudaMlaDecoder,
+    device: Device,
+    options: CudaRunnerOptions,
+}
+
+/// `f` with a view of a contiguous CUDA tensor's data as `T`.
+fn with_view<T: CudaLatentElem, R>(
+    t: &Tensor,
+    f: impl FnOnce(&CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let t = t.to_dtype(T::DTYPE)?.contiguous()?;
+    let (st, layout) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*st else {
+        return Err(Error::InvalidInput("expected a CUDA tensor".into()));
+    };
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| Error::InvalidInput("tensor not contiguous".into()))?;
+    let slice = cs.as_cuda_slice::<T>()?;
+    f(&slice.slice(a..b))
+}
+
+/// A device buffer as a tensor of `shape` (no copy).
+fn wrap_f32(dev: &Device, s: CudaSlice<f32>, shape: (usize, usize, usize)) -> Result<Tensor> {
+    let storage = CudaStorage::wrap_cuda_slice(s, dev.as_cuda_device()?.clone());
+    Ok(Tensor::from_storage(
+        Storage::Cuda(storage),
+        shape,
+        BackpropOp::none(),
+        false,
+    ))
+}
+
+impl<T: CudaLatentElem> CudaPagedModel<T> {
+    /// Load a stock DeepSeek-V2 (dense MLP) checkpoint onto the device of `options`,
+    /// in its dtype, with a cache of `config`'s geometry (each layer its own width).
+    pub fn load(
+        spec: &ModelSpec,
+        w: &dyn WeightSource,
+        config: RunnerConfig,
+        options: CudaRunnerOptions,
+    ) -> Result<Self> {
+        if !matches!(options.dtype, DType::F32 | DType::BF16 | DType::F16) {
+            return Err(Error::InvalidInput(format!(
+                "CUDA runner dtype {:?}: use f32, bf16 or f16",
+                options.dtype
+            )));
+        }
+        if options.prefill_chunk == 0 {
+            return Err(Error::InvalidInput("prefill_chunk must be > 0".into()));
+        }
+        let device = Device::new_cuda(options.device)?;
+        let on_dev = OnDevice {
+            inner: w,
+            device: device.clone(),
+            dtype: Some(options.dtype),
+        };
+        let (decoder, attns) = load_parts(spec, &on_dev)?;
+        check_parts(&decoder, &attns)?;
+        let kernels = MlaKernels::new(device.as_cuda_device()?.cuda_stream())?;
+        let cache = CudaLatentCache::new(kernels.clone(), cache_config(&attns, config))?;
+        Ok(CudaPagedModel {
+            decoder,
+            attns,
+            dec: CudaMlaDecoder::new(kernels),
+            cache,
+            device,
+            options,
+        })
+    }
+
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn cache(&self) -> &CudaLatentCache<T> {
+        &self.cache
+    }
+
+    pub fn kernels(&self) -> &Arc<MlaKernels> {
+        self.cache.kernels()
+    }
+
+    pub fn options(&self) -> CudaRunnerOptions {
+        self.options
+    }
+
+    /// One MLA layer's decode step: `h` `(b, 1, hidden)`, row `i` the next token of
+    /// `seqs[i]` at `pos[i]` → `(b, 1, hidden)`; appends one latent row per sequence.
+    fn attention(&mut self, l: usize, h: &Tensor, seqs: &[SeqId], pos: &[usize]) -> Result<Tensor> {
+        let attn = &self.attns[l];
+        let MlaShape {
+            num_heads: nh,
+            qk_nope_head_dim: dn,
+            qk_rope_head_dim: dr,
+            v_head_dim: dv,
+            kv_lora_rank: r,
+        } = attn.shape();
+        let b = seqs.len();
+        let q = attn.queries(h)?.reshape((b, nh, dn + dr))?;
+        let q_pe = attn
+            .rope()
+            .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, pos)?;
+        let rows = attn.latents_at(h, pos)?;
+        with_view::<T, _>(&rows, |v| self.cache.append_step(seqs, l, v))?;
+        if l == 0 {
+            // Every layer holds the same token counts, so one plan serves the step.
+            self.dec.plan_for(&self.cache, seqs, 0)?;
+        }
+        // q̃_h = q_nope,h · W_UK,h: (n_h, b, d_nope) x (n_h, d_nope, r) → (b, n_h, r).
+        let q_nope = q.narrow(2, 0, dn)?.transpose(0, 1)?.contiguous()?;
+        let q_lat = q_nope.matmul(attn.w_uk())?.transpose(0, 1)?;
+        let scale = attn.softmax_scale() as f32;
+        let (cache, dec) = (&self.cache, &mut self.dec);
+        let o_lat = with_view::<T, _>(&q_lat, |ql| {
+            with_view::<T, _>(&q_pe, |qp| {
+                let q = CudaDecodeQuery {
+                    q_lat: ql,
+                    q_pe: qp,
+                    num_heads: nh,
+                    scale,
+                };
+                dec.decode(cache, l, &q)
+            })
+        })?;
+        let o_lat = wrap_f32(&self.device, o_lat, (b, nh, r))?.to_dtype(self.options.dtype)?;
+        // o_h = õ_h · W_UVᵀ_h: (n_h, b, r) x (n_h, r, d_v) → (b, 1, n_h·d_v).
+        let o = o_lat
+            .transpose(0, 1)?
+            .contiguous()?
+            .matmul(attn.w_uv_t())?
+            .transpose(0, 1)?
+            .reshape((b, 1, nh * dv))?;
+        let w = attn.weights();
+        crate::model::attention::linear(&o, &w.o_proj, w.o_proj_bias.as_ref())
+    }
+
+    fn decode_layers(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Vec<u32>> {
+        let b = tokens.len();
+        let hidden = self.decoder.spec.hidden_size;
+        let mut x = self.decoder.embed(tokens)?.reshape((b, 1, hidden))?;
+        for l in 0..self.attns.len() {
+            let h = self.decoder.layers[l].input_norm.forward(&x)?;
+            let a = self.attention(l, &h, seqs, pos)?;
+            x = (x + a)?;
+            let layer = &self.decoder.layers[l];
+            let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
+            x = (x + m)?;
+        }
+        let d = &self.decoder;
+        let logits = d.logits(&d.norm.forward(&x)?.reshape((b, hidden))?)?;
+        Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+    }
+}
+
+impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
+    fn block_size(&self) -> usize {
+        self.cache.block_size()
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.cache.num_blocks()
+    }
+
+    fn free_blocks(&self) -> usize {
+        self.cache.free_blocks()
+    }
+
+    fn used_blocks(&self) -> usize {
+        self.cache.used_blocks()
+    }
+
+    fn held_blocks(&self, seq: SeqId) -> usize {
+        self.cache.block_table(seq).map_or(0, |t| t.blocks.len())
+    }
+
+    fn num_sequences(&self) -> usize {
+        self.cache.num_sequences()
+    }
+
+    fn bytes_per_token(&self) -> usize {
+        self.cache.bytes_per_token()
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.decoder.spec.vocab_size
+    }
+
+    fn prefill(&mut self, prompt: &[u32]) -> Result<(SeqId, u32)> {
+        let mut contiguous = self.decoder.new_cache();
+        let mut last = None;
+        for chunk in prompt.chunks(self.options.prefill_chunk) {
+            let hidden = self.decoder.forward_hidden(chunk, &mut contiguous, None)?;
+            last = Some(hidden.narrow(0, chunk.len() - 1, 1)?);
+        }
+        let last = last.ok_or_else(|| Error::InvalidInput("empty prompt".into()))?;
+        let first = self
+            .decoder
+            .logits(&last)?
+            .argmax(D::Minus1)?
+            .flatten_all()?
+            .to_vec1::<u32>()?[0];
+        let seq = self.cache.add_sequence();
+        let copied = contiguous
+            .layers
+            .iter()
+            .enumerate()
+            .try_for_each(|(l, lc)| match lc.entries.as_slice() {
+                [rows] => with_view::<T, _>(rows, |v| self.cache.append_device(seq, l, v)),
+                other => Err(Error::InvalidInput(format!(
+                    "layer {l}: prefill cache has {} entries, expected one MLA latent tensor",
+                    other.len()
+                ))),
+            });
+        if let Err(e) = copied {
+            self.cache.free(seq)?;
+            return Err(e);
+        }
+        Ok((seq, first))
+    }
+
+    fn decode(&mut self, tokens: &[u32], seqs: &[SeqId]) -> Result<Vec<u32>> {
+        let vocab = self.decoder.spec.vocab_size;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        if tokens.len() != seqs.len() {
+            return Err(Error::InvalidInput(format!(
+                "decode: {} tokens for {} sequences",
+                tokens.len(),
+                seqs.len()
+            )));
+        }
+        let pos: Vec<usize> = seqs
+            .iter()
+            .map(|&s| self.cache.tokens(s, 0))
+            .collect::<Result<_>>()?;
+        match self.decode_layers(tokens, seqs, &pos) {
+            Ok(next) => Ok(next),
+            Err(e) => {
+                for (&s, &p) in seqs.iter().zip(&pos) {
+                    for l in 0..self.attns.len() {
+                        if self.cache.tokens(s, l)? > p {
+                            self.cache.truncate(s, l, p)?;
+                        }
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn free(&mut self, seq: SeqId) -> Result<()> {
+        self.cache.free(seq)
+    }
+}

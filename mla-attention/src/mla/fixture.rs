@@ -1,0 +1,168 @@
+//! [`RandomDeepseek`]: a stock DeepSeek-V2 checkpoint directory with random weights, for
+//! format tests, unit tests and device checks (never for quality numbers).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::MlaShape;
+use crate::error::{Error, Result};
+
+/// The shape and seed of a random dense DeepSeek-V2 checkpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomDeepseek {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub shape: MlaShape,
+    /// A q-LoRA of this width (`q_a_proj`, `q_a_layernorm`, `q_b_proj`).
+    pub q_lora_rank: Option<usize>,
+    /// `kv_a_proj_with_mqa`, `o_proj` (and `q_a_proj`) biases.
+    pub attention_bias: bool,
+    /// Standard deviation of `lm_head` (a peaked head keeps greedy choices off ties).
+    pub head_std: f32,
+    pub seed: u64,
+}
+
+/// Deterministic uniform values of a given standard deviation (xorshift).
+struct Gen(u64);
+
+impl Gen {
+    fn new(seed: u64) -> Self {
+        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+
+    fn tensor(&mut self, dims: &[usize], std: f32) -> Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                self.0 ^= self.0 << 13;
+                self.0 ^= self.0 >> 7;
+                self.0 ^= self.0 << 17;
+                let u = ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                u * std * 3f32.sqrt()
+            })
+            .collect();
+        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+    }
+
+    /// Around 1 (norm weights).
+    fn ones(&mut self, n: usize) -> Result<Tensor> {
+        Ok((self.tensor(&[n], 0.1)? + 1.0)?)
+    }
+}
+
+impl RandomDeepseek {
+    /// 2 layers, hidden 32, 4 heads of 8 + 4 (rope), v 12, rank 24, vocab 40.
+    pub fn tiny() -> Self {
+        RandomDeepseek {
+            vocab: 40,
+            hidden: 32,
+            intermediate: 48,
+            layers: 2,
+            shape: MlaShape {
+                num_heads: 4,
+                qk_nope_head_dim: 8,
+                qk_rope_head_dim: 4,
+                v_head_dim: 12,
+                kv_lora_rank: 24,
+            },
+            q_lora_rank: None,
+            attention_bias: false,
+            head_std: 0.6,
+            seed: 23,
+        }
+    }
+
+    /// `config.json` with every key mistral.rs 0.8.1 and HF transformers read.
+    pub fn config(&self) -> serde_json::Value {
+        let s = self.shape;
+        serde_json::json!({
+            "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+            "vocab_size": self.vocab, "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "moe_intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers, "num_attention_heads": s.num_heads,
+            "num_key_value_heads": s.num_heads, "max_position_embeddings": 4096,
+            "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "attention_bias": self.attention_bias, "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": s.kv_lora_rank, "qk_nope_head_dim": s.qk_nope_head_dim,
+            "qk_rope_head_dim": s.qk_rope_head_dim, "v_head_dim": s.v_head_dim,
+            "n_routed_experts": null, "n_shared_experts": null,
+            "first_k_dense_replace": self.layers, "moe_layer_freq": 1, "n_group": 1,
+            "topk_group": 1, "num_experts_per_tok": null, "hidden_act": "silu",
+            "tie_word_embeddings": false, "rope_scaling": null, "bos_token_id": 1,
+            "eos_token_id": 2, "torch_dtype": "float32"
+        })
+    }
+
+    /// Write `config.json` and `model.safetensors` into `dir` (which must exist).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let g = &mut Gen::new(self.seed);
+        let (v, h, f, s) = (self.vocab, self.hidden, self.intermediate, self.shape);
+        let inv = |n: usize| 1.0 / (n as f32).sqrt();
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        t.insert("model.embed_tokens.weight".into(), g.tensor(&[v, h], 1.0)?);
+        t.insert("lm_head.weight".into(), g.tensor(&[v, h], self.head_std)?);
+        t.insert("model.norm.weight".into(), g.ones(h)?);
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            match self.q_lora_rank {
+                None => {
+                    t.insert(
+                        format!("{a}.q_proj.weight"),
+                        g.tensor(&[s.q_rows(), h], inv(h))?,
+                    );
+                }
+                Some(q) => {
+                    t.insert(format!("{a}.q_a_proj.weight"), g.tensor(&[q, h], inv(h))?);
+                    t.insert(format!("{a}.q_a_layernorm.weight"), g.ones(q)?);
+                    t.insert(
+                        format!("{a}.q_b_proj.weight"),
+                        g.tensor(&[s.q_rows(), q], inv(q))?,
+                    );
+                    if self.attention_bias {
+                        t.insert(format!("{a}.q_a_proj.bias"), g.tensor(&[q], 0.1)?);
+                    }
+                }
+            }
+            t.insert(
+                format!("{a}.kv_a_proj_with_mqa.weight"),
+                g.tensor(&[s.kv_a_rows(), h], inv(h))?,
+            );
+            t.insert(
+                format!("{a}.kv_a_layernorm.weight"),
+                g.ones(s.kv_lora_rank)?,
+            );
+            t.insert(
+                format!("{a}.kv_b_proj.weight"),
+                g.tensor(&[s.kv_b_rows(), s.kv_lora_rank], inv(s.kv_lora_rank))?,
+            );
+            t.insert(
+                format!("{a}.o_proj.weight"),
+                g.tensor(&[h, s.o_cols()], inv(s.o_cols()))?,
+            );
+            if self.attention_bias {
+                t.insert(
+                    format!("{a}.kv_a_proj_with_mqa.bias"),
+                    g.tensor(&[s.kv_a_rows()], 0.1)?,
+                );
+                t.insert(format!("{a}.o_proj.bias"), g.tensor(&[h], 0.1)?);
+            }
+            t.insert(format!("{p}.input_layernorm.weight"), g.ones(h)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), g.ones(h)?);
+            t.insert(format!("{p}.mlp.gate_proj.weight"), g.tensor(&[f, h], 0.2)?);
+            t.insert(format!("{p}.mlp.up_proj.weight"), g.tensor(&[f, h], 0.2)?);
+            t.insert(
+                format!("{p}.mlp.down_proj.weight"),
+                g.tensor(&[h, f], 0.15)?,
+            );
+        }
+        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+        let cfg = dir.join("config.json");
+        std::fs::write(&cfg, self.config().to_string()).map_err(|e| Error::io(cfg, e))?;
+        Ok(())
+    }
+}
