@@ -112,10 +112,24 @@ case "$MODE" in
       echo "converted in $((SECONDS - t0)) s"
       "$W/care-convert" tokenizer --model "$W/model.gguf" --out "$W/mla/tokenizer.json" > /dev/null
     fi
+    # The one-shot form too (CARE-E: water-filled per-layer ranks), on a smaller grid: its
+    # decode rebuilds every key per step.
+    if [[ ! -d "$W/oneshot" && -z "${NO_ONESHOT:-}" ]]; then
+      "$W/care-convert" convert --model "$W/model.gguf" --method care-e --kv-keep 0.5 \
+        --calib-samples 256 --calib-seq-len 32 --out "$W/oneshot" > "$OUT/convert-oneshot.json"
+      cp "$W/mla/tokenizer.json" "$W/oneshot/"
+    fi
+    rc=0
+    if [[ -d "$W/oneshot" ]]; then
+      timeout -k 5 "${OT:-200}" "$BIN/mla_cuda_bench" --mode runner --model "$W/oneshot" \
+        --text "$R/prompt.txt" --ctx 512 --batch 1,8 --new 32 --out "$OUT/oneshot" \
+        2> "$OUT/ours-oneshot.log" > /dev/null || rc=$?
+      echo "mla_cuda_bench --mode runner (one-shot) exit $rc"
+      grep -E "runner|rror" "$OUT/ours-oneshot.log" | tail -20
+    fi
     timeout -k 5 "${RT:-300}" "$BIN/mla_cuda_bench" --mode runner --model "$W/mla" --text "$R/prompt.txt" \
       --ctx "${RCTX:-512,2048}" --batch "${RBATCH:-1,8,32,64}" --new "${RNEW:-64}" --out "$OUT" \
-      2> "$OUT/ours.log" > /dev/null
-    rc=$?
+      2> "$OUT/ours.log" > /dev/null || rc=$?
     echo "mla_cuda_bench --mode runner exit $rc"
     grep -E "runner|rror" "$OUT/ours.log" | tail -40
     if [[ -f "$R/hf_decode_bench.py" && -z "${NO_HF:-}" ]]; then

@@ -468,6 +468,29 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         Ok(out)
     }
 
+    /// `seq`'s rows of `layer` as one new `(tokens, rank + rope)` device buffer (device
+    /// to device, one copy per block): what a decode that rebuilds K/V from every latent
+    /// (the one-shot form) reads.
+    pub fn gather_device(&self, seq: SeqId, layer: usize) -> Result<CudaSlice<T>> {
+        let w = self.width(layer)?.width();
+        let view = self.view(seq, layer)?;
+        let stream = self.kernels.stream();
+        let mut out = stream
+            .alloc_zeros::<T>((view.tokens * w).max(1))
+            .map_err(driver)?;
+        let (mut left, mut off) = (view.tokens, 0);
+        for &b in view.blocks {
+            let n = left.min(self.block_size);
+            let start = b as usize * self.block_size * w;
+            let src = self.pools[layer].slice(start..start + n * w);
+            let mut dst = out.slice_mut(off..off + n * w);
+            stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+            off += n * w;
+            left -= n;
+        }
+        Ok(out)
+    }
+
     /// Copy block `from` into `to` in every layer (device to device).
     fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
         let bs = self.block_size;

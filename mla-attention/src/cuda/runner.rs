@@ -1,6 +1,7 @@
-//! [`CudaPagedModel`]: the GPU side of the [`DecoderRunner`] — a stock DeepSeek-V2
-//! checkpoint on one CUDA device, its latents in a [`CudaLatentCache`], decode through
-//! [`CudaMlaDecoder`].
+//! [`CudaPagedModel`]: the GPU side of the [`DecoderRunner`] — a converted checkpoint on
+//! one CUDA device, its latents in a [`CudaLatentCache`]; stock MLA layers decode
+//! through [`CudaMlaDecoder`], one-shot low-rank layers rebuild K/V from each
+//! sequence's latents gathered on the device ([`LowRankKvAttention::decode_over`]).
 //!
 //! The dense parts (norms, projections, MLP, head) are candle ops on the device
 //! (cuBLAS); per layer and step:
@@ -44,8 +45,8 @@ use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::io::{OnDevice, WeightSource};
 use crate::mla::{MlaAttention, MlaShape};
-use crate::model::Decoder;
-use crate::runner::cpu::{cache_config, check_parts, load_parts};
+use crate::model::{Decoder, LowRankKvAttention};
+use crate::runner::layers::{cache_config, check_parts, load_parts, prefill_rows, RunnerLayer};
 use crate::runner::{PagedModel, RunnerConfig};
 
 /// How a [`CudaPagedModel`] holds its weights and runs prefill.
@@ -69,10 +70,11 @@ impl Default for CudaRunnerOptions {
     }
 }
 
-/// A stock DeepSeek-V2 decoder on one GPU over a paged latent cache of element `T`.
+/// A converted decoder (stock MLA or one-shot low rank) on one GPU over a paged latent
+/// cache of element `T`.
 pub struct CudaPagedModel<T: CudaLatentElem> {
     decoder: Decoder,
-    attns: Vec<MlaAttention>,
+    attns: Vec<RunnerLayer>,
     cache: CudaLatentCache<T>,
     dec: CudaMlaDecoder,
     device: Device,
@@ -97,7 +99,11 @@ fn with_view<T: CudaLatentElem, R>(
 }
 
 /// A device buffer as a tensor of `shape` (no copy).
-fn wrap_f32(dev: &Device, s: CudaSlice<f32>, shape: (usize, usize, usize)) -> Result<Tensor> {
+fn wrap<T: CudaLatentElem>(
+    dev: &Device,
+    s: CudaSlice<T>,
+    shape: (usize, usize, usize),
+) -> Result<Tensor> {
     let storage = CudaStorage::wrap_cuda_slice(s, dev.as_cuda_device()?.clone());
     Ok(Tensor::from_storage(
         Storage::Cuda(storage),
@@ -108,8 +114,9 @@ fn wrap_f32(dev: &Device, s: CudaSlice<f32>, shape: (usize, usize, usize)) -> Re
 }
 
 impl<T: CudaLatentElem> CudaPagedModel<T> {
-    /// Load a stock DeepSeek-V2 (dense MLP) checkpoint onto the device of `options`,
-    /// in its dtype, with a cache of `config`'s geometry (each layer its own width).
+    /// Load a converted checkpoint (stock DeepSeek-V2 with dense MLP, or one-shot low
+    /// rank) onto the device of `options`, in its dtype, with a cache of `config`'s
+    /// geometry (each layer its own width).
     pub fn load(
         spec: &ModelSpec,
         w: &dyn WeightSource,
@@ -161,10 +168,54 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         self.options
     }
 
-    /// One MLA layer's decode step: `h` `(b, 1, hidden)`, row `i` the next token of
+    /// One layer's decode step: `h` `(b, 1, hidden)`, row `i` the next token of
     /// `seqs[i]` at `pos[i]` → `(b, 1, hidden)`; appends one latent row per sequence.
     fn attention(&mut self, l: usize, h: &Tensor, seqs: &[SeqId], pos: &[usize]) -> Result<Tensor> {
-        let attn = &self.attns[l];
+        match &self.attns[l] {
+            RunnerLayer::Mla(a) => {
+                let a = a.clone();
+                self.mla_attention(&a, l, h, seqs, pos)
+            }
+            RunnerLayer::LowRank(a) => {
+                let a = a.clone();
+                self.low_rank_attention(&a, l, h, seqs)
+            }
+        }
+    }
+
+    /// One-shot layer: per sequence, its latents gathered on the device, K/V rebuilt, the
+    /// token's own latent row appended.
+    fn low_rank_attention(
+        &mut self,
+        attn: &LowRankKvAttention,
+        l: usize,
+        h: &Tensor,
+        seqs: &[SeqId],
+    ) -> Result<Tensor> {
+        let width = self.cache.layer_widths()[l].width();
+        let mut outs = Vec::with_capacity(seqs.len());
+        for (i, &s) in seqs.iter().enumerate() {
+            let tokens = self.cache.tokens(s, l)?;
+            let rows = self.cache.gather_device(s, l)?;
+            let lat = wrap::<T>(&self.device, rows, (1, tokens, width))?
+                .to_dtype(self.options.dtype)?
+                .reshape((1, 1, tokens, width))?;
+            let (out, row) = attn.decode_over(&h.narrow(0, i, 1)?, &lat, &self.decoder.rope)?;
+            with_view::<T, _>(&row, |v| self.cache.append_device(s, l, v))?;
+            outs.push(out);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+
+    /// Stock MLA layer: absorbed decode of the whole batch through our kernel.
+    fn mla_attention(
+        &mut self,
+        attn: &MlaAttention,
+        l: usize,
+        h: &Tensor,
+        seqs: &[SeqId],
+        pos: &[usize],
+    ) -> Result<Tensor> {
         let MlaShape {
             num_heads: nh,
             qk_nope_head_dim: dn,
@@ -179,7 +230,7 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
             .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, pos)?;
         let rows = attn.latents_at(h, pos)?;
         with_view::<T, _>(&rows, |v| self.cache.append_step(seqs, l, v))?;
-        if l == 0 {
+        if l == 0 || !matches!(self.attns[l - 1], RunnerLayer::Mla(_)) {
             // Every layer holds the same token counts, so one plan serves the step.
             self.dec.plan_for(&self.cache, seqs, 0)?;
         }
@@ -199,7 +250,7 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
                 dec.decode(cache, l, &q)
             })
         })?;
-        let o_lat = wrap_f32(&self.device, o_lat, (b, nh, r))?.to_dtype(self.options.dtype)?;
+        let o_lat = wrap::<f32>(&self.device, o_lat, (b, nh, r))?.to_dtype(self.options.dtype)?;
         // o_h = õ_h · W_UVᵀ_h: (n_h, b, r) x (n_h, r, d_v) → (b, 1, n_h·d_v).
         let o = o_lat
             .transpose(0, 1)?
@@ -281,12 +332,10 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
             .layers
             .iter()
             .enumerate()
-            .try_for_each(|(l, lc)| match lc.entries.as_slice() {
-                [rows] => with_view::<T, _>(rows, |v| self.cache.append_device(seq, l, v)),
-                other => Err(Error::InvalidInput(format!(
-                    "layer {l}: prefill cache has {} entries, expected one MLA latent tensor",
-                    other.len()
-                ))),
+            .try_for_each(|(l, lc)| {
+                with_view::<T, _>(&prefill_rows(l, lc)?, |v| {
+                    self.cache.append_device(seq, l, v)
+                })
             });
         if let Err(e) = copied {
             self.cache.free(seq)?;

@@ -1,4 +1,5 @@
-//! [`RandomDeepseek`]: a stock DeepSeek-V2 checkpoint directory with random weights, for
+//! [`RandomDeepseek`] (stock DeepSeek-V2) and [`RandomOneShot`] (one-shot low-rank Llama /
+//! Qwen2) checkpoint directories with random weights, for
 //! format tests, unit tests and device checks (never for quality numbers).
 
 use std::collections::HashMap;
@@ -151,6 +152,137 @@ impl RandomDeepseek {
                 );
                 t.insert(format!("{a}.o_proj.bias"), g.tensor(&[h], 0.1)?);
             }
+            t.insert(format!("{p}.input_layernorm.weight"), g.ones(h)?);
+            t.insert(format!("{p}.post_attention_layernorm.weight"), g.ones(h)?);
+            t.insert(format!("{p}.mlp.gate_proj.weight"), g.tensor(&[f, h], 0.2)?);
+            t.insert(format!("{p}.mlp.up_proj.weight"), g.tensor(&[f, h], 0.2)?);
+            t.insert(
+                format!("{p}.mlp.down_proj.weight"),
+                g.tensor(&[h, f], 0.15)?,
+            );
+        }
+        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
+        let cfg = dir.join("config.json");
+        std::fs::write(&cfg, self.config().to_string()).map_err(|e| Error::io(cfg, e))?;
+        Ok(())
+    }
+}
+
+/// A one-shot converted checkpoint (Llama or Qwen2 layout plus latent factors
+/// `k_latent_a/b`, `v_latent_a/b`, or `kv_latent_a` shared) with random weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RandomOneShot {
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// `(r_k, r_v)`, or `r` of a shared latent when `shared`.
+    pub ranks: (usize, usize),
+    pub shared: bool,
+    /// Qwen2 (q/k/v biases) instead of Llama.
+    pub qwen2: bool,
+    pub seed: u64,
+}
+
+impl RandomOneShot {
+    /// 2 layers, hidden 32, 4 query heads over 2 KV heads of 8, ranks (6, 5), vocab 40.
+    pub fn tiny() -> Self {
+        RandomOneShot {
+            vocab: 40,
+            hidden: 32,
+            intermediate: 48,
+            layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            ranks: (6, 5),
+            shared: false,
+            qwen2: false,
+            seed: 29,
+        }
+    }
+
+    pub fn config(&self) -> serde_json::Value {
+        let arch = if self.qwen2 {
+            ("qwen2", "Qwen2ForCausalLM")
+        } else {
+            ("llama", "LlamaForCausalLM")
+        };
+        serde_json::json!({
+            "architectures": [arch.1], "model_type": arch.0,
+            "vocab_size": self.vocab, "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate, "num_hidden_layers": self.layers,
+            "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2,
+            "torch_dtype": "float32"
+        })
+    }
+
+    /// Write `config.json` and `model.safetensors` into `dir` (which must exist).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let g = &mut Gen::new(self.seed);
+        let (v, h, f) = (self.vocab, self.hidden, self.intermediate);
+        let (q_rows, kv_rows) = (
+            self.num_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        let inv = |n: usize| 1.0 / (n as f32).sqrt();
+        let mut t: HashMap<String, Tensor> = HashMap::new();
+        t.insert("model.embed_tokens.weight".into(), g.tensor(&[v, h], 1.0)?);
+        t.insert("lm_head.weight".into(), g.tensor(&[v, h], 0.6)?);
+        t.insert("model.norm.weight".into(), g.ones(h)?);
+        for l in 0..self.layers {
+            let p = format!("model.layers.{l}");
+            let a = format!("{p}.self_attn");
+            t.insert(
+                format!("{a}.q_proj.weight"),
+                g.tensor(&[q_rows, h], inv(h))?,
+            );
+            let (rk, rv) = self.ranks;
+            if self.shared {
+                t.insert(
+                    format!("{a}.kv_latent_a.weight"),
+                    g.tensor(&[rk, h], inv(h))?,
+                );
+                t.insert(
+                    format!("{a}.k_latent_b.weight"),
+                    g.tensor(&[kv_rows, rk], inv(rk))?,
+                );
+                t.insert(
+                    format!("{a}.v_latent_b.weight"),
+                    g.tensor(&[kv_rows, rk], inv(rk))?,
+                );
+            } else {
+                t.insert(
+                    format!("{a}.k_latent_a.weight"),
+                    g.tensor(&[rk, h], inv(h))?,
+                );
+                t.insert(
+                    format!("{a}.k_latent_b.weight"),
+                    g.tensor(&[kv_rows, rk], inv(rk))?,
+                );
+                t.insert(
+                    format!("{a}.v_latent_a.weight"),
+                    g.tensor(&[rv, h], inv(h))?,
+                );
+                t.insert(
+                    format!("{a}.v_latent_b.weight"),
+                    g.tensor(&[kv_rows, rv], inv(rv))?,
+                );
+            }
+            if self.qwen2 {
+                t.insert(format!("{a}.q_proj.bias"), g.tensor(&[q_rows], 0.1)?);
+                t.insert(format!("{a}.k_proj.bias"), g.tensor(&[kv_rows], 0.1)?);
+                t.insert(format!("{a}.v_proj.bias"), g.tensor(&[kv_rows], 0.1)?);
+            }
+            t.insert(
+                format!("{a}.o_proj.weight"),
+                g.tensor(&[h, q_rows], inv(q_rows))?,
+            );
             t.insert(format!("{p}.input_layernorm.weight"), g.ones(h)?);
             t.insert(format!("{p}.post_attention_layernorm.weight"), g.ones(h)?);
             t.insert(format!("{p}.mlp.gate_proj.weight"), g.tensor(&[f, h], 0.2)?);

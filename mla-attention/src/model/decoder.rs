@@ -450,14 +450,27 @@ pub fn load_attention(
     w: &dyn WeightSource,
     l: usize,
 ) -> Result<Box<dyn Attention>> {
-    use lowrank_names::*;
     if spec.mla.is_some() {
         return Ok(Box::new(crate::mla::load_mla_attention(spec, w, l)?));
     }
+    Ok(match load_low_rank_attention(spec, w, l)? {
+        Some(a) => Box::new(a),
+        None => Box::new(load_gqa_attention(spec, w, l)?),
+    })
+}
+
+/// The one-shot low-rank attention of layer `l` of a Llama/Qwen2 checkpoint, or `None`
+/// where the layer has no latent factors (a GQA layer).
+pub fn load_low_rank_attention(
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    l: usize,
+) -> Result<Option<LowRankKvAttention>> {
+    use lowrank_names::*;
     let p = format!("model.layers.{l}.self_attn");
     let has = |n: &str| w.contains(&format!("{p}.{n}"));
     if !has(K_B) {
-        return Ok(Box::new(load_gqa_attention(spec, w, l)?));
+        return Ok(None);
     }
     let (h, nh, nkv, d) = (
         spec.hidden_size,
@@ -504,7 +517,7 @@ pub fn load_attention(
     };
     attn.validate(h)
         .map_err(|e| Error::InvalidInput(format!("{}: layer {l}: {e}", w.path().display())))?;
-    Ok(Box::new(attn))
+    Ok(Some(attn))
 }
 
 /// The GQA attention of layer `l` from HF-named weights.

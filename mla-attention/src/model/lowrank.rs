@@ -89,6 +89,56 @@ impl LowRankKvAttention {
     }
 }
 
+impl LowRankKvAttention {
+    /// Widths of the cache entries, in cache order: `[r_k, r_v]`, or `[r]` when shared.
+    pub fn entry_widths(&self) -> Vec<usize> {
+        match &self.kv {
+            LatentKv::Separate { k, v } => vec![k.rank(), v.rank()],
+            LatentKv::Shared { a, .. } => vec![a.dims()[0]],
+        }
+    }
+
+    /// Decode one token against latents kept elsewhere (a paged cache): `x`
+    /// `(1, 1, hidden)` at position `T` after `latents` `(1, 1, T, Σ entry widths)` (the
+    /// entries side by side). Returns the attention output `(1, 1, hidden)` and the
+    /// token's own latent row `(1, 1, 1, Σ widths)` to store. K must be rebuilt from
+    /// every cached latent (RoPE is applied after the up-projection, so it cannot be
+    /// absorbed into the query as in MLA).
+    pub fn decode_over(
+        &self,
+        x: &Tensor,
+        latents: &Tensor,
+        rope: &super::Rope,
+    ) -> Result<(Tensor, Tensor)> {
+        let widths = self.entry_widths();
+        let (_b, _one, total, width) = latents.dims4()?;
+        if width != widths.iter().sum::<usize>() {
+            return Err(Error::InvalidInput(format!(
+                "low-rank decode: latent rows of width {width}, the layer caches {widths:?}"
+            )));
+        }
+        let mut entries = Vec::with_capacity(widths.len());
+        let mut off = 0;
+        for &w in &widths {
+            entries.push(latents.narrow(3, off, w)?.contiguous()?);
+            off += w;
+        }
+        let mut cache = LayerCache { entries };
+        let input = AttnInput {
+            x,
+            start_pos: total,
+            rope,
+        };
+        let out = self.forward(&input, &mut cache)?;
+        let row: Vec<Tensor> = cache
+            .entries
+            .iter()
+            .map(|e| e.narrow(2, total, 1))
+            .collect::<candle_core::Result<_>>()?;
+        Ok((out, Tensor::cat(&row, 3)?))
+    }
+}
+
 impl Attention for LowRankKvAttention {
     fn forward(&self, input: &AttnInput<'_>, cache: &mut LayerCache) -> Result<Tensor> {
         let x = input.x;

@@ -1,106 +1,71 @@
 //! [`CpuPagedModel`]: the CPU side of the [`DecoderRunner`](super::DecoderRunner) — a
-//! decoder on the CPU whose MLA layers decode over a [`LatentPagedCache`].
+//! converted decoder on the CPU whose attention layers decode over a
+//! [`LatentPagedCache`].
 //!
-//! Prefill runs the prompt alone through the decoder (materialized MLA, contiguous
-//! cache) and copies each layer's latent rows into the paged cache; decode runs
-//! [`PagedMlaLayer::decode_step`] per layer for the whole batch.
+//! Prefill runs the prompt alone through the decoder (contiguous cache; MLA in
+//! materialized form) and copies each layer's latent rows into the paged cache. Decode
+//! runs, per layer, [`PagedMlaLayer::decode_step`] for the whole batch (stock MLA), or
+//! per sequence [`LowRankKvAttention::decode_over`] on its gathered latents (one-shot).
 
 use candle_core::Tensor;
 
+use super::layers::{cache_config, check_parts, load_parts, prefill_rows, RunnerLayer};
 use super::{argmax, PagedModel, RunnerConfig};
-use crate::cache::{CacheConfig, LatentElem, LatentPagedCache, LayerWidth, SeqId};
+use crate::cache::{LatentElem, LatentPagedCache, SeqId};
 use crate::config::ModelSpec;
 use crate::cpu::PagedMlaLayer;
 use crate::error::{Error, Result};
 use crate::io::WeightSource;
-use crate::mla::{load_mla_attention, MlaAttention, MlaForm};
-use crate::model::decoder::load_layer_rest;
-use crate::model::{Attention, Decoder};
+use crate::mla::MlaAttention;
+use crate::model::{Decoder, LowRankKvAttention};
 
-/// A decoder whose every layer is MLA, with its latents in a [`LatentPagedCache`] of
-/// element type `T`, on the CPU.
+/// One layer's decode over the paged cache.
+enum CpuLayer {
+    Mla(Box<PagedMlaLayer>),
+    LowRank(LowRankKvAttention),
+}
+
+/// A converted decoder (stock MLA or one-shot low rank) with its latents in a
+/// [`LatentPagedCache`] of element type `T`, on the CPU.
 pub struct CpuPagedModel<T: LatentElem = f32> {
-    /// Layers in [`MlaForm::Materialized`] (prefill); norms, MLP, head are shared with
-    /// the decode path.
+    /// Prefill (MLA layers in materialized form); norms, MLP, head are shared with the
+    /// decode path.
     decoder: Decoder,
-    paged: Vec<PagedMlaLayer>,
+    paged: Vec<CpuLayer>,
     cache: LatentPagedCache<T>,
 }
 
-/// Check that `attns` are the MLA layers of `decoder` (same count, hidden size and
-/// cached values per token).
-pub(crate) fn check_parts(decoder: &Decoder, attns: &[MlaAttention]) -> Result<()> {
-    if attns.len() != decoder.layers.len() {
-        return Err(Error::InvalidInput(format!(
-            "DecoderRunner: {} MLA layers for a decoder of {} layers",
-            attns.len(),
-            decoder.layers.len()
-        )));
+/// One-shot layer `l`, one token per sequence: each sequence's latents gathered from
+/// the blocks, K/V rebuilt, the token's own latent row appended. `x` `(b, 1, hidden)`.
+fn low_rank_step<T: LatentElem>(
+    attn: &LowRankKvAttention,
+    decoder: &Decoder,
+    l: usize,
+    x: &Tensor,
+    seqs: &[SeqId],
+    cache: &mut LatentPagedCache<T>,
+) -> Result<Tensor> {
+    let width = cache.layer(l)?.width.width();
+    let mut outs = Vec::with_capacity(seqs.len());
+    for (i, &s) in seqs.iter().enumerate() {
+        let rows = cache.gather(s, l)?;
+        let tokens = rows.len() / width;
+        let lat = Tensor::from_vec(rows, (1, 1, tokens, width), x.device())?;
+        let (out, row) = attn.decode_over(&x.narrow(0, i, 1)?, &lat, &decoder.rope)?;
+        let row = row.flatten_all()?.to_vec1::<f32>()?;
+        cache.append(s, l, width, &row)?;
+        outs.push(out);
     }
-    for (l, (a, layer)) in attns.iter().zip(&decoder.layers).enumerate() {
-        if a.hidden_size() != decoder.spec.hidden_size
-            || Attention::cache_values_per_token(a) != layer.attn.cache_values_per_token()
-        {
-            return Err(Error::InvalidInput(format!(
-                "DecoderRunner: layer {l}: MLA layer (hidden {}, {} cached values) does \
-                 not match the decoder (hidden {}, {} cached values)",
-                a.hidden_size(),
-                Attention::cache_values_per_token(a),
-                decoder.spec.hidden_size,
-                layer.attn.cache_values_per_token()
-            )));
-        }
-    }
-    Ok(())
-}
-
-/// Every layer's MLA attention of a stock DeepSeek-V2 (dense MLP) checkpoint, and the
-/// decoder around them with the same layers in materialized form (for prefill).
-pub(crate) fn load_parts(
-    spec: &ModelSpec,
-    w: &dyn WeightSource,
-) -> Result<(Decoder, Vec<MlaAttention>)> {
-    if spec.mla.is_none() {
-        return Err(Error::InvalidInput(format!(
-            "{}: the paged runner needs a DeepSeek-V2 (MLA) checkpoint; this one is {:?} \
-             (convert it with `care-convert mla`)",
-            w.path().display(),
-            spec.arch
-        )));
-    }
-    let attns = (0..spec.num_layers)
-        .map(|l| load_mla_attention(spec, w, l))
-        .collect::<Result<Vec<_>>>()?;
-    let layers = attns
-        .iter()
-        .enumerate()
-        .map(|(l, a)| {
-            let prefill = a.clone().with_form(MlaForm::Materialized);
-            load_layer_rest(spec, w, l, Box::new(prefill))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let decoder = Decoder::from_layers(spec.clone(), w, layers)?;
-    Ok((decoder, attns))
-}
-
-/// The paged cache geometry for `attns` (each layer's own width).
-pub(crate) fn cache_config(attns: &[MlaAttention], config: RunnerConfig) -> CacheConfig {
-    CacheConfig {
-        block_size: config.block_size,
-        num_blocks: config.num_blocks,
-        layers: attns
-            .iter()
-            .map(|a| LayerWidth::of_shape(&a.shape()))
-            .collect(),
-    }
+    Ok(Tensor::cat(&outs, 0)?)
 }
 
 impl<T: LatentElem> CpuPagedModel<T> {
-    /// Load a stock DeepSeek-V2 (dense MLP) checkpoint: every layer's attention once,
-    /// shared by the prefill decoder and the paged decode layers.
+    /// Load a converted checkpoint: stock DeepSeek-V2 (dense MLP) or one-shot low rank
+    /// (Llama/Qwen2 with latent factors); every layer's attention once, shared by the
+    /// prefill decoder and the paged decode.
     pub fn load(spec: &ModelSpec, w: &dyn WeightSource, config: RunnerConfig) -> Result<Self> {
-        let (decoder, attns) = load_parts(spec, w)?;
-        Self::from_parts(decoder, attns, config)
+        let (decoder, layers) = load_parts(spec, w)?;
+        Self::from_layers(decoder, layers, config)
     }
 
     /// A model from a decoder and the MLA attention of each of its layers (the same
@@ -111,12 +76,30 @@ impl<T: LatentElem> CpuPagedModel<T> {
         attns: Vec<MlaAttention>,
         config: RunnerConfig,
     ) -> Result<Self> {
-        check_parts(&decoder, &attns)?;
-        let cache = LatentPagedCache::new(cache_config(&attns, config))?;
-        let paged = attns
+        Self::from_layers(
+            decoder,
+            attns
+                .into_iter()
+                .map(|a| RunnerLayer::Mla(Box::new(a)))
+                .collect(),
+            config,
+        )
+    }
+
+    fn from_layers(
+        decoder: Decoder,
+        layers: Vec<RunnerLayer>,
+        config: RunnerConfig,
+    ) -> Result<Self> {
+        check_parts(&decoder, &layers)?;
+        let cache = LatentPagedCache::new(cache_config(&layers, config))?;
+        let paged = layers
             .into_iter()
             .enumerate()
-            .map(|(l, a)| PagedMlaLayer::new(a, l))
+            .map(|(l, a)| match a {
+                RunnerLayer::Mla(a) => Ok(CpuLayer::Mla(Box::new(PagedMlaLayer::new(*a, l)?))),
+                RunnerLayer::LowRank(a) => Ok(CpuLayer::LowRank(a)),
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(CpuPagedModel {
             decoder,
@@ -138,9 +121,12 @@ impl<T: LatentElem> CpuPagedModel<T> {
         let b = tokens.len();
         // (1, b, hidden) → (b, 1, hidden): one row per sequence.
         let mut x = d.embed(tokens)?.reshape((b, 1, d.spec.hidden_size))?;
-        for (layer, paged) in d.layers.iter().zip(&self.paged) {
+        for (l, (layer, paged)) in d.layers.iter().zip(&self.paged).enumerate() {
             let h = layer.input_norm.forward(&x)?;
-            let a = paged.decode_step(&h, seqs, &mut self.cache)?;
+            let a = match paged {
+                CpuLayer::Mla(p) => p.decode_step(&h, seqs, &mut self.cache)?,
+                CpuLayer::LowRank(a) => low_rank_step(a, d, l, &h, seqs, &mut self.cache)?,
+            };
             x = (x + a)?;
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
             x = (x + m)?;
@@ -199,13 +185,7 @@ impl<T: LatentElem> PagedModel for CpuPagedModel<T> {
             .layers
             .iter()
             .enumerate()
-            .try_for_each(|(l, lc)| match lc.entries.as_slice() {
-                [rows] => self.cache.append_tensor(seq, l, rows),
-                other => Err(Error::InvalidInput(format!(
-                    "layer {l}: prefill cache has {} entries, expected one MLA latent tensor",
-                    other.len()
-                ))),
-            });
+            .try_for_each(|(l, lc)| self.cache.append_tensor(seq, l, &prefill_rows(l, lc)?));
         if let Err(e) = copied {
             self.cache.free(seq)?;
             return Err(e);
@@ -252,7 +232,7 @@ mod tests {
     use crate::runner::{DecoderRunner, RequestId};
     use std::collections::BTreeMap;
 
-    use crate::mla::fixture::RandomDeepseek;
+    use crate::mla::fixture::{RandomDeepseek, RandomOneShot};
 
     const VOCAB: usize = 40;
     const LAYERS: usize = 2;
@@ -288,6 +268,60 @@ mod tests {
 
     fn setup(config: RunnerConfig) -> (tempfile::TempDir, Decoder, DecoderRunner) {
         setup_with(&RandomDeepseek::tiny(), config)
+    }
+
+    /// One-shot checkpoints (separate latents, a shared latent, Qwen2 biases): the
+    /// cache holds exactly the latents, and continuous batching gives the decoder's
+    /// tokens.
+    #[test]
+    fn one_shot_checkpoints_decode_like_the_decoder() {
+        let tiny = RandomOneShot::tiny();
+        for fixture in [
+            tiny.clone(),
+            RandomOneShot {
+                shared: true,
+                ranks: (7, 7),
+                ..tiny.clone()
+            },
+            RandomOneShot {
+                qwen2: true,
+                ..tiny.clone()
+            },
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            fixture.write(dir.path()).unwrap();
+            let ckpt = Checkpoint::open(dir.path()).unwrap();
+            let model = Decoder::load(&ckpt).unwrap();
+            let mut runner: DecoderRunner = DecoderRunner::load(
+                &ckpt.spec,
+                ckpt.weights.as_ref(),
+                RunnerConfig {
+                    block_size: 4,
+                    num_blocks: 16,
+                },
+            )
+            .unwrap();
+            let per_layer = if fixture.shared {
+                fixture.ranks.0
+            } else {
+                fixture.ranks.0 + fixture.ranks.1
+            };
+            assert_eq!(
+                runner.cache_bytes_per_token(),
+                fixture.layers * per_layer * 4
+            );
+            let prompts = [vec![3u32, 17, 5, 9, 30], vec![7, 1], vec![11, 4, 38, 2, 19]];
+            let a = runner.add_request(prompts[0].clone(), 6, vec![]).unwrap();
+            let b = runner.add_request(prompts[1].clone(), 5, vec![]).unwrap();
+            runner.step().unwrap();
+            runner.step().unwrap();
+            let c = runner.add_request(prompts[2].clone(), 4, vec![]).unwrap();
+            let done = runner.run_to_completion().unwrap();
+            for (id, (p, n)) in [a, b, c].into_iter().zip(prompts.iter().zip([6, 5, 4])) {
+                assert_eq!(done[&id], reference(&model, p, n, &[]), "{fixture:?}");
+            }
+            assert_eq!(runner.free_blocks(), 16);
+        }
     }
 
     /// A q-LoRA with biases (the form of a converted Qwen2): the runner's decode

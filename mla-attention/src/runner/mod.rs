@@ -39,10 +39,12 @@
 //! ```
 
 pub(crate) mod cpu;
+pub mod layers;
 
 use std::collections::BTreeMap;
 
 pub use cpu::CpuPagedModel;
+pub use layers::RunnerLayer;
 
 use crate::cache::{LatentElem, SeqId};
 use crate::error::{Error, Result};

@@ -2,9 +2,9 @@
 //! ([`CudaPagedModel`]) for real converted checkpoints.
 //!
 //! Checks: the CUDA runner (f32 weights, f32 cache) generates the same greedy tokens as
-//! the CPU runner (f32) with requests joining mid-way, on random DeepSeek-V2
-//! checkpoints (plain and q-LoRA with biases, the converted-Qwen2 form) and on every
-//! `--model`; bf16 weights and cache are compared and reported; a request larger than
+//! the CPU runner (f32) with requests joining mid-way, on random stock DeepSeek-V2
+//! checkpoints (plain and q-LoRA with biases, the converted-Qwen2 form), random one-shot
+//! checkpoints (separate latents, shared latent, Qwen2 biases) and every `--model`; bf16 weights and cache are compared and reported; a request larger than
 //! the cache is refused and the others finish unchanged.
 //! Bench: bf16 weights and cache, every `--ctx` × `--batch`: prefill tokens/s, then
 //! decode ms/step and tokens/s with every request active.
@@ -18,7 +18,7 @@ use candle_core::DType;
 use half::bf16;
 use mla_attention::cuda::{CudaLatentElem, CudaPagedModel, CudaRunnerOptions};
 use mla_attention::io::Checkpoint;
-use mla_attention::mla::fixture::RandomDeepseek;
+use mla_attention::mla::fixture::{RandomDeepseek, RandomOneShot};
 use mla_attention::runner::{DecoderRunner, PagedModel, RequestId, RunnerConfig};
 
 const BLOCK: usize = 64;
@@ -322,20 +322,38 @@ pub struct RunnerArgs<'a> {
 pub fn run(a: &RunnerArgs<'_>) -> Result<RunnerReport> {
     let mut rep = RunnerReport::default();
     let dir = std::env::temp_dir().join("mla-runner-fixtures");
-    for (name, fx) in [
-        ("random tiny", RandomDeepseek::tiny()),
-        (
-            "random tiny, q-LoRA + biases",
+    let one_shot = RandomOneShot::tiny();
+    let fixtures: [(&str, &dyn Fn(&Path) -> mla_attention::Result<()>); 5] = [
+        ("random tiny", &|d| RandomDeepseek::tiny().write(d)),
+        ("random tiny, q-LoRA + biases", &|d| {
             RandomDeepseek {
                 q_lora_rank: Some(33),
                 attention_bias: true,
                 ..RandomDeepseek::tiny()
-            },
-        ),
-    ] {
-        let d = dir.join(name.replace([' ', ',', '+'], "_"));
+            }
+            .write(d)
+        }),
+        ("random one-shot, separate latents", &|d| one_shot.write(d)),
+        ("random one-shot, shared latent", &|d| {
+            RandomOneShot {
+                shared: true,
+                ranks: (7, 7),
+                ..one_shot.clone()
+            }
+            .write(d)
+        }),
+        ("random one-shot, Qwen2 biases", &|d| {
+            RandomOneShot {
+                qwen2: true,
+                ..one_shot.clone()
+            }
+            .write(d)
+        }),
+    ];
+    for (name, write) in fixtures {
+        let d = dir.join(name.replace([' ', ',', '+', '-'], "_"));
         std::fs::create_dir_all(&d)?;
-        fx.write(&d)?;
+        write(&d)?;
         let ckpt = Checkpoint::open(&d)?;
         check_model(&mut rep, name, &ckpt, None, 37, 24)?;
         if name == "random tiny" {
