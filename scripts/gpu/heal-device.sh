@@ -7,6 +7,7 @@
 #   bash scripts/gpu/heal-device.sh parallel TOKENS SECS [BASES]  # all bases at once, time-boxed
 #   bash scripts/gpu/heal-device.sh eval NAME           # evaluate /tmp/heal/NAME
 #   bash scripts/gpu/heal-device.sh dp TOKENS SECS [BASIS]  # one basis on all GPUs (data parallel)
+#   bash scripts/gpu/heal-device.sh setup              # unpack binary, teacher and data only
 #
 # Inputs (carried, git-ignored, made by heal-prepare.sh): .devcarry/heal-a/ (care-convert.xz
 # built with --features cuda, the teacher's sha256, calibration text, packed healing corpus,
@@ -195,13 +196,16 @@ PY
     # $W/dp-tokens for the calls that resume). The copies between GPUs go device to device
     # unless that fails in the probe (then through the host; REPLICA_COPY overrides).
     # When the run is finished it is evaluated (perplexity; zero-shot unless TASKS="").
+    # DP_GPUS (e.g. "0,1") restricts the run to those GPUs, so that two bases can heal at
+    # once on halves of the machine (scripts/gpu/heal-pair.sh; each with its own OUT).
     SECS="${3:-540}"
     B="${4:-care}"
-    ngpu=$(nvidia-smi -L | wc -l)
-    mv "$OUT/gpu.txt" "$W/gpu.txt" # at most 8 files come back: the cards go into mem-*.csv
-    DEVS=$(seq -s, 0 $((ngpu - 1)) | sed 's/\([0-9]\+\)/cuda:\1/g')
-    CALL=$(( $(find "$W" -maxdepth 1 -name "dp-call-*" | wc -l) + 1 ))
-    touch "$W/dp-call-$CALL"
+    GPUS="${DP_GPUS:-$(seq -s, 0 $(( $(nvidia-smi -L | wc -l) - 1 )))}"
+    ngpu=$(tr ',' '\n' <<< "$GPUS" | wc -l)
+    mv "$OUT/gpu.txt" "$W/gpu-$B.txt" # at most 8 files come back: the cards go into mem-*.csv
+    DEVS=$(sed 's/\([0-9]\+\)/cuda:\1/g' <<< "$GPUS")
+    CALL=$(( $(find "$W" -maxdepth 1 -name "dp-$B-call-*" | wc -l) + 1 ))
+    touch "$W/dp-$B-call-$CALL"
     t0=$(date +%s)
     convert "$B"
     COPY="${REPLICA_COPY:-$(cat "$W/dp-copy" 2>/dev/null || echo direct)}"
@@ -226,7 +230,7 @@ print(f"{sys.argv[2]}: {secs:.3f} s/update, {toks / secs:,.0f} tokens/s"
 PY
     }
     if [[ "${SCALE:-0}" = 1 && ! -f "$W/dp-tokens" ]]; then
-      probe 1gpu cuda:0 "$COPY" || true
+      probe 1gpu "${DEVS%%,*}" "$COPY" || true
       if ! probe "${ngpu}gpu" "$DEVS" "$COPY"; then
         COPY=host
         probe "${ngpu}gpu" "$DEVS" host || true
@@ -252,20 +256,20 @@ PY
     [[ -d "$d" ]] && extra+=(--resume)
     [[ "${TF32:-0}" = 1 ]] && extra+=(--tf32)
     left=$(( SECS - ($(date +%s) - t0) ))
-    sed 's/^/# /' "$W/gpu.txt" > "$OUT/mem-$CALL.csv"
+    sed 's/^/# /' "$W/gpu-$B.txt" > "$OUT/mem-$CALL.csv"
     nvidia-smi --query-gpu=timestamp,index,memory.used --format=csv,noheader,nounits -lms 2000 \
-      >> "$OUT/mem-$CALL.csv" &
+      -i "$GPUS" >> "$OUT/mem-$CALL.csv" &
     smi=$!
-    date +%s.%N > "$W/dp-start-$CALL"
+    date +%s.%N > "$W/dp-$B-start-$CALL"
     status=0
     "$CC" heal --quiet --teacher "$TEACHER" --student "$W/student-$B" --data "$A/heal.tokens" \
       --tokens "$TOKENS" --batch "${BATCH:-4}" --grad-accum "${ACCUM:-4}" --lr "${LR:-1e-4}" \
       --devices "$DEVS" --replica-copy "$COPY" --out "$d" --eval-every "${EVAL_EVERY:-100}" \
       --save-every 0 --time-limit "$left" ${HEAL_FLAGS:-} "${extra[@]}" --format json \
       > "$OUT/heal-$B-$TOKENS-call$CALL.json" 2> "$OUT/heal-$B-$TOKENS-call$CALL.log" || status=1
-    date +%s.%N >> "$W/dp-start-$CALL"
+    date +%s.%N >> "$W/dp-$B-start-$CALL"
     kill "$smi" 2>/dev/null || true
-    echo "call $CALL: start/end $(tr '\n' ' ' < "$W/dp-start-$CALL")" >> "$OUT/mem-$CALL.csv"
+    echo "call $CALL: start/end $(tr '\n' ' ' < "$W/dp-$B-start-$CALL")" >> "$OUT/mem-$CALL.csv"
     cp "$d/heal/log.jsonl" "$OUT/log-$B-$TOKENS.jsonl" 2>/dev/null || true
     tail -3 "$OUT/heal-$B-$TOKENS-call$CALL.log"
     if grep -q '"finished": *true' "$OUT/heal-$B-$TOKENS-call$CALL.json" 2>/dev/null; then
@@ -298,8 +302,10 @@ PY
   eval)
     evaluate "$W/$2" "$2"
     ;;
+  setup)
+    ;;
   *)
-    echo "usage: heal-device.sh probe | run TOKENS [BASES] | parallel TOKENS SECS [BASES] | dp TOKENS SECS [BASIS] | eval NAME" >&2
+    echo "usage: heal-device.sh probe | run TOKENS [BASES] | parallel TOKENS SECS [BASES] | dp TOKENS SECS [BASIS] | eval NAME | setup" >&2
     exit 2
     ;;
 esac

@@ -16,7 +16,6 @@ cd "$ROOT"
 MODEL="${1:-smollm2-135m-instruct}"
 A="${CARE_ASSETS:-$HOME/.cache/care-assets}"
 TOKENS="${HEAL_TOKENS:-20M}"
-PART=60000000
 [[ "${SKIP_BUILD:-0}" = 1 ]] || bash scripts/gpu/build.sh heal
 CPU_BIN="${CPU_BIN:-$HOME/.cache/care-target/release/care-convert}"
 [[ -x "$CPU_BIN" ]] || cargo build --release -p care-convert
@@ -39,10 +38,12 @@ if [[ "${NO_TASKS:-0}" != 1 ]]; then
   (cd "$A/data" && tar -czf "$ROOT/$D/heal-a/tasks.tar.gz" \
     oe_eval_tasks/{arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}/rc_0shot)
 fi
-tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
 limit=$((64 * 1024 * 1024 - tree - 1024 * 1024))
 first=$((limit - $(du -sb "$D/heal-a" | cut -f1)))
 (( first > 0 )) || { echo "heal-prepare.sh: heal-a is full before any teacher bytes" >&2; exit 1; }
+# Each later part fills one call next to the working tree (PART overrides, in bytes).
+PART="${PART:-$limit}"
 size=$(stat -c %s "$G")
 dd if="$G" of="$D/heal-a/teacher.part01" bs=1M status=none iflag=count_bytes count="$first"
 off=$first
