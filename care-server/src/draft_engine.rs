@@ -245,14 +245,19 @@ const GATE_LEVELS: usize = 6;
 /// drafts it chose, below 0.5, 0.5–1.5, 1.5–3, from 3.
 const GATE_CLASS_BOUNDS: [f64; 3] = [0.5, 1.5, 3.0];
 const GATE_CLASSES: usize = GATE_CLASS_BOUNDS.len() + 1;
-/// Steps per arm before the gate trusts its averages, and its exploration periods: often
-/// while the arms are within [`GATE_CLOSE`] of each other, rarely once one is clearly
-/// faster (each exploration step of the slower arm costs throughput).
+/// Steps per arm before the gate trusts its averages, and its exploration periods: of
+/// plain decoding while drafting (cheap), of drafting while plain (an exploration that
+/// loses costs a whole batch's pass).
 const GATE_WARMUP: u64 = 6;
 const GATE_EXPLORE_CLOSE: u64 = 16;
 const GATE_EXPLORE_FAR: u64 = 64;
-const GATE_CLOSE: f64 = 0.15;
+/// How much faster drafting must measure to be chosen. A near tie is no reason to draft:
+/// drafting steps vary more, each switch costs, and the averages are estimates, so at a
+/// tie (a compute-bound batch on the CPU) plain decoding keeps throughput at 1.0×.
+const GATE_MARGIN: f64 = 0.05;
 const GATE_EMA: f64 = 0.05;
+/// Explorations are few, so their average moves faster.
+const GATE_EXPLORE_EMA: f64 = 0.2;
 
 /// The confidence class of a step whose drafts expect `expected` accepted tokens per
 /// request in all.
@@ -265,11 +270,11 @@ pub fn gate_class(expected: f64) -> usize {
 
 /// The calibrated policy's safety net: per batch-size level and confidence class, moving
 /// averages of the tokens per second that steps with drafting and steps without it
-/// actually achieved. Drafting is allowed only while it measures faster (every
-/// [`GATE_EXPLORE_CLOSE`]-th or [`GATE_EXPLORE_FAR`]-th step of a context tries the other
-/// arm), so a wrong cost model
-/// or a workload the index does not know cannot make drafting slower than plain decoding
-/// for long. The confidence class keeps one request's phases apart: a chat answer that
+/// actually achieved. After a warm-up that alternates the arms, one arm is the choice and
+/// the other is explored now and then; the explored arm's steps are compared with the
+/// chosen arm's rate at the same moments, and the choice switches when drafting is (or is
+/// no longer) [`GATE_MARGIN`] faster. So a wrong cost model or a workload the index does
+/// not know cannot make drafting slower than plain decoding for long. The confidence class keeps one request's phases apart: a chat answer that
 /// first copies the prompt's code (long local matches, nearly all accepted) and then writes
 /// new code (short corpus matches, mostly rejected) would otherwise flip one shared
 /// average back and forth, always a phase late.
@@ -278,6 +283,9 @@ pub struct ThroughputGate {
     /// Per level and class: [drafting, plain] tokens/s and steps seen.
     levels: [[[GateArm; 2]; GATE_CLASSES]; GATE_LEVELS],
     steps: [[u64; GATE_CLASSES]; GATE_LEVELS],
+    /// Per level and class, once warmed up: whether steps draft (the other arm is only
+    /// explored).
+    choice: [[Option<bool>; GATE_CLASSES]; GATE_LEVELS],
 }
 
 /// One arm of a level: moving averages of tokens emitted and seconds spent per step (their
@@ -289,6 +297,22 @@ pub struct GateArm {
     pub steps: u64,
     tokens: f64,
     secs: f64,
+    /// This arm's exploration steps (taken while the other arm is the choice) against the
+    /// other arm at the same moment: moving averages of the tokens they emitted and of the
+    /// tokens the other arm's current rate gives in the same seconds. Their ratio compares
+    /// the arms under the same context lengths and load — the plain averages do not, since
+    /// a rarely explored arm's average comes from earlier (shorter, faster) steps.
+    explored_tokens: f64,
+    explored_baseline: f64,
+    pub explored_steps: u64,
+}
+
+impl GateArm {
+    /// Throughput of this arm's explorations relative to the chosen arm's, if explored.
+    pub fn relative(&self) -> Option<f64> {
+        (self.explored_steps > 0 && self.explored_baseline > 0.0)
+            .then(|| self.explored_tokens / self.explored_baseline)
+    }
 }
 
 fn gate_level(batch: usize) -> usize {
@@ -309,37 +333,65 @@ impl ThroughputGate {
         let (l, c) = gate_cell(batch, class);
         self.steps[l][c] += 1;
         let [draft, plain] = self.levels[l][c];
-        if draft.steps < GATE_WARMUP || plain.steps < GATE_WARMUP {
-            // Drafts of more confidence pay at least as well as drafts of less: a class
-            // still warming up follows a settled class below it that drafts, or one above
-            // it that does not, instead of spending its own warm-up steps.
-            let level = &self.levels[l];
-            let settled = |a: &[GateArm; 2]| a[0].steps >= GATE_WARMUP && a[1].steps >= GATE_WARMUP;
-            let drafts = |a: &[GateArm; 2]| a[0].tokens_per_s >= a[1].tokens_per_s;
-            if level[..c].iter().any(|a| settled(a) && drafts(a)) {
+        let Some(choice) = self.choice[l][c] else {
+            if draft.steps >= GATE_WARMUP && plain.steps >= GATE_WARMUP {
+                // Warm-up alternated the arms, so their averages are comparable once.
+                self.choice[l][c] =
+                    Some(draft.tokens_per_s >= (1.0 + GATE_MARGIN) * plain.tokens_per_s);
+                return self.allow_chosen(l, c);
+            }
+            // Drafts of more confidence pay at least as well as drafts of less, and a
+            // smaller batch at least as well as a larger one (its pass is further from
+            // compute-bound). A cell still warming up follows a settled cell that
+            // dominates it — one of a larger or equal batch and lower or equal confidence
+            // that drafts, or one of a smaller or equal batch and higher or equal
+            // confidence that does not — instead of spending its own warm-up steps.
+            let settled = |ll: usize, cc: usize| self.choice[ll][cc];
+            let cells = |levels: std::ops::Range<usize>, classes: std::ops::Range<usize>| {
+                levels.flat_map(move |ll| classes.clone().map(move |cc| (ll, cc)))
+            };
+            if cells(l..GATE_LEVELS, 0..c + 1).any(|(ll, cc)| settled(ll, cc) == Some(true)) {
                 return true;
             }
-            if level[c + 1..].iter().any(|a| settled(a) && !drafts(a)) {
+            if cells(0..l + 1, c..GATE_CLASSES).any(|(ll, cc)| settled(ll, cc) == Some(false)) {
                 return false;
             }
             // Warm-up: alternate the arms.
             return draft.steps <= plain.steps;
-        }
-        let better = draft.tokens_per_s >= plain.tokens_per_s;
-        let (fast, slow) = if better {
-            (draft.tokens_per_s, plain.tokens_per_s)
-        } else {
-            (plain.tokens_per_s, draft.tokens_per_s)
         };
-        let every = if slow >= (1.0 - GATE_CLOSE) * fast {
+        // The explored arm's comparison at the same moments decides a switch; both
+        // directions use one threshold (drafting must be `GATE_MARGIN` faster).
+        let switch = if choice {
+            plain
+                .relative()
+                .is_some_and(|r| r * (1.0 + GATE_MARGIN) > 1.0)
+        } else {
+            draft.relative().is_some_and(|r| r >= 1.0 + GATE_MARGIN)
+        };
+        if switch {
+            self.choice[l][c] = Some(!choice);
+            // The explorations so far compared the other way round.
+            for arm in &mut self.levels[l][c] {
+                arm.explored_steps = 0;
+            }
+        }
+        self.allow_chosen(l, c)
+    }
+
+    /// The chosen arm, but every [`GATE_EXPLORE_CLOSE`]-th step plain while drafting and
+    /// every [`GATE_EXPLORE_FAR`]-th step drafting while plain (an exploration of
+    /// drafting that loses costs more than one of plain decoding).
+    fn allow_chosen(&self, l: usize, c: usize) -> bool {
+        let choice = self.choice[l][c].unwrap_or(false);
+        let every = if choice {
             GATE_EXPLORE_CLOSE
         } else {
             GATE_EXPLORE_FAR
         };
         if self.steps[l][c].is_multiple_of(every) {
-            !better
+            !choice
         } else {
-            better
+            choice
         }
     }
 
@@ -350,7 +402,22 @@ impl ThroughputGate {
             return;
         }
         let (l, c) = gate_cell(batch, class);
+        let [draft, plain] = self.levels[l][c];
+        let other = if drafted { plain } else { draft };
+        let explored = self.choice[l][c].is_some_and(|ch| ch != drafted);
         let arm = &mut self.levels[l][c][usize::from(!drafted)];
+        if explored && other.steps > 0 {
+            let baseline = secs * other.tokens_per_s;
+            if arm.explored_steps == 0 {
+                (arm.explored_tokens, arm.explored_baseline) = (tokens as f64, baseline);
+            } else {
+                arm.explored_tokens = (1.0 - GATE_EXPLORE_EMA) * arm.explored_tokens
+                    + GATE_EXPLORE_EMA * tokens as f64;
+                arm.explored_baseline =
+                    (1.0 - GATE_EXPLORE_EMA) * arm.explored_baseline + GATE_EXPLORE_EMA * baseline;
+            }
+            arm.explored_steps += 1;
+        }
         if arm.steps == 0 {
             (arm.tokens, arm.secs) = (tokens as f64, secs);
         } else {
@@ -994,6 +1061,69 @@ mod tests {
         let d = h.allow(1, 2);
         h.record(1, 2, d, 1, 1.0);
         assert_ne!(d, h.allow(1, 2), "alone, a class alternates its warm-up");
+    }
+
+    /// A larger batch warming up follows a smaller batch's settled "no" for the same or a
+    /// more confident class, and a smaller batch follows a larger batch's settled "yes".
+    #[test]
+    fn gate_levels_borrow_a_settled_dominating_cell() {
+        let mut g = ThroughputGate::default();
+        for _ in 0..40 {
+            gated_step(&mut g, (1, 2), 1, 1.5, 1.0); // batch 1, class 2: drafting loses
+            gated_step(&mut g, (8, 0), 8, 0.5, 1.0); // batch 8, class 0: drafting wins
+        }
+        for _ in 0..10 {
+            assert!(
+                !g.allow(16, 1),
+                "larger batch, less confident than a losing cell"
+            );
+            assert!(
+                g.allow(2, 3),
+                "smaller batch, more confident than a winning cell"
+            );
+        }
+        let (first, second) = (g.allow(16, 3), g.allow(16, 3));
+        assert!(
+            first && second,
+            "nothing dominates: warm-up starts with drafting"
+        );
+    }
+
+    /// Steps slow down as contexts grow; drafting is exactly as fast as plain decoding at
+    /// every moment. The rarely explored arm's plain average would come from earlier,
+    /// faster steps and look better; compared at the same moments it does not.
+    #[test]
+    fn gate_compares_arms_at_the_same_moments() {
+        let mut g = ThroughputGate::default();
+        let mut drafted = 0;
+        for step in 0..1000 {
+            let secs = 1.0 + step as f64 / 100.0;
+            if gated_step(&mut g, (16, 1), 16, secs, secs) && step >= 100 {
+                drafted += 1;
+            }
+        }
+        assert!(drafted < 30, "drafted {drafted} of 900 at a tie");
+    }
+
+    /// A near tie (drafting 3 % faster, within the margin) decodes plainly but for the
+    /// exploration steps; a clear win (10 %) drafts.
+    #[test]
+    fn gate_needs_a_margin_to_draft() {
+        for (draft_secs, want_drafting) in [(0.97, false), (0.90, true)] {
+            let mut g = ThroughputGate::default();
+            let mut drafted = 0;
+            for step in 0..1000 {
+                let d = gated_step(&mut g, (16, 1), 16, draft_secs, 1.0);
+                if step >= 100 && d {
+                    drafted += 1;
+                }
+            }
+            if want_drafting {
+                assert!(drafted > 800, "drafted {drafted} of 900 at {draft_secs}");
+            } else {
+                assert!(drafted < 100, "drafted {drafted} of 900 at {draft_secs}");
+            }
+        }
     }
 
     /// Once drafting is clearly slower, the gate explores it rarely.
