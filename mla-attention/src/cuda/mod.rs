@@ -33,6 +33,7 @@
 pub mod cache;
 pub mod decode;
 pub mod elem;
+pub mod interop;
 pub mod kernels;
 pub mod plan;
 pub mod runner;

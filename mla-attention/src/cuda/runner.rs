@@ -34,11 +34,9 @@
 
 use std::sync::Arc;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda_backend::CudaStorage;
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 
+use super::interop::{with_view, wrap};
 use super::{CudaDecodeQuery, CudaLatentCache, CudaLatentElem, CudaMlaDecoder, MlaKernels};
 use crate::cache::SeqId;
 use crate::config::ModelSpec;
@@ -79,38 +77,6 @@ pub struct CudaPagedModel<T: CudaLatentElem> {
     dec: CudaMlaDecoder,
     device: Device,
     options: CudaRunnerOptions,
-}
-
-/// `f` with a view of a contiguous CUDA tensor's data as `T`.
-fn with_view<T: CudaLatentElem, R>(
-    t: &Tensor,
-    f: impl FnOnce(&CudaView<'_, T>) -> Result<R>,
-) -> Result<R> {
-    let t = t.to_dtype(T::DTYPE)?.contiguous()?;
-    let (st, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        return Err(Error::InvalidInput("expected a CUDA tensor".into()));
-    };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .ok_or_else(|| Error::InvalidInput("tensor not contiguous".into()))?;
-    let slice = cs.as_cuda_slice::<T>()?;
-    f(&slice.slice(a..b))
-}
-
-/// A device buffer as a tensor of `shape` (no copy).
-fn wrap<T: CudaLatentElem>(
-    dev: &Device,
-    s: CudaSlice<T>,
-    shape: (usize, usize, usize),
-) -> Result<Tensor> {
-    let storage = CudaStorage::wrap_cuda_slice(s, dev.as_cuda_device()?.clone());
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        BackpropOp::none(),
-        false,
-    ))
 }
 
 impl<T: CudaLatentElem> CudaPagedModel<T> {
@@ -344,37 +310,21 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
         Ok((seq, first))
     }
 
-    fn decode(&mut self, tokens: &[u32], seqs: &[SeqId]) -> Result<Vec<u32>> {
-        let vocab = self.decoder.spec.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
-        if tokens.len() != seqs.len() {
-            return Err(Error::InvalidInput(format!(
-                "decode: {} tokens for {} sequences",
-                tokens.len(),
-                seqs.len()
-            )));
-        }
-        let pos: Vec<usize> = seqs
-            .iter()
-            .map(|&s| self.cache.tokens(s, 0))
-            .collect::<Result<_>>()?;
-        match self.decode_layers(tokens, seqs, &pos) {
-            Ok(next) => Ok(next),
-            Err(e) => {
-                for (&s, &p) in seqs.iter().zip(&pos) {
-                    for l in 0..self.attns.len() {
-                        if self.cache.tokens(s, l)? > p {
-                            self.cache.truncate(s, l, p)?;
-                        }
-                    }
-                }
-                Err(e)
+    fn tokens(&self, seq: SeqId) -> Result<usize> {
+        self.cache.tokens(seq, 0)
+    }
+
+    fn rollback(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        for l in 0..self.attns.len() {
+            if self.cache.tokens(seq, l)? > tokens {
+                self.cache.truncate(seq, l, tokens)?;
             }
         }
+        Ok(())
+    }
+
+    fn decode_step(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Vec<u32>> {
+        self.decode_layers(tokens, seqs, pos)
     }
 
     fn free(&mut self, seq: SeqId) -> Result<()> {

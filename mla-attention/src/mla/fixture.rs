@@ -53,6 +53,60 @@ impl Gen {
     fn ones(&mut self, n: usize) -> Result<Tensor> {
         Ok((self.tensor(&[n], 0.1)? + 1.0)?)
     }
+
+    /// Embedding, final norm and an untied head (`head_std`).
+    fn embedding_and_head(
+        &mut self,
+        t: &mut HashMap<String, Tensor>,
+        vocab: usize,
+        hidden: usize,
+        head_std: f32,
+    ) -> Result<()> {
+        let embed = self.tensor(&[vocab, hidden], 1.0)?;
+        t.insert("model.embed_tokens.weight".into(), embed);
+        t.insert(
+            "lm_head.weight".into(),
+            self.tensor(&[vocab, hidden], head_std)?,
+        );
+        t.insert("model.norm.weight".into(), self.ones(hidden)?);
+        Ok(())
+    }
+
+    /// Layer `p`'s two norms and SwiGLU MLP (Llama names).
+    fn norms_and_mlp(
+        &mut self,
+        t: &mut HashMap<String, Tensor>,
+        p: &str,
+        h: usize,
+        f: usize,
+    ) -> Result<()> {
+        t.insert(format!("{p}.input_layernorm.weight"), self.ones(h)?);
+        t.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            self.ones(h)?,
+        );
+        t.insert(
+            format!("{p}.mlp.gate_proj.weight"),
+            self.tensor(&[f, h], 0.2)?,
+        );
+        t.insert(
+            format!("{p}.mlp.up_proj.weight"),
+            self.tensor(&[f, h], 0.2)?,
+        );
+        t.insert(
+            format!("{p}.mlp.down_proj.weight"),
+            self.tensor(&[h, f], 0.15)?,
+        );
+        Ok(())
+    }
+}
+
+/// `model.safetensors` and `config.json` into `dir`.
+fn save(dir: &Path, t: &HashMap<String, Tensor>, config: &serde_json::Value) -> Result<()> {
+    candle_core::safetensors::save(t, dir.join("model.safetensors"))?;
+    let cfg = dir.join("config.json");
+    std::fs::write(&cfg, config.to_string()).map_err(|e| Error::io(cfg, e))?;
+    Ok(())
 }
 
 impl RandomDeepseek {
@@ -104,9 +158,7 @@ impl RandomDeepseek {
         let (v, h, f, s) = (self.vocab, self.hidden, self.intermediate, self.shape);
         let inv = |n: usize| 1.0 / (n as f32).sqrt();
         let mut t: HashMap<String, Tensor> = HashMap::new();
-        t.insert("model.embed_tokens.weight".into(), g.tensor(&[v, h], 1.0)?);
-        t.insert("lm_head.weight".into(), g.tensor(&[v, h], self.head_std)?);
-        t.insert("model.norm.weight".into(), g.ones(h)?);
+        g.embedding_and_head(&mut t, v, h, self.head_std)?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
@@ -152,19 +204,9 @@ impl RandomDeepseek {
                 );
                 t.insert(format!("{a}.o_proj.bias"), g.tensor(&[h], 0.1)?);
             }
-            t.insert(format!("{p}.input_layernorm.weight"), g.ones(h)?);
-            t.insert(format!("{p}.post_attention_layernorm.weight"), g.ones(h)?);
-            t.insert(format!("{p}.mlp.gate_proj.weight"), g.tensor(&[f, h], 0.2)?);
-            t.insert(format!("{p}.mlp.up_proj.weight"), g.tensor(&[f, h], 0.2)?);
-            t.insert(
-                format!("{p}.mlp.down_proj.weight"),
-                g.tensor(&[h, f], 0.15)?,
-            );
+            g.norms_and_mlp(&mut t, &p, h, f)?;
         }
-        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-        let cfg = dir.join("config.json");
-        std::fs::write(&cfg, self.config().to_string()).map_err(|e| Error::io(cfg, e))?;
-        Ok(())
+        save(dir, &t, &self.config())
     }
 }
 
@@ -232,9 +274,7 @@ impl RandomOneShot {
         );
         let inv = |n: usize| 1.0 / (n as f32).sqrt();
         let mut t: HashMap<String, Tensor> = HashMap::new();
-        t.insert("model.embed_tokens.weight".into(), g.tensor(&[v, h], 1.0)?);
-        t.insert("lm_head.weight".into(), g.tensor(&[v, h], 0.6)?);
-        t.insert("model.norm.weight".into(), g.ones(h)?);
+        g.embedding_and_head(&mut t, v, h, 0.6)?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             let a = format!("{p}.self_attn");
@@ -283,18 +323,8 @@ impl RandomOneShot {
                 format!("{a}.o_proj.weight"),
                 g.tensor(&[h, q_rows], inv(q_rows))?,
             );
-            t.insert(format!("{p}.input_layernorm.weight"), g.ones(h)?);
-            t.insert(format!("{p}.post_attention_layernorm.weight"), g.ones(h)?);
-            t.insert(format!("{p}.mlp.gate_proj.weight"), g.tensor(&[f, h], 0.2)?);
-            t.insert(format!("{p}.mlp.up_proj.weight"), g.tensor(&[f, h], 0.2)?);
-            t.insert(
-                format!("{p}.mlp.down_proj.weight"),
-                g.tensor(&[h, f], 0.15)?,
-            );
+            g.norms_and_mlp(&mut t, &p, h, f)?;
         }
-        candle_core::safetensors::save(&t, dir.join("model.safetensors"))?;
-        let cfg = dir.join("config.json");
-        std::fs::write(&cfg, self.config().to_string()).map_err(|e| Error::io(cfg, e))?;
-        Ok(())
+        save(dir, &t, &self.config())
     }
 }

@@ -14,7 +14,7 @@ use super::{argmax, PagedModel, RunnerConfig};
 use crate::cache::{LatentElem, LatentPagedCache, SeqId};
 use crate::config::ModelSpec;
 use crate::cpu::PagedMlaLayer;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::io::WeightSource;
 use crate::mla::MlaAttention;
 use crate::model::{Decoder, LowRankKvAttention};
@@ -193,30 +193,21 @@ impl<T: LatentElem> PagedModel for CpuPagedModel<T> {
         Ok((seq, first))
     }
 
-    fn decode(&mut self, tokens: &[u32], seqs: &[SeqId]) -> Result<Vec<u32>> {
-        let vocab = self.decoder.spec.vocab_size;
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::InvalidInput(format!(
-                "token id {bad} is outside the vocabulary (size {vocab})"
-            )));
-        }
-        let pos: Vec<usize> = seqs
-            .iter()
-            .map(|&s| self.cache.tokens(s, 0))
-            .collect::<Result<_>>()?;
-        match self.decode_layers(tokens, seqs) {
-            Ok(next) => Ok(next),
-            Err(e) => {
-                for (&s, &p) in seqs.iter().zip(&pos) {
-                    for l in 0..self.paged.len() {
-                        if self.cache.tokens(s, l)? > p {
-                            self.cache.truncate(s, l, p)?;
-                        }
-                    }
-                }
-                Err(e)
+    fn tokens(&self, seq: SeqId) -> Result<usize> {
+        self.cache.tokens(seq, 0)
+    }
+
+    fn rollback(&mut self, seq: SeqId, tokens: usize) -> Result<()> {
+        for l in 0..self.paged.len() {
+            if self.cache.tokens(seq, l)? > tokens {
+                self.cache.truncate(seq, l, tokens)?;
             }
         }
+        Ok(())
+    }
+
+    fn decode_step(&mut self, tokens: &[u32], seqs: &[SeqId], _pos: &[usize]) -> Result<Vec<u32>> {
+        self.decode_layers(tokens, seqs)
     }
 
     fn free(&mut self, seq: SeqId) -> Result<()> {
@@ -230,6 +221,7 @@ mod tests {
     use super::*;
     use crate::io::Checkpoint;
     use crate::runner::{DecoderRunner, RequestId};
+    use crate::Error;
     use std::collections::BTreeMap;
 
     use crate::mla::fixture::{RandomDeepseek, RandomOneShot};

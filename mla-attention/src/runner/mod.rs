@@ -79,9 +79,13 @@ pub trait PagedModel {
     /// Run `prompt` (non-empty, ids checked) into a new sequence of the cache; its id
     /// and the greedy next token. On error the cache is as before.
     fn prefill(&mut self, prompt: &[u32]) -> Result<(SeqId, u32)>;
-    /// Feed `tokens[b]` to `seqs[b]` (distinct) at their own positions; the greedy next
-    /// tokens. On error no sequence has changed.
-    fn decode(&mut self, tokens: &[u32], seqs: &[SeqId]) -> Result<Vec<u32>>;
+    /// Tokens cached for `seq`.
+    fn tokens(&self, seq: SeqId) -> Result<usize>;
+    /// Drop `seq`'s rows beyond `tokens` in every layer (undoing a failed step).
+    fn rollback(&mut self, seq: SeqId, tokens: usize) -> Result<()>;
+    /// Feed `tokens[b]` (ids checked) to `seqs[b]` (distinct), which hold `pos[b]` tokens;
+    /// the greedy next tokens. On error the caller rolls the sequences back.
+    fn decode_step(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Vec<u32>>;
     /// Give `seq`'s blocks back.
     fn free(&mut self, seq: SeqId) -> Result<()>;
 }
@@ -301,7 +305,7 @@ impl<M: PagedModel> DecoderRunner<M> {
                         .expect("one token at admission")
                 })
                 .collect();
-            self.model.decode(&last, &seqs)?
+            self.decode(&last, &seqs)?
         };
         for (&i, &t) in decoding.iter().zip(&next) {
             self.active[i].generated.push(t);
@@ -322,6 +326,27 @@ impl<M: PagedModel> DecoderRunner<M> {
         }
         self.active = kept;
         Ok(out)
+    }
+
+    /// Feed `tokens[b]` to `seqs[b]`; the greedy next tokens. All or nothing: on error
+    /// every sequence is rolled back to where it was.
+    fn decode(&mut self, tokens: &[u32], seqs: &[SeqId]) -> Result<Vec<u32>> {
+        let vocab = self.model.vocab_size();
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary (size {vocab})"
+            )));
+        }
+        let pos: Vec<usize> = seqs
+            .iter()
+            .map(|&s| self.model.tokens(s))
+            .collect::<Result<_>>()?;
+        self.model.decode_step(tokens, seqs, &pos).or_else(|e| {
+            for (&s, &p) in seqs.iter().zip(&pos) {
+                self.model.rollback(s, p)?;
+            }
+            Err(e)
+        })
     }
 
     /// Step until no request is active; returns every finished request's tokens not

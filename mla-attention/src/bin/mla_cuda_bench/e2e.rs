@@ -13,12 +13,10 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
-use candle_core::cuda_backend::CudaStorage;
-use candle_core::op::BackpropOp;
-use candle_core::{DType, Device, Storage, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use half::bf16;
 use mla_attention::cache::LayerWidth;
+use mla_attention::cuda::interop::{with_view, wrap};
 use mla_attention::cuda::{CudaDecodeQuery, CudaLatentCache, CudaMlaDecoder, MlaKernels};
 
 use crate::bench::{filled_cache, time_ms, HEADS, LAYERS};
@@ -93,29 +91,6 @@ fn rms_norm(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(y.to_dtype(DType::BF16)?.broadcast_mul(w)?)
 }
 
-/// `f` with a view of a contiguous bf16 CUDA tensor's data.
-fn with_view<R>(t: &Tensor, f: impl FnOnce(&CudaView<'_, bf16>) -> Result<R>) -> Result<R> {
-    let (st, layout) = t.storage_and_layout();
-    let Storage::Cuda(cs) = &*st else {
-        anyhow::bail!("expected a CUDA tensor");
-    };
-    let (a, b) = layout
-        .contiguous_offsets()
-        .context("tensor not contiguous")?;
-    let slice = cs.as_cuda_slice::<bf16>()?;
-    f(&slice.slice(a..b))
-}
-
-fn wrap_f32(dev: &Device, s: CudaSlice<f32>, shape: (usize, usize, usize)) -> Result<Tensor> {
-    let storage = CudaStorage::wrap_cuda_slice(s, dev.as_cuda_device()?.clone());
-    Ok(Tensor::from_storage(
-        Storage::Cuda(storage),
-        shape,
-        BackpropOp::none(),
-        false,
-    ))
-}
-
 struct Model {
     dev: Device,
     layers: Vec<Layer>,
@@ -138,7 +113,7 @@ impl Model {
         let kv = x.matmul(&w.w_kva.t()?)?;
         let c = rms_norm(&kv.narrow(1, 0, RANK)?, &w.w_kvnorm)?;
         let row = Tensor::cat(&[&c, &kv.narrow(1, RANK, ROPE)?], 1)?.contiguous()?;
-        with_view(&row, |v| Ok(st.cache.append_step(st.seqs, l, v)?))?;
+        with_view::<bf16, _>(&row, |v| st.cache.append_step(st.seqs, l, v))?;
         if l == 0 {
             st.dec.plan_for(st.cache, st.seqs, 0)?;
         }
@@ -146,18 +121,18 @@ impl Model {
         let q_nope = q.narrow(2, 0, NOPE)?.transpose(0, 1)?.contiguous()?;
         let q_lat = q_nope.matmul(&w.w_uk)?.transpose(0, 1)?.contiguous()?;
         let q_pe = q.narrow(2, NOPE, ROPE)?.contiguous()?;
-        let o_lat = with_view(&q_lat, |ql| {
-            with_view(&q_pe, |qp| {
+        let o_lat = with_view::<bf16, _>(&q_lat, |ql| {
+            with_view::<bf16, _>(&q_pe, |qp| {
                 let q = CudaDecodeQuery {
                     q_lat: ql,
                     q_pe: qp,
                     num_heads: HEADS,
                     scale: 1.0 / ((NOPE + ROPE) as f32).sqrt(),
                 };
-                Ok(st.dec.decode(st.cache, l, &q)?)
+                st.dec.decode(st.cache, l, &q)
             })
         })?;
-        let o_lat = wrap_f32(&self.dev, o_lat, (b, HEADS, RANK))?.to_dtype(DType::BF16)?;
+        let o_lat = wrap::<f32>(&self.dev, o_lat, (b, HEADS, RANK))?.to_dtype(DType::BF16)?;
         let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w.w_uv)?; // (heads, b, v)
         let o = o.transpose(0, 1)?.contiguous()?.reshape((b, HEADS * V))?;
         Ok(o.matmul(&w.w_o.t()?)?)

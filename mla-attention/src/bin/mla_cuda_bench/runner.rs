@@ -310,6 +310,9 @@ fn bench_cells(
     Ok(())
 }
 
+/// Writes a random checkpoint into a directory.
+type WriteFixture<'a> = &'a dyn Fn(&Path) -> mla_attention::Result<()>;
+
 pub struct RunnerArgs<'a> {
     pub models: &'a [PathBuf],
     pub text: Option<&'a Path>,
@@ -323,7 +326,7 @@ pub fn run(a: &RunnerArgs<'_>) -> Result<RunnerReport> {
     let mut rep = RunnerReport::default();
     let dir = std::env::temp_dir().join("mla-runner-fixtures");
     let one_shot = RandomOneShot::tiny();
-    let fixtures: [(&str, &dyn Fn(&Path) -> mla_attention::Result<()>); 5] = [
+    let fixtures: [(&str, WriteFixture<'_>); 5] = [
         ("random tiny", &|d| RandomDeepseek::tiny().write(d)),
         ("random tiny, q-LoRA + biases", &|d| {
             RandomDeepseek {
