@@ -38,25 +38,6 @@ if [[ "${NO_TASKS:-0}" != 1 ]]; then
   (cd "$A/data" && tar -czf "$ROOT/$D/heal-a/tasks.tar.gz" \
     oe_eval_tasks/{arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}/rc_0shot)
 fi
-tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- | tail -1 | cut -f1)
-limit=$((64 * 1024 * 1024 - tree - 1024 * 1024))
-first=$((limit - $(du -sb "$D/heal-a" | cut -f1)))
-(( first > 0 )) || { echo "heal-prepare.sh: heal-a is full before any teacher bytes" >&2; exit 1; }
-# Each later part fills one call next to the working tree (PART overrides, in bytes).
-PART="${PART:-$limit}"
-size=$(stat -c %s "$G")
-dd if="$G" of="$D/heal-a/teacher.part01" bs=1M status=none iflag=count_bytes count="$first"
-off=$first
-n=2
-while (( off < size )); do
-  dir=$(printf '%s/heal-p%02d' "$D" "$n")
-  mkdir -p "$dir"
-  dd if="$G" of="$(printf '%s/teacher.part%02d' "$dir" "$n")" bs=1M status=none \
-    iflag=skip_bytes,count_bytes skip="$off" count="$PART"
-  off=$((off + PART))
-  n=$((n + 1))
-done
-for p in "$D"/heal-a "$D"/heal-p*; do
-  [[ -d "$p" ]] || continue
-  echo "$p: $(du -sb "$p" | cut -f1) bytes (+ $tree bytes of working tree)"
-done
+# Later parts each fill one call next to the working tree (PART overrides, in bytes).
+source scripts/gpu/carry-parts.sh
+split_for_carry "$G" "$D/heal-a" "$D/heal-p" teacher

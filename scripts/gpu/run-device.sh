@@ -3,7 +3,7 @@
 #   run(command="bash scripts/gpu/run-device.sh quick", carry=[".devcarry"])
 #   run(command="bash scripts/gpu/run-device.sh full",  carry=[".devcarry"])
 #   run(command="bash scripts/gpu/run-device.sh runner", carry=[".devcarry/runner-a"]) after
-#     a first call carrying .devcarry/runner-p2 (scripts/gpu/runner-prepare.sh)
+#     a first call carrying .devcarry/runner-p02 (scripts/gpu/runner-prepare.sh)
 # Unpacks the binaries built by scripts/gpu/build.sh, records the card, runs our
 # checks and benchmarks (mla_cuda_bench) and the mistral.rs 0.8.1 kernel anchor
 # (anchor-kbench) at the same cells, in one call. Everything lands in $OUT

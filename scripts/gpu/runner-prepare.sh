@@ -6,7 +6,7 @@
 #   .devcarry/runner-a   mla_cuda_bench (CUDA build, xz), care-convert (CPU build, xz),
 #                        calibration text, the prompt text, the model's sha256 and the
 #                        first part of its GGUF
-#   .devcarry/runner-p2  the rest of the GGUF
+#   .devcarry/runner-p02 the rest of the GGUF
 # then, on the device: bash scripts/gpu/run-device.sh runner (converts there, checks the
 # CUDA runner against the CPU runner, benchmarks, HF transformers anchor).
 #
@@ -30,22 +30,5 @@ cp /usr/lib/python3.11/functools.py "$D/runner-a/prompt.txt"
 cp scripts/gpu/hf_decode_bench.py "$D/runner-a/" 2>/dev/null || true
 G="$A/models/$MODEL/model.gguf"
 sha256sum "$G" | sed "s#  .*#  model.gguf#" > "$D/runner-a/model.sha256"
-tree=$(git ls-files -z | du -cb --files0-from=- | tail -1 | cut -f1)
-limit=$((64 * 1024 * 1024 - tree - 1024 * 1024))
-first=$((limit - $(du -sb "$D/runner-a" | cut -f1)))
-(( first > 0 )) || { echo "runner-prepare.sh: runner-a is full before any model bytes" >&2; exit 1; }
-size=$(stat -c %s "$G")
-dd if="$G" of="$D/runner-a/model.part01" bs=1M status=none iflag=count_bytes count="$first"
-off=$first
-n=2
-while (( off < size )); do
-  dir=$(printf '%s/runner-p%d' "$D" "$n")
-  mkdir -p "$dir"
-  dd if="$G" of="$(printf '%s/model.part%02d' "$dir" "$n")" bs=1M status=none \
-    iflag=skip_bytes,count_bytes skip="$off" count="$limit"
-  off=$((off + limit))
-  n=$((n + 1))
-done
-for p in "$D"/runner-a "$D"/runner-p*; do
-  echo "$p: $(du -sb "$p" | cut -f1) bytes (+ $tree bytes of working tree)"
-done
+source scripts/gpu/carry-parts.sh
+split_for_carry "$G" "$D/runner-a" "$D/runner-p" model
