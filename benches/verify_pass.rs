@@ -47,7 +47,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut cache = model.new_cache();
     model.forward_hidden(&ctx, &mut cache, None)?;
     let (sizes, repeats): (&[usize], usize) = if bench_mode {
-        (&[1, 2, 3, 4, 6, 8, 16], 7)
+        (&[1, 2, 4, 8, 9, 16, 32, 64], 5)
     } else {
         (&[1, 2], 1)
     };

@@ -201,8 +201,11 @@ fn kd_term_is_zero_when_the_student_is_the_teacher() {
     .unwrap();
     let out = h.run(None, &mut |_, _| {}, &mut no_save).unwrap();
     let first = &out.records[1];
-    assert_eq!(
-        first.kd, 0.0,
+    // Zero up to f32 rounding: the teacher (no autograd) multiplies through the few-row
+    // kernel, the student (autograd) through candle's matmul, so their logits may differ in
+    // the last bits (seen: KD = −2.6e-9); a wrong KD is of the order of the CE.
+    assert!(
+        first.kd.abs() < 1e-6,
         "KD of identical models must vanish: {first:?}"
     );
     assert!(first.ce > 0.0 && (first.loss - first.ce).abs() < 1e-6);

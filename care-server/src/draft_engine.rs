@@ -105,36 +105,45 @@ pub struct Job {
     pub events: UnboundedSender<EngineEvent>,
 }
 
-/// Verify-step time model measured at startup. A pass of `n` token rows costs `single`
-/// for one row (candle's CPU matmul has a fast matrix-vector path) and
-/// `multi_base + per_token·n` for more (the general GEMM, whose cost barely grows with the
-/// rows); each sequence beyond the first adds `per_sequence` (its own attention).
-#[derive(Debug, Clone, Copy, Serialize)]
+/// Row counts of the passes [`measure_step_cost`] times (one sequence each).
+pub const STEP_COST_ROWS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
+
+/// Verify-step time model measured at startup: the time of a pass of one sequence with
+/// each of [`STEP_COST_ROWS`] token rows, linearly interpolated between them (and
+/// extended with the last slope), plus `per_sequence` for each sequence beyond the first
+/// (its own attention). Measured points rather than a straight line, because the curve
+/// bends: a pass of up to ~8 rows is bound by reading the weights (Qwen2.5-Coder-0.5B on the
+/// 2-vCPU dev machine: 1 / 2 / 8 rows 32 / 41 / 67 ms), a larger one by the multiply-adds
+/// (16 / 32 / 64 rows 103 / 180 / 386 ms) — a line through the first points made drafts at
+/// concurrency 16 look a fifth cheaper than they are.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct StepCost {
-    pub single: f64,
-    pub multi_base: f64,
-    pub per_token: f64,
+    /// Seconds of a pass of `STEP_COST_ROWS[i]` rows of one sequence.
+    pub passes: [f64; STEP_COST_ROWS.len()],
     pub per_sequence: f64,
 }
 
 impl StepCost {
-    /// A pass of `rows` token rows (more than one) over `batch` sequences.
+    /// Pass time of `rows` token rows of one sequence.
+    fn rows(&self, rows: usize) -> f64 {
+        let r = STEP_COST_ROWS;
+        let p = &self.passes;
+        let last = r.len() - 1;
+        let i = (0..last).find(|&i| rows <= r[i + 1]).unwrap_or(last - 1);
+        let slope = (p[i + 1] - p[i]) / (r[i + 1] - r[i]) as f64;
+        p[i] + slope * (rows as f64 - r[i] as f64)
+    }
+
+    /// A pass of `rows` token rows over `batch` sequences.
     fn multi(&self, batch: usize, rows: usize) -> f64 {
-        self.multi_base
-            + self.per_token * rows as f64
-            + self.per_sequence * (batch.max(1) - 1) as f64
+        self.rows(rows) + self.per_sequence * (batch.max(1) - 1) as f64
     }
 }
 
 impl VerifyCost for StepCost {
     fn verify_cost(&self, batch_size: usize, draft_len: usize) -> f64 {
         let b = batch_size.max(1);
-        let rows = b * (1 + draft_len);
-        if rows == 1 {
-            self.single
-        } else {
-            self.multi(b, rows)
-        }
+        self.multi(b, b * (1 + draft_len))
     }
 }
 
@@ -147,7 +156,7 @@ const COST_EMA: f64 = 0.1;
 /// in service), and a wrong ratio of the 1-row to the multi-row cost makes every draft
 /// look cheaper or dearer than it is. So the 1-row cost is a moving average of measured
 /// 1-row passes, and the multi-row cost is the startup fit scaled by a moving average of
-/// measured / predicted.
+/// measured / predicted (both over the startup points of more than one row).
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct LiveStepCost {
     /// As measured at startup.
@@ -162,7 +171,7 @@ impl LiveStepCost {
     pub fn new(measured: StepCost) -> Self {
         LiveStepCost {
             measured,
-            single: measured.single,
+            single: measured.passes[0],
             multi_scale: 1.0,
         }
     }
@@ -185,10 +194,10 @@ impl LiveStepCost {
     /// The corrected model: the current 1-row estimate, the multi-row fit scaled.
     pub fn current(&self) -> StepCost {
         let m = &self.measured;
+        let mut passes = m.passes.map(|t| self.multi_scale * t);
+        passes[0] = self.single;
         StepCost {
-            single: self.single,
-            multi_base: self.multi_scale * m.multi_base,
-            per_token: self.multi_scale * m.per_token,
+            passes,
             per_sequence: self.multi_scale * m.per_sequence,
         }
     }
@@ -255,6 +264,10 @@ const GATE_EXPLORE_FAR: u64 = 64;
 /// drafting steps vary more, each switch costs, and the averages are estimates, so at a
 /// tie (a compute-bound batch on the CPU) plain decoding keeps throughput at 1.0×.
 const GATE_MARGIN: f64 = 0.05;
+/// How much slower plain decoding must measure, over at least this many explorations,
+/// to be explored only rarely (one unlucky exploration must not stop the others).
+const GATE_CLEAR: f64 = 0.5;
+const GATE_CLEAR_AFTER: u64 = 4;
 const GATE_EMA: f64 = 0.05;
 /// Explorations are few, so their average moves faster.
 const GATE_EXPLORE_EMA: f64 = 0.2;
@@ -380,10 +393,20 @@ impl ThroughputGate {
 
     /// The chosen arm, but every [`GATE_EXPLORE_CLOSE`]-th step plain while drafting and
     /// every [`GATE_EXPLORE_FAR`]-th step drafting while plain (an exploration of
-    /// drafting that loses costs more than one of plain decoding).
+    /// drafting that loses costs more than one of plain decoding). Plain decoding is also
+    /// explored only every [`GATE_EXPLORE_FAR`]-th step once its explorations measure it
+    /// [`GATE_CLEAR`] slower than drafting: in a chat answer that copies the prompt's code a
+    /// plain step emits one token where a drafting step emits five or more.
     fn allow_chosen(&self, l: usize, c: usize) -> bool {
         let choice = self.choice[l][c].unwrap_or(false);
-        let every = if choice {
+        let plain_clearly_slower = || {
+            let plain = &self.levels[l][c][1];
+            plain.explored_steps >= GATE_CLEAR_AFTER
+                && plain
+                    .relative()
+                    .is_some_and(|r| r * (1.0 + GATE_CLEAR) < 1.0)
+        };
+        let every = if choice && !plain_clearly_slower() {
             GATE_EXPLORE_CLOSE
         } else {
             GATE_EXPLORE_FAR
@@ -520,8 +543,8 @@ fn time_pass(model: &Decoder, cache: &DecoderCache, segments: &[Vec<u32>]) -> f6
     best
 }
 
-/// Measures [`StepCost`] on the loaded model: passes of (1 sequence, 1 token), (1, 2),
-/// (1, 8) and (4, 1) after a 64-token context.
+/// Measures [`StepCost`] on the loaded model after a 64-token context: a pass of one
+/// sequence with each of [`STEP_COST_ROWS`] rows, and of 4 sequences × 1 row against 1 × 4.
 pub fn measure_step_cost(model: &Decoder) -> crate::Result<StepCost> {
     let ctx: Vec<u32> = (0..64u32)
         .map(|i| 100 + i % (model.spec.vocab_size as u32 - 100).max(1))
@@ -531,23 +554,24 @@ pub fn measure_step_cost(model: &Decoder) -> crate::Result<StepCost> {
         .forward_hidden(&ctx, &mut cache, None)
         .map_err(|e| crate::Error::Engine(anyhow::anyhow!("warm-up pass failed: {e}")))?;
     let t = |segments: &[Vec<u32>]| time_pass(model, &cache, segments);
-    let t1 = t(&[vec![200]]);
-    let t2 = t(&[vec![200; 2]]);
-    let t8 = t(&[vec![200; 8]]);
+    let mut passes = STEP_COST_ROWS.map(|rows| t(&[vec![200; rows]]));
+    // More rows never take less time; a noisy sample must not make the curve dip.
+    for i in 1..passes.len() {
+        passes[i] = passes[i].max(passes[i - 1]);
+    }
     let t41 = t(&vec![vec![200]; 4]);
-    if ![t1, t2, t8, t41].iter().all(|x| x.is_finite()) {
+    if !passes.iter().chain([&t41]).all(|x| x.is_finite()) {
         return Err(crate::Error::Engine(anyhow::anyhow!(
             "could not time a verify pass of the model"
         )));
     }
-    let per_token = ((t8 - t2) / 6.0).max(0.0);
-    let multi_base = (t2 - 2.0 * per_token).max(1e-6);
-    let per_sequence = ((t41 - multi_base - 4.0 * per_token) / 3.0).max(0.0);
+    let cost = StepCost {
+        passes: passes.map(|x| x.max(1e-6)),
+        per_sequence: 0.0,
+    };
     Ok(StepCost {
-        single: t1.max(1e-6),
-        multi_base,
-        per_token,
-        per_sequence,
+        per_sequence: ((t41 - cost.rows(4)) / 3.0).max(0.0),
+        ..cost
     })
 }
 
@@ -1140,16 +1164,47 @@ mod tests {
         assert!((10..=20).contains(&explored), "explored {explored} of 900");
     }
 
+    /// Once plain decoding is clearly slower, the gate explores it rarely too; a merely
+    /// faster drafting arm keeps plain explored every 16th step.
+    #[test]
+    fn gate_explores_clearly_slower_plain_decoding_rarely() {
+        // Plain: 1 token in 0.2 s. Drafting: 8 tokens in 0.4 s (4×), 3 in 0.5 s (1.2×).
+        for (draft_tokens, draft_secs, lo, hi) in [(8, 0.4, 10, 20), (3, 0.5, 45, 70)] {
+            let mut g = ThroughputGate::default();
+            let mut explored = 0;
+            for step in 0..1000 {
+                let d = g.allow(1, 3);
+                let (tokens, secs) = if d {
+                    (draft_tokens, draft_secs)
+                } else {
+                    (1, 0.2)
+                };
+                g.record(1, 3, d, tokens, secs);
+                if step >= 100 && !d {
+                    explored += 1;
+                }
+            }
+            assert!(
+                (lo..=hi).contains(&explored),
+                "drafting {draft_tokens} tokens in {draft_secs} s: plain explored {explored} of 900"
+            );
+        }
+    }
+
+    /// The Qwen2.5-Coder-0.5B curve of the dev machine (seconds).
+    fn qwen_cost() -> StepCost {
+        StepCost {
+            passes: [0.032, 0.041, 0.049, 0.067, 0.103, 0.180, 0.386],
+            per_sequence: 0.001,
+        }
+    }
+
     /// The live model follows measured passes: a 1-row pass timed too slow at startup, and
-    /// multi-row passes that run at half the startup fit.
+    /// multi-row passes that run at half the startup curve.
     #[test]
     fn live_step_cost_follows_measured_passes() {
-        let measured = StepCost {
-            single: 0.044,
-            multi_base: 0.046,
-            per_token: 0.002,
-            per_sequence: 0.001,
-        };
+        let mut measured = qwen_cost();
+        measured.passes[0] = 0.044;
         let mut c = LiveStepCost::new(measured);
         assert_eq!(c.verify_cost(1, 3), measured.verify_cost(1, 3));
         for _ in 0..100 {
@@ -1166,16 +1221,22 @@ mod tests {
         );
     }
 
+    /// Measured points are met exactly, rows between them interpolated, rows beyond the
+    /// last extended with the last slope; more sequences add their own cost.
     #[test]
-    fn step_cost_has_the_single_row_fast_path() {
-        let c = StepCost {
-            single: 10.0,
-            multi_base: 16.0,
-            per_token: 1.0,
-            per_sequence: 2.0,
-        };
-        assert_eq!(c.verify_cost(1, 0), 10.0);
-        assert_eq!(c.verify_cost(1, 3), 16.0 + 4.0);
-        assert_eq!(c.verify_cost(4, 0), 16.0 + 4.0 + 6.0);
+    fn step_cost_follows_the_measured_curve() {
+        let c = qwen_cost();
+        for (i, &rows) in STEP_COST_ROWS.iter().enumerate() {
+            assert!((c.rows(rows) - c.passes[i]).abs() < 1e-12, "{rows} rows");
+        }
+        assert!((c.rows(3) - 0.045).abs() < 1e-12);
+        assert!((c.rows(128) - (0.386 + 64.0 * (0.386 - 0.180) / 32.0)).abs() < 1e-12);
+        assert_eq!(c.verify_cost(1, 0), 0.032);
+        assert!((c.verify_cost(1, 3) - 0.049).abs() < 1e-12);
+        assert!((c.verify_cost(4, 0) - (0.049 + 3.0 * 0.001)).abs() < 1e-12);
+        // Concurrency 16: one drafted token each doubles the rows and costs 75 % more, so
+        // the policy drafts there only when a token is accepted with probability > 0.75.
+        let ratio = c.verify_cost(16, 1) / c.verify_cost(16, 0);
+        assert!((ratio - (0.180 + 15e-3) / (0.103 + 15e-3)).abs() < 1e-12);
     }
 }
