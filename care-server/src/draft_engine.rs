@@ -155,15 +155,15 @@ const COST_EMA: f64 = 0.1;
 /// while the machine may still be busy (seen: a 1-row pass timed at 44 ms that takes 30 ms
 /// in service), and a wrong ratio of the 1-row to the multi-row cost makes every draft
 /// look cheaper or dearer than it is. So the 1-row cost is a moving average of measured
-/// 1-row passes, and the multi-row cost is the startup fit scaled by a moving average of
-/// measured / predicted (both over the startup points of more than one row).
+/// 1-row passes, and the multi-row cost is the startup curve scaled by a moving average of
+/// measured / predicted.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct LiveStepCost {
     /// As measured at startup.
     pub measured: StepCost,
     /// Current 1-row pass estimate (seconds).
     pub single: f64,
-    /// Current factor on the startup fit of multi-row passes.
+    /// Current factor on the startup curve of multi-row passes.
     pub multi_scale: f64,
 }
 
@@ -191,7 +191,7 @@ impl LiveStepCost {
 }
 
 impl LiveStepCost {
-    /// The corrected model: the current 1-row estimate, the multi-row fit scaled.
+    /// The corrected model: the current 1-row estimate, the multi-row curve scaled.
     pub fn current(&self) -> StepCost {
         let m = &self.measured;
         let mut passes = m.passes.map(|t| self.multi_scale * t);

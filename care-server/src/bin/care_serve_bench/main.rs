@@ -63,8 +63,8 @@ struct Args {
     /// Modes (`off`, `on`; `auto` sends no header, which drafts).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["off".to_string()])]
     modes: Vec<String>,
-    /// Longest draft per step.
-    #[arg(long, default_value_t = 6)]
+    /// Longest draft per step (the server's `--infinigram-max-draft`; its default).
+    #[arg(long, default_value_t = care_server::config::DEFAULT_MAX_DRAFT)]
     max_draft: usize,
     /// Draft policy of the server (`fixed`, `max-concurrency`, `calibrated`).
     #[arg(long, default_value = "calibrated")]
