@@ -18,7 +18,7 @@ pub const MAX_DRAFT_LIMIT: usize = 16;
 /// cap matters where drafts are long and sure (a chat answer restating the prompt's code):
 /// Qwen2.5-Coder-0.5B HumanEval-chat at concurrency 1 measured 1.83× / 2.03× with 12 against
 /// 1.80× / 1.96× with 8 (docs/BENCHMARKS.md), the other cells unchanged; 16 requests with
-/// 12-token drafts (208 rows) stay within the bit-identical few-row pass.
+/// 12-token drafts (208 rows) stay within the few-row kernel.
 pub const DEFAULT_MAX_DRAFT: usize = 12;
 
 /// `care-server`: mistral.rs's OpenAI-compatible server with Infinigram speculative decoding.
