@@ -2,9 +2,10 @@
 //! its stock-MLA conversion at 50 % KV (CARE, `kv_lora_rank` 160 incl. the anchor, RoPE
 //! 32), f32, on the CPU:
 //!
-//! - **original**: the GQA decoder with its contiguous K/V cache;
-//! - **MLA contiguous**: the converted decoder with its contiguous latent cache;
-//! - **MLA paged**: `DecoderRunner` — absorbed decode over the paged latent cache.
+//! - **GQA contiguous** / **MLA contiguous**: the reference decoder with its contiguous
+//!   cache (grown by concatenation: every step copies the cache);
+//! - **GQA paged** / **MLA paged**: the serving engine (`mla_attention::engine::Engine`)
+//!   over the paged cache (`[K ; V]` rows, absorbed decode over `[c ; k_pe]` rows).
 //!
 //! For each (prompt length, batch), every engine prefills `batch` prompts (untimed), then
 //! decodes `STEPS` greedy steps for the whole batch (timed; one warm-up step first).
@@ -18,10 +19,11 @@ use std::time::Instant;
 
 use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
 use care_convert::stock::{convert_stock, StockOptions};
+use mla_attention::engine::{Engine, EngineConfig, GenerationRequest};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::mla::MlaAttention;
 use mla_attention::model::Decoder;
-use mla_attention::runner::{DecoderRunner, RunnerConfig};
+use mla_attention::runner::{CpuPagedModel, PagedModel, RunnerConfig};
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -65,19 +67,18 @@ fn contiguous(model: &Decoder, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
     Ok((prompts.len() * steps) as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Decode tokens/s of `DecoderRunner` (paged latent cache) over `steps` steps.
-fn paged(runner: &mut DecoderRunner, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
+/// Decode tokens/s of the engine (paged cache) over `steps` steps.
+fn paged(engine: &mut Engine<CpuPagedModel>, prompts: &[Vec<u32>], steps: usize) -> Res<f64> {
     for p in prompts {
-        runner.add_request(p.clone(), steps + 2, vec![])?;
+        engine.submit(GenerationRequest::greedy(p.clone(), steps + 2))?;
     }
-    runner.step()?; // warm-up (emits the prefill's token)
+    engine.step()?; // prefill and a warm-up step
     let start = Instant::now();
-    let mut emitted = 0;
     for _ in 0..steps {
-        emitted += runner.step()?.len();
+        engine.step()?;
     }
-    let tps = emitted as f64 / start.elapsed().as_secs_f64();
-    runner.run_to_completion()?; // frees every block for the next cell
+    let tps = (prompts.len() * steps) as f64 / start.elapsed().as_secs_f64();
+    engine.run_to_completion()?; // frees every block for the next cell
     Ok(tps)
 }
 
@@ -90,7 +91,7 @@ fn main() -> Res<()> {
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| assets.join("models/smollm2-135m-instruct/model.gguf"));
     let (ctxs, batches, steps, samples): (&[usize], &[usize], usize, usize) = if bench_mode {
-        (&[128, 1024], &[1, 4, 16], 16, 128)
+        (&[512, 4096], &[1], 16, 128)
     } else {
         (&[16], &[2], 2, 16)
     };
@@ -130,14 +131,18 @@ fn main() -> Res<()> {
     let max_batch = *batches.iter().max().unwrap_or(&1);
     let max_ctx = *ctxs.iter().max().unwrap_or(&1);
     let num_blocks = max_batch * (max_ctx + steps + 2).div_ceil(BLOCK) + 8;
-    let mut runner: DecoderRunner = DecoderRunner::from_parts(
-        mla_decoder()?,
-        attns,
-        RunnerConfig {
-            block_size: BLOCK,
-            num_blocks,
-        },
-    )?;
+    let cache = RunnerConfig {
+        block_size: BLOCK,
+        num_blocks,
+    };
+    let mut mla_paged = Engine::new(
+        CpuPagedModel::from_parts(mla_decoder()?, attns, cache)?,
+        EngineConfig::default(),
+    );
+    let mut gqa_paged = Engine::new(
+        CpuPagedModel::load(&ckpt.spec, ckpt.weights.as_ref(), cache)?,
+        EngineConfig::default(),
+    );
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
         "model: {} ({} layers), f32 CPU, {threads} threads; conversion (calibration {} x 32 \
@@ -148,24 +153,29 @@ fn main() -> Res<()> {
     );
     let kv = |values: usize| values * 4;
     println!(
-        "KV cache bytes per token (f32): original GQA {}, MLA contiguous {}, MLA paged {}",
+        "KV cache bytes per token (f32): GQA contiguous {}, GQA paged {}, MLA contiguous {}, \
+         MLA paged {}",
         kv(original.cache_values_per_token()),
+        gqa_paged.model().bytes_per_token(),
         kv(mla.cache_values_per_token()),
-        runner.cache_bytes_per_token()
+        mla_paged.model().bytes_per_token()
     );
     println!(
-        "| prompt tokens | batch | original GQA tok/s | MLA contiguous tok/s | MLA paged tok/s | paged vs original |"
+        "| prompt tokens | batch | GQA contiguous tok/s | GQA paged tok/s | MLA contiguous tok/s | MLA paged tok/s | GQA paged ms/step | MLA paged ms/step |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
     for &ctx in ctxs {
         for &batch in batches {
             let p = prompts(batch, ctx);
             let a = contiguous(&original, &p, steps)?;
-            let b = contiguous(&mla, &p, steps)?;
-            let c = paged(&mut runner, &p, steps)?;
+            let b = paged(&mut gqa_paged, &p, steps)?;
+            let c = contiguous(&mla, &p, steps)?;
+            let d = paged(&mut mla_paged, &p, steps)?;
+            let ms = |tps: f64| 1e3 * batch as f64 / tps;
             println!(
-                "| {ctx} | {batch} | {a:.1} | {b:.1} | {c:.1} | {:.2}× |",
-                c / a
+                "| {ctx} | {batch} | {a:.1} | {b:.1} | {c:.1} | {d:.1} | {:.1} | {:.1} |",
+                ms(b),
+                ms(d)
             );
         }
     }

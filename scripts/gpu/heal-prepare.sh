@@ -30,10 +30,10 @@ cp "$A"/data/exllamav2-cal/{c4,wiki,code}.utf8 "$D/heal-a/assets/data/exllamav2-
 # perplexity evaluation texts.
 "$CPU_BIN" pack-data --quiet --model "$G" \
   --source "$A/data/sotu" --source "$A/data/python3.11-docs" --source "$A/data/cpython3.11-stdlib" \
-  --exclude "$A/data/sotu/2016_barack_obama_d.txt" --exclude /usr/lib/python3.11/functools.py \
+  --exclude "$A/data/sotu/2016_barack_obama_d.txt" --exclude "$A/data/cpython3.11-stdlib/functools.py" \
   --tokens "$TOKENS" --seq-len 512 --heldout 32 --seed 42 --out "$D/heal-a/heal.tokens"
 cp "$A/data/sotu/2016_barack_obama_d.txt" "$D/heal-a/assets/data/sotu/"
-cp /usr/lib/python3.11/functools.py "$D/heal-a/assets/data/functools.py"
+cp "$A/data/cpython3.11-stdlib/functools.py" "$D/heal-a/assets/data/functools.py"
 if [[ "${NO_TASKS:-0}" != 1 ]]; then
   (cd "$A/data" && tar -czf "$ROOT/$D/heal-a/tasks.tar.gz" \
     oe_eval_tasks/{arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,openbookqa}/rc_0shot)

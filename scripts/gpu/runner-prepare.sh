@@ -26,7 +26,7 @@ cp "$D/mla_cuda_bench.xz" "$D/runner-a/"
 strip -o "$D/runner-a/care-convert" "$CPU_BIN"
 xz -6 -T1 -f "$D/runner-a/care-convert"
 cp "$A"/data/exllamav2-cal/{c4,wiki,code}.utf8 "$D/runner-a/cal/"
-cp /usr/lib/python3.11/functools.py "$D/runner-a/prompt.txt"
+cp "$A/data/cpython3.11-stdlib/functools.py" "$D/runner-a/prompt.txt"
 cp scripts/gpu/hf_decode_bench.py "$D/runner-a/" 2>/dev/null || true
 G="$A/models/$MODEL/model.gguf"
 sha256sum "$G" | sed "s#  .*#  model.gguf#" > "$D/runner-a/model.sha256"

@@ -13,6 +13,8 @@
 //!   against the target's outputs; both are lossless: greedy output equals plain greedy
 //!   decoding, sampled output has exactly the target's distribution (it even equals plain
 //!   sampling with the same seed, since each emitted token takes one draw).
+//! - [`BatchPolicy`] applies a policy to a serving engine's whole step, with a measured
+//!   [`StepCost`] and the [`ThroughputGate`]; [`SpecStats`] keeps the acceptance tables.
 //! - [`speculative_generate`] runs the whole loop against any [`TargetModel`], logging every
 //!   drafted token to a [`DraftLog`].
 //!
@@ -25,6 +27,8 @@ mod local;
 mod log;
 mod policy;
 mod sampling;
+mod serving;
+mod stats;
 pub mod toy;
 mod tree;
 mod verify;
@@ -42,6 +46,11 @@ pub use policy::{
     PolicyContext, PriorModel, ScoreGate,
 };
 pub use sampling::{argmax, Rng, SampleParams, Sampling};
+pub use serving::{
+    gate_class, BatchPolicy, BatchPolicySettings, GateArm, LiveStepCost, PolicyKind, StepCost,
+    StepPlan, ThroughputGate, STEP_COST_ROWS,
+};
+pub use stats::{BucketRow, SpecStats, StatsSnapshot, StepOutcome};
 pub use tree::{DraftNode, DraftTree};
 pub use verify::{
     verify_greedy, verify_greedy_logits, verify_greedy_tree, verify_sample_match,

@@ -244,7 +244,4 @@ fn merge_partials<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut 
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
-}
+use super::gqa::dot8 as dot;

@@ -7,10 +7,12 @@ use candle_core::{DType, Device, Tensor};
 
 use super::absorb::LatentProjections;
 use super::decode::{absorbed_decode, DecodeParams, DecodeQuery};
+use super::gqa::{append_segments, row_views, undo_segments};
 use crate::cache::{LatentElem, LatentPagedCache, LayerWidth, SeqId};
 use crate::error::{Error, Result};
 use crate::mla::{MlaAttention, MlaShape};
 use crate::model::attention::linear;
+use crate::runner::PassRows;
 
 /// An MLA layer bound to layer index `layer` of a paged cache.
 #[derive(Debug, Clone)]
@@ -59,6 +61,38 @@ impl PagedMlaLayer {
                 x.dims()
             )));
         }
+        let mut sorted = seqs.to_vec();
+        sorted.sort();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(Error::InvalidInput(
+                "paged MLA decode: a sequence appears twice in the batch".into(),
+            ));
+        }
+        let starts: Vec<usize> = seqs
+            .iter()
+            .map(|&s| cache.tokens(s, self.layer))
+            .collect::<Result<_>>()?;
+        self.forward_rows(x, &PassRows::new(seqs, &starts, &vec![1; b]), cache)
+    }
+
+    /// `x (rows, 1, hidden)` → `(rows, 1, hidden)` for the rows of `pass` (each sequence's
+    /// rows consecutive, at positions from its tokens cached in this layer): appends every
+    /// row's latent, then each row attends over its sequence's rows up to its own. On error
+    /// no sequence is changed.
+    pub fn forward_rows<T: LatentElem>(
+        &self,
+        x: &Tensor,
+        pass: &PassRows,
+        cache: &mut LatentPagedCache<T>,
+    ) -> Result<Tensor> {
+        let (b, one, _hidden) = x.dims3()?;
+        if one != 1 || b != pass.rows() {
+            return Err(Error::InvalidInput(format!(
+                "paged MLA pass takes ({} rows, 1, hidden), got {:?}",
+                pass.rows(),
+                x.dims()
+            )));
+        }
         let MlaShape {
             num_heads: nh,
             qk_nope_head_dim: dn,
@@ -75,32 +109,23 @@ impl PagedMlaLayer {
                 expected: lw.width(),
             });
         }
-        let mut sorted = seqs.to_vec();
-        sorted.sort();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(Error::InvalidInput(
-                "paged MLA decode: a sequence appears twice in the batch".into(),
-            ));
-        }
-        let pos: Vec<usize> = seqs
-            .iter()
-            .map(|&s| cache.tokens(s, self.layer))
-            .collect::<Result<_>>()?;
+        let pos = &pass.row_pos;
         // Queries: (b, 1, n_h·(d_nope + d_rope)) → (b, n_h, d_nope + d_rope).
         let q = self.attn.queries(x)?.reshape((b, nh, dn + dr))?;
         let q_nope = q.narrow(2, 0, dn)?.flatten_all()?.to_vec1::<f32>()?;
         let q_pe = self
             .attn
             .rope()
-            .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, &pos)?
+            .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, pos)?
             .flatten_all()?
             .to_vec1::<f32>()?;
         let latents = self
             .attn
-            .latents_at(x, &pos)?
+            .latents_at(x, pos)?
             .to_dtype(DType::F32)?
-            .to_vec2::<f32>()?;
-        self.append_all(cache, seqs, &pos, &latents)?;
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        append_segments(cache, self.layer, pass, r + dr, &latents)?;
         let q_lat = self.proj.absorb_queries(&q_nope)?;
         let query = DecodeQuery {
             q_lat: &q_lat,
@@ -109,16 +134,13 @@ impl PagedMlaLayer {
             scale: self.attn.softmax_scale() as f32,
         };
         let o_lat = {
-            let views = seqs
-                .iter()
-                .map(|&s| cache.view(s, self.layer))
-                .collect::<Result<Vec<_>>>()?;
+            let views = row_views(cache, self.layer, pass)?;
             absorbed_decode(&cache.layer(self.layer)?, &views, &query, &self.params)
         };
         let o_lat = match o_lat {
             Ok(o) => o,
             Err(e) => {
-                self.undo(cache, seqs, &pos);
+                undo_segments(cache, self.layer, pass);
                 return Err(e);
             }
         };
@@ -126,31 +148,5 @@ impl PagedMlaLayer {
         let o = Tensor::from_vec(o, (b, 1, nh * dv), &Device::Cpu)?.to_device(x.device())?;
         let w = self.attn.weights();
         linear(&o, &w.o_proj, w.o_proj_bias.as_ref())
-    }
-
-    /// Append one row per sequence, all or none.
-    fn append_all<T: LatentElem>(
-        &self,
-        cache: &mut LatentPagedCache<T>,
-        seqs: &[SeqId],
-        pos: &[usize],
-        rows: &[Vec<f32>],
-    ) -> Result<()> {
-        let width = self.attn.shape().cache_values_per_token();
-        for (i, (&s, row)) in seqs.iter().zip(rows).enumerate() {
-            if let Err(e) = cache.append(s, self.layer, width, row) {
-                self.undo(cache, &seqs[..i], &pos[..i]);
-                return Err(e);
-            }
-        }
-        Ok(())
-    }
-
-    /// Roll `seqs` back to `pos` tokens in this layer.
-    fn undo<T: LatentElem>(&self, cache: &mut LatentPagedCache<T>, seqs: &[SeqId], pos: &[usize]) {
-        for (&s, &p) in seqs.iter().zip(pos) {
-            // The sequences were appended to above, so they exist and have >= p rows.
-            let _ = cache.truncate(s, self.layer, p);
-        }
     }
 }

@@ -11,7 +11,7 @@
 //! - [`decode`]: [`CudaMlaDecoder`], split kernels (tensor cores for bf16, CUDA cores
 //!   otherwise) plus the log-sum-exp combine.
 //! - [`runner`]: [`CudaPagedModel`], a stock DeepSeek-V2 checkpoint on the GPU for the
-//!   continuous-batching [`DecoderRunner`](crate::runner::DecoderRunner).
+//!   one-engine scheduler ([`Engine`](crate::engine::Engine)).
 //!
 //! ```no_run
 //! use mla_attention::cache::{CacheConfig, LayerWidth};

@@ -1,4 +1,4 @@
-//! [`CudaPagedModel`]: the GPU side of the [`DecoderRunner`] — a converted checkpoint on
+//! [`CudaPagedModel`]: the GPU [`PagedModel`] of the [`Engine`](crate::engine::Engine) — a converted checkpoint on
 //! one CUDA device, its latents in a [`CudaLatentCache`]; stock MLA layers decode
 //! through [`CudaMlaDecoder`], one-shot low-rank layers rebuild K/V from each
 //! sequence's latents gathered on the device ([`LowRankKvAttention::decode_over`]).
@@ -20,21 +20,22 @@
 //! rows into the paged cache on the device.
 //!
 //! ```no_run
-//! use mla_attention::{io::Checkpoint, runner::{DecoderRunner, RunnerConfig}};
+//! use mla_attention::{io::Checkpoint, runner::RunnerConfig};
+//! use mla_attention::engine::{Engine, EngineConfig, GenerationRequest};
 //! use mla_attention::cuda::{CudaPagedModel, CudaRunnerOptions};
 //! let ckpt = Checkpoint::open("deepseek-v2-dense-dir")?;
 //! let cfg = RunnerConfig { block_size: 64, num_blocks: 4096 };
 //! let model = CudaPagedModel::<half::bf16>::load(&ckpt.spec, ckpt.weights.as_ref(), cfg,
 //!     CudaRunnerOptions::default())?;
-//! let mut runner = DecoderRunner::new(model);
-//! let id = runner.add_request(vec![1, 2, 3], 16, vec![])?;
-//! let out = runner.run_to_completion()?;
+//! let mut engine = Engine::new(model, EngineConfig::default());
+//! let id = engine.submit(GenerationRequest::greedy(vec![1, 2, 3], 16))?;
+//! let out = engine.run_to_completion()?;
 //! # Ok::<(), mla_attention::Error>(())
 //! ```
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 use super::interop::{with_view, wrap};
 use super::{CudaDecodeQuery, CudaLatentCache, CudaLatentElem, CudaMlaDecoder, MlaKernels};
@@ -45,7 +46,7 @@ use crate::io::{OnDevice, WeightSource};
 use crate::mla::{MlaAttention, MlaShape};
 use crate::model::{Decoder, LowRankKvAttention};
 use crate::runner::layers::{cache_config, check_parts, load_parts, prefill_rows, RunnerLayer};
-use crate::runner::{PagedModel, RunnerConfig};
+use crate::runner::{check_pass, PagedModel, RunnerConfig};
 
 /// How a [`CudaPagedModel`] holds its weights and runs prefill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +106,14 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
             dtype: Some(options.dtype),
         };
         let (decoder, attns) = load_parts(spec, &on_dev)?;
+        if attns.iter().any(|a| matches!(a, RunnerLayer::Gqa(_))) {
+            return Err(Error::InvalidInput(format!(
+                "{}: an original GQA checkpoint; the CUDA paged model decodes converted \
+                 checkpoints (stock MLA from `care-convert mla`, one-shot latents from \
+                 `care-convert convert`); GQA runs on the CPU paged model",
+                w.path().display()
+            )));
+        }
         check_parts(&decoder, &attns)?;
         let kernels = MlaKernels::new(device.as_cuda_device()?.cuda_stream())?;
         let cache = CudaLatentCache::new(kernels.clone(), cache_config(&attns, config))?;
@@ -146,6 +155,9 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
                 let a = a.clone();
                 self.low_rank_attention(&a, l, h, seqs)
             }
+            RunnerLayer::Gqa(_) => Err(Error::InvalidInput(
+                "GQA layers are refused when the CUDA paged model loads".into(),
+            )),
         }
     }
 
@@ -228,7 +240,8 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         crate::model::attention::linear(&o, &w.o_proj, w.o_proj_bias.as_ref())
     }
 
-    fn decode_layers(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Vec<u32>> {
+    /// Logits `(b, vocab)` (f32, on the device) of one row per sequence.
+    fn decode_layers(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Tensor> {
         let b = tokens.len();
         let hidden = self.decoder.spec.hidden_size;
         let mut x = self.decoder.embed(tokens)?.reshape((b, 1, hidden))?;
@@ -242,7 +255,7 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         }
         let d = &self.decoder;
         let logits = d.logits(&d.norm.forward(&x)?.reshape((b, hidden))?)?;
-        Ok(logits.argmax(D::Minus1)?.to_vec1::<u32>()?)
+        Ok(logits.to_dtype(DType::F32)?)
     }
 }
 
@@ -279,27 +292,32 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
         self.decoder.spec.vocab_size
     }
 
-    fn prefill(&mut self, prompt: &[u32]) -> Result<(SeqId, u32)> {
-        let mut contiguous = self.decoder.new_cache();
-        let mut last = None;
-        for chunk in prompt.chunks(self.options.prefill_chunk) {
-            let hidden = self.decoder.forward_hidden(chunk, &mut contiguous, None)?;
-            last = Some(hidden.narrow(0, chunk.len() - 1, 1)?);
+    fn max_context(&self) -> usize {
+        self.decoder.spec.max_position_embeddings
+    }
+
+    /// One row per sequence: multi-row verification on the GPU is not built yet, so the
+    /// engine does not draft on this model.
+    fn max_segment_rows(&self) -> usize {
+        1
+    }
+
+    fn prefill(&mut self, tokens: &[u32]) -> Result<SeqId> {
+        if tokens.is_empty() {
+            return Ok(self.cache.add_sequence());
         }
-        let last = last.ok_or_else(|| Error::InvalidInput("empty prompt".into()))?;
-        let first = self
-            .decoder
-            .logits(&last)?
-            .argmax(D::Minus1)?
-            .flatten_all()?
-            .to_vec1::<u32>()?[0];
+        let mut contiguous = self.decoder.new_cache();
+        for chunk in tokens.chunks(self.options.prefill_chunk) {
+            self.decoder.forward_hidden(chunk, &mut contiguous, None)?;
+        }
         let seq = self.cache.add_sequence();
         let copied = contiguous
             .layers
             .iter()
+            .zip(&self.attns)
             .enumerate()
-            .try_for_each(|(l, lc)| {
-                with_view::<T, _>(&prefill_rows(l, lc)?, |v| {
+            .try_for_each(|(l, (lc, layer))| {
+                with_view::<T, _>(&prefill_rows(layer, l, lc)?, |v| {
                     self.cache.append_device(seq, l, v)
                 })
             });
@@ -307,7 +325,7 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
             self.cache.free(seq)?;
             return Err(e);
         }
-        Ok((seq, first))
+        Ok(seq)
     }
 
     fn tokens(&self, seq: SeqId) -> Result<usize> {
@@ -323,8 +341,19 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
         Ok(())
     }
 
-    fn decode_step(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Vec<u32>> {
-        self.decode_layers(tokens, seqs, pos)
+    fn forward(&mut self, seqs: &[SeqId], segments: &[&[u32]]) -> Result<Tensor> {
+        check_pass(seqs, segments, self.vocab_size(), 1)?;
+        let tokens: Vec<u32> = segments.iter().map(|s| s[0]).collect();
+        let pos: Vec<usize> = seqs
+            .iter()
+            .map(|&s| self.tokens(s))
+            .collect::<Result<_>>()?;
+        self.decode_layers(&tokens, seqs, &pos).or_else(|e| {
+            for (&s, &p) in seqs.iter().zip(&pos) {
+                self.rollback(s, p)?;
+            }
+            Err(e)
+        })
     }
 
     fn free(&mut self, seq: SeqId) -> Result<()> {

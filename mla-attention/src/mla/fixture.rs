@@ -221,8 +221,12 @@ pub struct RandomOneShot {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
-    /// `(r_k, r_v)`, or `r` of a shared latent when `shared`.
+    /// `(r_k, r_v)`, or `r` of a shared latent when `shared`; layer `l` adds
+    /// `l · rank_step` to each (per-layer ranks, as CARE's water-filling gives).
     pub ranks: (usize, usize),
+    pub rank_step: usize,
+    /// No latent factors at all: the original GQA checkpoint (`k_proj`, `v_proj`).
+    pub gqa: bool,
     pub shared: bool,
     /// Qwen2 (q/k/v biases) instead of Llama.
     pub qwen2: bool,
@@ -230,6 +234,14 @@ pub struct RandomOneShot {
 }
 
 impl RandomOneShot {
+    /// The original GQA form of [`Self::tiny`]'s shape (no latents).
+    pub fn tiny_gqa() -> Self {
+        RandomOneShot {
+            gqa: true,
+            ..Self::tiny()
+        }
+    }
+
     /// 2 layers, hidden 32, 4 query heads over 2 KV heads of 8, ranks (6, 5), vocab 40.
     pub fn tiny() -> Self {
         RandomOneShot {
@@ -241,6 +253,8 @@ impl RandomOneShot {
             num_kv_heads: 2,
             head_dim: 8,
             ranks: (6, 5),
+            rank_step: 0,
+            gqa: false,
             shared: false,
             qwen2: false,
             seed: 29,
@@ -282,8 +296,20 @@ impl RandomOneShot {
                 format!("{a}.q_proj.weight"),
                 g.tensor(&[q_rows, h], inv(h))?,
             );
-            let (rk, rv) = self.ranks;
-            if self.shared {
+            let (rk, rv) = (
+                self.ranks.0 + l * self.rank_step,
+                self.ranks.1 + l * self.rank_step,
+            );
+            if self.gqa {
+                t.insert(
+                    format!("{a}.k_proj.weight"),
+                    g.tensor(&[kv_rows, h], inv(h))?,
+                );
+                t.insert(
+                    format!("{a}.v_proj.weight"),
+                    g.tensor(&[kv_rows, h], inv(h))?,
+                );
+            } else if self.shared {
                 t.insert(
                     format!("{a}.kv_latent_a.weight"),
                     g.tensor(&[rk, h], inv(h))?,

@@ -1,5 +1,5 @@
 //! `y = x · Wᵀ` for a few rows of `x` (decode and speculative verification), f32, on CPUs
-//! with AVX-512.
+//! with AVX-512 or AVX2 + FMA (the same tiles over 16 or 8 lanes).
 //!
 //! candle's CPU matmul has a matrix-vector path for one row and a general GEMM for more,
 //! which packs the weight on every call: on SmolLM2 (2-vCPU EPYC) a pass of 2–8 tokens costs
@@ -39,11 +39,20 @@ pub fn set_enabled(on: bool) {
 /// Output rows per parallel task.
 const OUT_CHUNK: usize = 64;
 
-/// Whether [`few_rows_matmul`] runs here: the CPU has AVX-512 and the path is enabled.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// Whether [`few_rows_matmul`] runs here: the CPU has AVX-512, or AVX2 with FMA, and the
+/// path is enabled.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        ENABLED.load(Ordering::Relaxed) && std::arch::is_x86_feature_detected!("avx512f")
+        ENABLED.load(Ordering::Relaxed)
+            && (has_avx512()
+                || (std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -52,7 +61,7 @@ pub fn available() -> bool {
 }
 
 /// `y[r, o] = Σ_i x[r, i] · w[o, i]` for `x` `(rows, k)`, `w` `(out, k)`, `y` `(rows, out)`,
-/// row-major. `None` (nothing written) when the CPU lacks AVX-512, `rows` is 0 or above
+/// row-major. `None` (nothing written) when the CPU lacks AVX-512 and AVX2, `rows` is 0 or above
 /// [`MAX_ROWS`], or the lengths do not match.
 pub fn few_rows_matmul(
     x: &[f32],
@@ -81,9 +90,17 @@ pub fn few_rows_matmul(
             .for_each(|(c, block)| {
                 let o0 = c * OUT_CHUNK;
                 let n = block.len() / rows;
-                // SAFETY: AVX-512F is available (checked above); the slices hold `rows` rows
-                // of `k` values and `n` weight rows of `k` values, and `block` is `n × rows`.
-                unsafe { avx512::kernel(x, rows, &w[o0 * k..(o0 + n) * k], n, k, block) };
+                let ws = &w[o0 * k..(o0 + n) * k];
+                // SAFETY: the instruction set was detected (`available`); the slices hold
+                // `rows` rows of `k` values and `n` weight rows of `k` values, and `block`
+                // is `n × rows`.
+                unsafe {
+                    if has_avx512() {
+                        simd::kernel_avx512(x, rows, ws, n, k, block)
+                    } else {
+                        simd::kernel_avx2(x, rows, ws, n, k, block)
+                    }
+                };
             });
         for o in 0..out {
             for r in 0..rows {
@@ -99,34 +116,131 @@ pub fn few_rows_matmul(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+mod simd {
     use std::arch::x86_64::*;
 
-    const LANES: usize = 16;
+    /// A vector of f32 lanes: what the tiles need from an instruction set.
+    pub trait Lanes {
+        type V: Copy;
+        const N: usize;
+        unsafe fn zero() -> Self::V;
+        unsafe fn load(p: *const f32) -> Self::V;
+        /// `a · b + c`.
+        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+        /// The lanes' sum, in a fixed order.
+        unsafe fn sum(v: Self::V) -> f32;
+    }
+
+    pub struct Avx512;
+    pub struct Avx2;
+
+    impl Lanes for Avx512 {
+        type V = __m512;
+        const N: usize = 16;
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            _mm512_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            _mm512_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+            _mm512_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m512) -> f32 {
+            _mm512_reduce_add_ps(v)
+        }
+    }
+
+    impl Lanes for Avx2 {
+        type V = __m256;
+        const N: usize = 8;
+        #[inline(always)]
+        unsafe fn zero() -> __m256 {
+            _mm256_setzero_ps()
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+        #[inline(always)]
+        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+            _mm256_fmadd_ps(a, b, c)
+        }
+        #[inline(always)]
+        unsafe fn sum(v: __m256) -> f32 {
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), v);
+            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+        }
+    }
 
     /// Weight rows per group: every row of `x` is multiplied with a group while it is in
     /// L1/L2, so each weight row comes from memory once whatever the row count (rows in an
     /// outer loop would stream a large weight block, e.g. an MLP down projection, twice).
     const GROUP: usize = 8;
 
-    /// `yt[o, r]` for the `n` weight rows of `w` and the `rows` rows of `x`.
+    /// `yt[o, r]` for the `n` weight rows of `w` and the `rows` rows of `x`, AVX-512.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, yt: &mut [f32]) {
+    pub unsafe fn kernel_avx512(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        yt: &mut [f32],
+    ) {
+        // 32 registers: tiles of 4×4, 2×8, 1×8 running sums.
+        kernel::<Avx512, 4, 4, 2, 8>(x, rows, w, n, k, yt)
+    }
+
+    /// The same with AVX2 + FMA (16 registers: tiles of 2×4, 2×4, 1×8).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn kernel_avx2(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        yt: &mut [f32],
+    ) {
+        kernel::<Avx2, 2, 4, 2, 4>(x, rows, w, n, k, yt)
+    }
+
+    /// Rows in tiles of `R4 × O4` (4 or more rows left… as many as `R4`), `R2 × O2`, then
+    /// `1 × 8`.
+    #[inline(always)]
+    unsafe fn kernel<
+        L: Lanes,
+        const R4: usize,
+        const O4: usize,
+        const R2: usize,
+        const O2: usize,
+    >(
+        x: &[f32],
+        rows: usize,
+        w: &[f32],
+        n: usize,
+        k: usize,
+        yt: &mut [f32],
+    ) {
         let mut o = 0;
         while o < n {
             let group = (n - o).min(GROUP);
-            // Tiles of (rows × weight rows) with independent running sums: 4×4, 2×8, 1×8.
             let mut r = 0;
             while r < rows {
                 let left = rows - r;
                 if left >= 4 {
-                    tiles::<4, 4>(x, w, o, group, k, r, rows, yt);
-                    r += 4;
+                    tiles::<L, R4, O4>(x, w, o, group, k, r, rows, yt);
+                    r += R4;
                 } else if left >= 2 {
-                    tiles::<2, 8>(x, w, o, group, k, r, rows, yt);
-                    r += 2;
+                    tiles::<L, R2, O2>(x, w, o, group, k, r, rows, yt);
+                    r += R2;
                 } else {
-                    tiles::<1, 8>(x, w, o, group, k, r, rows, yt);
+                    tiles::<L, 1, 8>(x, w, o, group, k, r, rows, yt);
                     r += 1;
                 }
             }
@@ -137,7 +251,7 @@ mod avx512 {
     /// Rows `r..r + R` against weight rows `o0..o0 + n`, `O` at a time.
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn tiles<const R: usize, const O: usize>(
+    unsafe fn tiles<L: Lanes, const R: usize, const O: usize>(
         x: &[f32],
         w: &[f32],
         o0: usize,
@@ -152,7 +266,7 @@ mod avx512 {
         let mut o = o0;
         while o + O <= end {
             let ws: [&[f32]; O] = std::array::from_fn(|j| &w[(o + j) * k..(o + j + 1) * k]);
-            let d = tile::<R, O>(ws, xs);
+            let d = tile::<L, R, O>(ws, xs);
             for (i, di) in d.iter().enumerate() {
                 for (j, &v) in di.iter().enumerate() {
                     yt[(o + j) * rows + r + i] = v;
@@ -161,7 +275,7 @@ mod avx512 {
             o += O;
         }
         while o < end {
-            let d = tile::<R, 1>([&w[o * k..(o + 1) * k]], xs);
+            let d = tile::<L, R, 1>([&w[o * k..(o + 1) * k]], xs);
             for (i, di) in d.iter().enumerate() {
                 yt[o * rows + r + i] = di[0];
             }
@@ -169,30 +283,31 @@ mod avx512 {
         }
     }
 
-    /// Dot products of `R` rows with `O` weight rows, all of length `k`.
+    /// Dot products of `R` rows with `O` weight rows, all of length `k`: one running sum
+    /// per pair over the lanes in order, then the tail, whatever `R` and `O` are.
     #[inline(always)]
-    unsafe fn tile<const R: usize, const O: usize>(
+    unsafe fn tile<L: Lanes, const R: usize, const O: usize>(
         w: [&[f32]; O],
         x: [&[f32]; R],
     ) -> [[f32; O]; R] {
         let k = w[0].len();
-        let split = k / LANES * LANES;
-        let mut acc = [[_mm512_setzero_ps(); O]; R];
+        let split = k / L::N * L::N;
+        let mut acc = [[L::zero(); O]; R];
         let mut c = 0;
         while c < split {
-            let mut wv = [_mm512_setzero_ps(); O];
+            let mut wv = [L::zero(); O];
             for j in 0..O {
-                // SAFETY: c + LANES <= split <= k = w[j].len().
-                wv[j] = _mm512_loadu_ps(w[j].as_ptr().add(c));
+                // SAFETY: c + N <= split <= k = w[j].len().
+                wv[j] = L::load(w[j].as_ptr().add(c));
             }
             for i in 0..R {
                 // SAFETY: as above, x[i].len() = k.
-                let xv = _mm512_loadu_ps(x[i].as_ptr().add(c));
+                let xv = L::load(x[i].as_ptr().add(c));
                 for j in 0..O {
-                    acc[i][j] = _mm512_fmadd_ps(wv[j], xv, acc[i][j]);
+                    acc[i][j] = L::fma(wv[j], xv, acc[i][j]);
                 }
             }
-            c += LANES;
+            c += L::N;
         }
         let mut out = [[0f32; O]; R];
         for i in 0..R {
@@ -201,7 +316,7 @@ mod avx512 {
                 for q in split..k {
                     tail += w[j][q] * x[i][q];
                 }
-                out[i][j] = _mm512_reduce_add_ps(acc[i][j]) + tail;
+                out[i][j] = L::sum(acc[i][j]) + tail;
             }
         }
         out
@@ -226,11 +341,11 @@ mod tests {
 
     /// Matches an f64 reference for every row count and awkward sizes (a tail after the
     /// 16-lane chunks, partial tiles and output blocks); a row's outputs are bit-identical
-    /// whatever rows run beside it. Skipped (with a message) on CPUs without AVX-512.
+    /// whatever rows run beside it. Skipped (with a message) on CPUs without AVX-512 or AVX2.
     #[test]
     fn matches_reference_and_rows_are_independent() {
         if !available() {
-            eprintln!("no AVX-512 on this CPU: the few-row path is not used here");
+            eprintln!("no AVX-512 or AVX2 on this CPU: the few-row path is not used here");
             return;
         }
         for (out, k) in [(1, 1), (7, 13), (130, 576), (65, 16), (9, 40)] {

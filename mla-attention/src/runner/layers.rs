@@ -1,6 +1,8 @@
-//! The converted attention forms a runner decodes over a paged cache, and loading
-//! them (shared by the CPU and CUDA paged models).
+//! The attention forms a paged model decodes over a paged cache, and loading them
+//! (shared by the CPU and CUDA paged models).
 //!
+//! - **GQA** (an original Llama/Qwen2 checkpoint): the cached row is `[K ; V]` of every KV
+//!   head (RoPE'd keys), attention over the blocks.
 //! - **Stock MLA** (`care-convert mla`, DeepSeek-V2 format): the cached row is
 //!   `[c ; RoPE(k_pe)]`; decode is absorbed (attention in latent space).
 //! - **One-shot low rank** (`care-convert convert`, Llama/Qwen2 format with latent
@@ -17,12 +19,13 @@ use crate::error::{Error, Result};
 use crate::io::WeightSource;
 use crate::mla::{load_mla_attention, MlaAttention, MlaForm};
 use crate::model::attention::LayerCache;
-use crate::model::decoder::{load_layer_rest, load_low_rank_attention};
-use crate::model::{Attention, Decoder, LowRankKvAttention};
+use crate::model::decoder::{load_gqa_attention, load_layer_rest, load_low_rank_attention};
+use crate::model::{Attention, Decoder, GqaAttention, LowRankKvAttention};
 
 /// One layer's attention as a runner decodes it.
 #[derive(Debug, Clone)]
 pub enum RunnerLayer {
+    Gqa(GqaAttention),
     Mla(Box<MlaAttention>),
     LowRank(LowRankKvAttention),
 }
@@ -32,6 +35,10 @@ impl RunnerLayer {
     /// latents carry no position).
     pub fn width(&self) -> LayerWidth {
         match self {
+            RunnerLayer::Gqa(a) => LayerWidth {
+                rank: a.cache_values_per_token(),
+                rope: 0,
+            },
             RunnerLayer::Mla(a) => LayerWidth::of_shape(&a.shape()),
             RunnerLayer::LowRank(a) => LayerWidth {
                 rank: a.cache_values_per_token(),
@@ -58,7 +65,7 @@ pub(crate) fn check_parts(decoder: &Decoder, layers: &[RunnerLayer]) -> Result<(
     for (l, (a, layer)) in layers.iter().zip(&decoder.layers).enumerate() {
         let hidden_ok = match a {
             RunnerLayer::Mla(m) => m.hidden_size() == decoder.spec.hidden_size,
-            RunnerLayer::LowRank(_) => true,
+            RunnerLayer::Gqa(_) | RunnerLayer::LowRank(_) => true,
         };
         if !hidden_ok || a.cache_values_per_token() != layer.attn.cache_values_per_token() {
             return Err(Error::InvalidInput(format!(
@@ -73,9 +80,9 @@ pub(crate) fn check_parts(decoder: &Decoder, layers: &[RunnerLayer]) -> Result<(
     Ok(())
 }
 
-/// Every layer's attention of a converted checkpoint — stock DeepSeek-V2 or one-shot
-/// low rank — and the decoder around them (MLA layers in materialized form, for
-/// prefill). An unconverted (GQA) layer is an error naming the converters.
+/// Every layer's attention of a checkpoint — original GQA, stock DeepSeek-V2 MLA or
+/// one-shot low rank — and the decoder around them (MLA layers in materialized form), which
+/// prefills prompts.
 pub(crate) fn load_parts(
     spec: &ModelSpec,
     w: &dyn WeightSource,
@@ -91,12 +98,8 @@ pub(crate) fn load_parts(
             match load_low_rank_attention(spec, w, l)? {
                 Some(a) => (RunnerLayer::LowRank(a.clone()), Box::new(a)),
                 None => {
-                    return Err(Error::InvalidInput(format!(
-                        "{}: layer {l} is plain GQA; the paged runner decodes converted \
-                         checkpoints (stock MLA from `care-convert mla`, one-shot latents \
-                         from `care-convert convert`)",
-                        w.path().display()
-                    )))
+                    let a = load_gqa_attention(spec, w, l)?;
+                    (RunnerLayer::Gqa(a.clone()), Box::new(a))
                 }
             }
         };
@@ -116,12 +119,23 @@ pub(crate) fn cache_config(layers: &[RunnerLayer], config: RunnerConfig) -> Cach
     }
 }
 
-/// A prefill's contiguous cache of one layer as the rows of the paged cache: its
-/// entries side by side, `(1, 1, tokens, Σ widths)`.
-pub(crate) fn prefill_rows(l: usize, lc: &LayerCache) -> Result<Tensor> {
+/// A prefill's contiguous cache of one layer as the rows of the paged cache,
+/// `(1, 1, tokens, width)`: MLA and one-shot entries side by side; GQA's `k`, `v`
+/// `(1, n_kv, tokens, d)` as `[K ; V]` rows.
+pub(crate) fn prefill_rows(layer: &RunnerLayer, l: usize, lc: &LayerCache) -> Result<Tensor> {
+    if let (RunnerLayer::Gqa(_), [k, v]) = (layer, lc.entries.as_slice()) {
+        let (_, nkv, t, d) = k.dims4()?;
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            Ok(x.squeeze(0)?
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((t, nkv * d))?)
+        };
+        return Ok(Tensor::cat(&[rows(k)?, rows(v)?], 1)?.reshape((1, 1, t, 2 * nkv * d))?);
+    }
     match lc.entries.as_slice() {
         [] => Err(Error::InvalidInput(format!(
-            "layer {l}: the prefill left no latent rows"
+            "layer {l}: the prefill left no cached rows"
         ))),
         [one] => Ok(one.clone()),
         many => Ok(Tensor::cat(many, 3)?),

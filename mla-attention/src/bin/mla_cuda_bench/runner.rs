@@ -1,4 +1,4 @@
-//! `--mode runner`: the continuous-batching [`DecoderRunner`] on the GPU
+//! `--mode runner`: the one engine ([`Engine`]) on the GPU
 //! ([`CudaPagedModel`]) for real converted checkpoints.
 //!
 //! Checks: the CUDA runner (f32 weights, f32 cache) generates the same greedy tokens as
@@ -17,9 +17,10 @@ use anyhow::{Context, Result};
 use candle_core::DType;
 use half::bf16;
 use mla_attention::cuda::{CudaLatentElem, CudaPagedModel, CudaRunnerOptions};
+use mla_attention::engine::{Engine, EngineConfig, GenerationRequest, RequestId};
 use mla_attention::io::Checkpoint;
 use mla_attention::mla::fixture::{RandomDeepseek, RandomOneShot};
-use mla_attention::runner::{DecoderRunner, PagedModel, RequestId, RunnerConfig};
+use mla_attention::runner::{CpuPagedModel, PagedModel, RunnerConfig};
 
 const BLOCK: usize = 64;
 
@@ -98,18 +99,18 @@ impl Prompts {
 /// Run the same schedule on any runner: requests 0 and 1 at once, request 2 after two
 /// steps; greedy tokens per request.
 fn schedule<M: PagedModel>(
-    runner: &mut DecoderRunner<M>,
+    runner: &mut Engine<M>,
     prompts: &[Vec<u32>],
     max_new: usize,
 ) -> Result<Vec<Vec<u32>>> {
     let mut ids: Vec<RequestId> = Vec::new();
     for p in &prompts[..2] {
-        ids.push(runner.add_request(p.clone(), max_new, vec![])?);
+        ids.push(runner.submit(GenerationRequest::greedy(p.clone(), max_new))?);
     }
     runner.step()?;
     runner.step()?;
     for p in &prompts[2..] {
-        ids.push(runner.add_request(p.clone(), max_new, vec![])?);
+        ids.push(runner.submit(GenerationRequest::greedy(p.clone(), max_new))?);
     }
     let done: BTreeMap<RequestId, Vec<u32>> = runner.run_to_completion()?;
     Ok(ids.iter().map(|id| done[id].clone()).collect())
@@ -151,7 +152,7 @@ fn cuda_runner<T: CudaLatentElem>(
     ckpt: &Checkpoint,
     num_blocks: usize,
     dtype: DType,
-) -> Result<DecoderRunner<CudaPagedModel<T>>> {
+) -> Result<Engine<CudaPagedModel<T>>> {
     let cfg = RunnerConfig {
         block_size: BLOCK,
         num_blocks,
@@ -160,12 +161,8 @@ fn cuda_runner<T: CudaLatentElem>(
         dtype,
         ..Default::default()
     };
-    Ok(DecoderRunner::new(CudaPagedModel::<T>::load(
-        &ckpt.spec,
-        ckpt.weights.as_ref(),
-        cfg,
-        opts,
-    )?))
+    let model = CudaPagedModel::<T>::load(&ckpt.spec, ckpt.weights.as_ref(), cfg, opts)?;
+    Ok(Engine::new(model, EngineConfig::default()))
 }
 
 /// CPU f32 vs CUDA f32/f32 (must match) and CUDA bf16/bf16 (reported).
@@ -181,7 +178,7 @@ fn check_model(
     let ps: Vec<Vec<u32>> = (0..3).map(|i| prompts.get(i, prompt_len + 7 * i)).collect();
     let blocks = 3 * (prompt_len + 14 + max_new).div_ceil(BLOCK) + 4;
     let t = Instant::now();
-    let mut cpu: DecoderRunner = DecoderRunner::load(
+    let cpu_model: CpuPagedModel = CpuPagedModel::load(
         &ckpt.spec,
         ckpt.weights.as_ref(),
         RunnerConfig {
@@ -189,6 +186,7 @@ fn check_model(
             num_blocks: blocks,
         },
     )?;
+    let mut cpu = Engine::new(cpu_model, EngineConfig::default());
     let want = schedule(&mut cpu, &ps, max_new)?;
     eprintln!(
         "runner check {name}: CPU reference in {:.1} s",
@@ -218,10 +216,10 @@ fn bad_input(rep: &mut RunnerReport, ckpt: &Checkpoint) -> Result<()> {
     let mut r = cuda_runner::<f32>(ckpt, 3, DType::F32)?; // 3 blocks of 64 tokens
     let alone = {
         let mut r1 = cuda_runner::<f32>(ckpt, 3, DType::F32)?;
-        let id = r1.add_request(vec![3, 5, 7, 9], 20, vec![])?;
+        let id = r1.submit(GenerationRequest::greedy(vec![3, 5, 7, 9], 20))?;
         r1.run_to_completion()?.remove(&id).context("finished")?
     };
-    let a = r.add_request(vec![3, 5, 7, 9], 20, vec![])?;
+    let a = r.submit(GenerationRequest::greedy(vec![3, 5, 7, 9], 20))?;
     r.step()?;
     let mut ok = true;
     match r.add_request(vec![1; 200], 10, vec![]) {
@@ -234,7 +232,7 @@ fn bad_input(rep: &mut RunnerReport, ckpt: &Checkpoint) -> Result<()> {
         }
     }
     let vocab = ckpt.spec.vocab_size as u32;
-    if r.add_request(vec![vocab], 2, vec![]).is_ok() {
+    if r.submit(GenerationRequest::greedy(vec![vocab], 2)).is_ok() {
         ok = false;
         rep.bad_input
             .push("out-of-vocabulary prompt accepted".into());
@@ -245,10 +243,12 @@ fn bad_input(rep: &mut RunnerReport, ckpt: &Checkpoint) -> Result<()> {
         rep.bad_input
             .push("the admitted request changed after refused requests".into());
     }
-    if r.free_blocks() != 3 {
+    if r.model().free_blocks() != 3 {
         ok = false;
-        rep.bad_input
-            .push(format!("{} of 3 blocks free at the end", r.free_blocks()));
+        rep.bad_input.push(format!(
+            "{} of 3 blocks free at the end",
+            r.model().free_blocks()
+        ));
     }
     if ok {
         rep.bad_input.push("ok: oversized and out-of-vocabulary requests refused, the admitted one unchanged, all blocks back".into());
@@ -273,19 +273,19 @@ fn bench_cells(
     let blocks = max_b * (max_ctx + new).div_ceil(BLOCK) + 8;
     let mut r = cuda_runner::<bf16>(ckpt, blocks, DType::BF16)?;
     // Warm-up (kernel loading, cuBLAS handles).
-    let id = r.add_request(prompts.get(0, 64), 4, vec![])?;
+    let id = r.submit(GenerationRequest::greedy(prompts.get(0, 64), 4))?;
     r.run_to_completion()?.remove(&id);
     for &ctx in ctxs {
         for &b in batches {
             let t = Instant::now();
             for i in 0..b {
-                r.add_request(prompts.get(i, ctx), new, vec![])?;
+                r.submit(GenerationRequest::greedy(prompts.get(i, ctx), new))?;
             }
             r.step()?; // emits the prefill tokens (synchronises)
             let prefill_s = t.elapsed().as_secs_f64();
             let t = Instant::now();
             let mut steps = 0;
-            while r.num_active() > 0 {
+            while !r.is_idle() {
                 r.step()?;
                 steps += 1;
             }
@@ -298,7 +298,7 @@ fn bench_cells(
                 prefill_tokens_per_s: (b * ctx) as f64 / prefill_s,
                 decode_ms_per_step: ms,
                 decode_tokens_per_s: b as f64 * 1e3 / ms,
-                kv_bytes_per_token: r.cache_bytes_per_token(),
+                kv_bytes_per_token: r.model().bytes_per_token(),
             };
             eprintln!(
                 "runner bench {name} ctx {ctx} batch {b}: prefill {:.0} tok/s, decode {:.2} ms/step, {:.0} tok/s",

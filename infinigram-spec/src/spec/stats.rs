@@ -1,9 +1,10 @@
-//! Server-wide acceptance statistics, served at `GET /v1/infinigram/stats`.
+//! Acceptance statistics of a serving engine (what `GET /v1/infinigram/stats` shows): drafted,
+//! verified and accepted tokens by match length, n-gram count, depth and source.
 
 use std::sync::Mutex;
 
-use infinigram_spec::spec::Source;
-use infinigram_spec::TokenFeatures;
+use super::Source;
+use super::TokenFeatures;
 use serde::Serialize;
 
 /// Buckets of the tables: `0`, `1`, `2–3`, `4–7`, … (log2), the last open-ended.

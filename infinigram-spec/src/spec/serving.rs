@@ -1,111 +1,18 @@
-//! `DraftVerifyEngine`: our own speculative decoding loop, the route that works on unpatched
-//! mistral.rs 0.8.1 (whose `SpeculativePipeline` deadlocks, `docs/SERVING.md`).
+//! What a serving engine needs to decide, step by step, how much to draft: a measured
+//! model of the verify pass's cost ([`StepCost`], corrected online by [`LiveStepCost`]),
+//! the [`ThroughputGate`] that keeps drafting only where it measurably pays, and
+//! [`BatchPolicy`], which applies the configured [`PolicyKind`] to a whole batch.
 //!
-//! One worker thread owns the target model (`mla_attention::model::Decoder`, f32, loaded
-//! from the same weights the user selected for mistral.rs) and every active request's KV
-//! cache. Each step it:
-//!
-//! 1. lets every active request's [`NgramDrafter`] (corpus index + the request's own tokens)
-//!    propose a chain, and the policy cut it (`k` tokens, possibly 0);
-//! 2. runs the target **once** over all requests' `[last emitted token, draft…]` segments
-//!    (attention per request, everything else batched: continuous batching);
-//! 3. accepts each draft greedily against the target's argmax (`verify_greedy`), emits the
-//!    accepted tokens plus the target's own next token, and drops the rejected tokens from
-//!    that request's cache.
-//!
-//! The output is therefore the target's plain greedy decoding, token for token; a request
-//! with drafting off runs the same loop with `k = 0`. New requests join between steps
-//! (their prompt is prefilled when they join); a request whose client went away is dropped
-//! at its next emission. The engine speaks tokens only: the routes turn text into prompts
-//! (mistral.rs's own chat templates) and tokens into OpenAI responses.
+//! The engine that runs the passes lives in `mla_attention::engine`; everything here is
+//! model-free, so it is tested with synthetic step times.
 
-use std::collections::VecDeque;
-use std::sync::{mpsc, Arc, Mutex};
-use std::time::Instant;
+use serde::{Deserialize, Serialize};
 
-use candle_core::Tensor;
-use infinigram_spec::spec::{
-    expected_accepted, log_draft, verify_greedy, verify_sample_match, AcceptModel,
-    CalibratedPolicy, DraftLog, DraftPolicy, Drafter, FixedK, JsonlLog, NgramDrafter,
-    NgramDrafterConfig, PolicyContext, Rng, Sampling, StepInfo, VerifyCost,
-};
-use infinigram_spec::{Draft, Index};
-use mla_attention::model::{Decoder, DecoderCache};
-use serde::Serialize;
-use tokio::sync::mpsc::UnboundedSender;
+use super::calibrated::{CalibratedPolicy, VerifyCost};
+use super::policy::{expected_accepted, AcceptModel, DraftPolicy, FixedK, PolicyContext};
+use super::Draft;
 
-use crate::config::PolicyKind;
-use crate::stats::{SpecStats, StepOutcome};
-
-/// Why a request ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FinishReason {
-    /// A stop token (end of turn / end of text, or one the request named).
-    Stop,
-    /// `max_tokens` reached.
-    Length,
-}
-
-impl FinishReason {
-    /// The OpenAI `finish_reason` string.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
-    }
-}
-
-/// Counters of one request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct RequestStats {
-    pub prompt_tokens: usize,
-    pub completion_tokens: usize,
-    /// Verify steps (one target pass each).
-    pub steps: usize,
-    /// Drafted tokens submitted for verification, and how many the target accepted.
-    pub submitted: usize,
-    pub accepted: usize,
-    pub prefill_secs: f64,
-    pub decode_secs: f64,
-}
-
-/// What the engine tells a request's owner.
-#[derive(Debug, Clone, PartialEq)]
-pub enum EngineEvent {
-    /// Newly emitted tokens, in order (a stop token is not included).
-    Tokens(Vec<u32>),
-    /// The request ended; nothing follows.
-    Finished {
-        reason: FinishReason,
-        stats: RequestStats,
-    },
-    /// The request failed (bad prompt, model error); nothing follows.
-    Failed(String),
-}
-
-/// One generation request.
-#[derive(Debug)]
-pub struct Job {
-    /// Caller's id (logs).
-    pub id: u64,
-    /// Prompt token ids (non-empty).
-    pub prompt: Vec<u32>,
-    /// Most tokens to generate (≥ 1).
-    pub max_new: usize,
-    /// Tokens that end the request besides the model's end tokens.
-    pub stop_ids: Vec<u32>,
-    /// Whether this request drafts (off: plain decoding in the same engine).
-    pub draft: bool,
-    /// Greedy, or sampling (temperature, top-k, top-p, seed): drafts are then accepted by
-    /// sample-and-match, one draw per emitted token, so the output has exactly the target's
-    /// distribution and equals plain sampling with the same seed.
-    pub sampling: Sampling,
-    pub events: UnboundedSender<EngineEvent>,
-}
-
-/// Row counts of the passes [`measure_step_cost`] times (one sequence each).
+/// Row counts of the passes a [`StepCost`] is measured at (one sequence each).
 pub const STEP_COST_ROWS: [usize; 7] = [1, 2, 4, 8, 16, 32, 64];
 
 /// Verify-step time model measured at startup: the time of a pass of one sequence with
@@ -206,45 +113,6 @@ impl LiveStepCost {
 impl VerifyCost for LiveStepCost {
     fn verify_cost(&self, batch_size: usize, draft_len: usize) -> f64 {
         self.current().verify_cost(batch_size, draft_len)
-    }
-}
-
-/// How long drafts are.
-#[derive(Debug, Clone, Copy)]
-pub struct EngineSettings {
-    /// Longest draft per step.
-    pub max_draft: usize,
-    pub policy: PolicyKind,
-    /// `max-concurrency`: draft only while at most this many requests are active.
-    pub max_concurrency: usize,
-    /// Requests decoded at once; more wait in a queue.
-    pub max_active: usize,
-}
-
-/// The policy of the engine: chosen once at startup.
-enum StepPolicy {
-    Fixed(FixedK),
-    Calibrated(CalibratedPolicy<LiveStepCost>),
-}
-
-impl StepPolicy {
-    fn as_accept(&self) -> &dyn AcceptModel {
-        match self {
-            StepPolicy::Fixed(p) => p,
-            StepPolicy::Calibrated(p) => p,
-        }
-    }
-    fn as_dyn(&self) -> &dyn DraftPolicy {
-        match self {
-            StepPolicy::Fixed(p) => p,
-            StepPolicy::Calibrated(p) => p,
-        }
-    }
-    fn as_dyn_mut(&mut self) -> &mut dyn DraftPolicy {
-        match self {
-            StepPolicy::Fixed(p) => p,
-            StepPolicy::Calibrated(p) => p,
-        }
     }
 }
 
@@ -458,481 +326,162 @@ impl ThroughputGate {
     }
 }
 
-/// What `/v1/infinigram/stats` shows about the engine.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct EngineSnapshot {
-    pub active: usize,
-    pub queued: usize,
-    /// The step-time model (seconds): measured at startup, and as corrected by the passes
-    /// run since (calibrated policy only).
-    pub step_cost: Option<StepCost>,
-    pub live_step_cost: Option<LiveStepCost>,
+/// Which requests draft, and how much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Every draft up to the longest allowed length.
+    Fixed,
+    /// Like `fixed`, but only while at most `max_concurrency` requests are active.
+    MaxConcurrency,
+    /// Draft lengths that maximize expected tokens per second under the measured step
+    /// cost, behind the [`ThroughputGate`].
+    Calibrated,
+}
+
+/// Settings of a [`BatchPolicy`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BatchPolicySettings {
+    /// Longest draft per sequence and step.
     pub max_draft: usize,
-    /// Steps run, and where their time went (seconds): drafting (index lookups and the
-    /// policy), the target's pass (forward, logits, argmax), the rest (verification, cache
-    /// rollback, sending tokens).
-    pub steps: u64,
-    pub draft_secs: f64,
-    pub target_secs: f64,
-    pub other_secs: f64,
-    /// Tokens the target's passes ran (the last emitted token and the drafts of each request).
-    pub target_tokens: u64,
-    /// The calibrated policy's measured tokens/s with and without drafting, per batch level
-    /// (batch 1, 2–3, 4–7, 8–15, 16–31, ≥ 32) and confidence class (expected accepted
-    /// tokens per request < 0.5, 0.5–1.5, 1.5–3, ≥ 3); empty for the other policies.
-    pub gate: Vec<Vec<[GateArm; 2]>>,
+    pub kind: PolicyKind,
+    /// `max-concurrency`: draft only while at most this many requests are active.
+    pub max_concurrency: usize,
 }
 
-/// Handle to the worker thread. Dropping it stops the worker after its current step.
-pub struct DraftVerifyEngine {
-    jobs: Mutex<mpsc::Sender<Job>>,
-    snapshot: Arc<Mutex<EngineSnapshot>>,
-    /// Tokens that end every request.
-    pub end_tokens: Vec<u32>,
-    /// Context the model supports (prompt + generation).
-    pub max_context: usize,
-    pub vocab_size: usize,
+enum Inner {
+    Fixed(FixedK),
+    Calibrated(Box<CalibratedPolicy<LiveStepCost>>),
 }
 
-/// One request being decoded.
-struct Active {
-    job: Job,
-    cache: DecoderCache,
-    drafter: NgramDrafter,
-    /// Last emitted token, not yet run through the target.
-    pending: u32,
-    generated: usize,
-    rng: Rng,
-    stats: RequestStats,
-    decode_start: Instant,
-}
-
-struct Worker {
-    model: Decoder,
-    index: Arc<Index>,
-    drafter_config: NgramDrafterConfig,
-    settings: EngineSettings,
-    policy: StepPolicy,
+/// A [`PolicyKind`] applied to whole steps: how long each sequence's draft is, whether the
+/// gate lets the step draft at all, and what the engine learns from the step afterwards.
+pub struct BatchPolicy {
+    settings: BatchPolicySettings,
+    inner: Inner,
     gate: ThroughputGate,
-    end_tokens: Vec<u32>,
-    stats: Arc<SpecStats>,
-    log: Option<JsonlLog<std::io::BufWriter<std::fs::File>>>,
-    snapshot: Arc<Mutex<EngineSnapshot>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
+/// What [`BatchPolicy::plan`] decided for one step; hand it back to [`BatchPolicy::record`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepPlan {
+    /// The gate's cell (confidence class) and whether it let the step draft; `None` when
+    /// the gate was not asked (nothing to draft, or not the calibrated policy).
+    pub gated: Option<(usize, bool)>,
 }
 
-/// Times a pass of `segments` (each on a fresh copy of `cache`), best of 3, in seconds.
-fn time_pass(model: &Decoder, cache: &DecoderCache, segments: &[Vec<u32>]) -> f64 {
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let mut caches: Vec<DecoderCache> = segments.iter().map(|_| cache.clone()).collect();
-        let mut refs: Vec<&mut DecoderCache> = caches.iter_mut().collect();
-        let segs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
-        let start = Instant::now();
-        let ok = model
-            .forward_hidden_segments(&segs, &mut refs)
-            .and_then(|h| model.logits(&h))
-            .and_then(|l| Ok(l.argmax(1)?.to_vec1::<u32>()?));
-        if ok.is_ok() {
-            best = best.min(start.elapsed().as_secs_f64());
-        }
-    }
-    best
-}
-
-/// Measures [`StepCost`] on the loaded model after a 64-token context: a pass of one
-/// sequence with each of [`STEP_COST_ROWS`] rows, and of 4 sequences × 1 row against 1 × 4.
-pub fn measure_step_cost(model: &Decoder) -> crate::Result<StepCost> {
-    let ctx: Vec<u32> = (0..64u32)
-        .map(|i| 100 + i % (model.spec.vocab_size as u32 - 100).max(1))
-        .collect();
-    let mut cache = model.new_cache();
-    model
-        .forward_hidden(&ctx, &mut cache, None)
-        .map_err(|e| crate::Error::Engine(anyhow::anyhow!("warm-up pass failed: {e}")))?;
-    let t = |segments: &[Vec<u32>]| time_pass(model, &cache, segments);
-    let mut passes = STEP_COST_ROWS.map(|rows| t(&[vec![200; rows]]));
-    // More rows never take less time; a noisy sample must not make the curve dip.
-    for i in 1..passes.len() {
-        passes[i] = passes[i].max(passes[i - 1]);
-    }
-    let t41 = t(&vec![vec![200]; 4]);
-    if !passes.iter().chain([&t41]).all(|x| x.is_finite()) {
-        return Err(crate::Error::Engine(anyhow::anyhow!(
-            "could not time a verify pass of the model"
-        )));
-    }
-    let cost = StepCost {
-        passes: passes.map(|x| x.max(1e-6)),
-        per_sequence: 0.0,
-    };
-    Ok(StepCost {
-        per_sequence: ((t41 - cost.rows(4)) / 3.0).max(0.0),
-        ..cost
-    })
-}
-
-impl DraftVerifyEngine {
-    /// Starts the worker. `end_tokens` end every request; `cost` feeds the calibrated policy.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start(
-        model: Decoder,
-        index: Arc<Index>,
-        settings: EngineSettings,
-        cost: StepCost,
-        end_tokens: Vec<u32>,
-        stats: Arc<SpecStats>,
-        log: Option<JsonlLog<std::io::BufWriter<std::fs::File>>>,
-    ) -> crate::Result<DraftVerifyEngine> {
-        let policy = match settings.policy {
-            PolicyKind::Calibrated => StepPolicy::Calibrated(CalibratedPolicy::new(
+impl BatchPolicy {
+    /// `cost` feeds the calibrated policy (ignored by the others).
+    pub fn new(settings: BatchPolicySettings, cost: StepCost) -> Self {
+        let inner = match settings.kind {
+            PolicyKind::Calibrated => Inner::Calibrated(Box::new(CalibratedPolicy::new(
                 LiveStepCost::new(cost),
                 settings.max_draft,
-            )),
+            ))),
             PolicyKind::Fixed | PolicyKind::MaxConcurrency => {
-                StepPolicy::Fixed(FixedK(settings.max_draft))
+                Inner::Fixed(FixedK(settings.max_draft))
             }
         };
-        let snapshot = Arc::new(Mutex::new(EngineSnapshot {
-            step_cost: Some(cost),
-            max_draft: settings.max_draft,
-            ..Default::default()
-        }));
-        let max_context = model.spec.max_position_embeddings;
-        let vocab_size = model.spec.vocab_size;
-        let worker = Worker {
-            model,
-            index,
-            drafter_config: NgramDrafterConfig::default(),
+        BatchPolicy {
             settings,
-            policy,
+            inner,
             gate: ThroughputGate::default(),
-            end_tokens: end_tokens.clone(),
-            stats,
-            log,
-            snapshot: Arc::clone(&snapshot),
-        };
-        let (tx, rx) = mpsc::channel();
-        std::thread::Builder::new()
-            .name("draft-verify".into())
-            .spawn(move || worker.run(rx))
-            .map_err(|e| crate::Error::Engine(e.into()))?;
-        Ok(DraftVerifyEngine {
-            jobs: Mutex::new(tx),
-            snapshot,
-            end_tokens,
-            max_context,
-            vocab_size,
-        })
-    }
-
-    /// Queues a request; its events arrive on `job.events`.
-    pub fn submit(&self, job: Job) -> crate::Result<()> {
-        lock(&self.jobs)
-            .send(job)
-            .map_err(|_| crate::Error::Engine(anyhow::anyhow!("the draft-verify engine stopped")))
-    }
-
-    pub fn snapshot(&self) -> EngineSnapshot {
-        lock(&self.snapshot).clone()
-    }
-}
-
-impl Worker {
-    fn run(mut self, rx: mpsc::Receiver<Job>) {
-        let mut queue: VecDeque<Job> = VecDeque::new();
-        let mut active: Vec<Active> = Vec::new();
-        loop {
-            if active.is_empty() && queue.is_empty() {
-                match rx.recv() {
-                    Ok(job) => queue.push_back(job),
-                    Err(_) => return, // every handle dropped
-                }
-            }
-            while let Ok(job) = rx.try_recv() {
-                queue.push_back(job);
-            }
-            while active.len() < self.settings.max_active.max(1) {
-                let Some(job) = queue.pop_front() else { break };
-                if let Some(a) = self.admit(job) {
-                    active.push(a);
-                }
-            }
-            {
-                let mut s = lock(&self.snapshot);
-                s.active = active.len();
-                s.queued = queue.len();
-            }
-            if active.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.step(&mut active) {
-                // A model error is not the requests' fault, but none of them can continue.
-                tracing::error!("draft-verify step failed: {e}");
-                for a in active.drain(..) {
-                    let _ = a.job.events.send(EngineEvent::Failed(e.to_string()));
-                }
-            }
-            if let Some(log) = self.log.as_mut() {
-                if let Err(e) = log.flush() {
-                    tracing::warn!("draft log: {e}");
-                }
-            }
         }
     }
 
-    /// Checks and prefills a new request; `None` (after telling its owner) if it cannot run.
-    fn admit(&mut self, job: Job) -> Option<Active> {
-        let fail = |job: &Job, msg: String| {
-            let _ = job.events.send(EngineEvent::Failed(msg));
-            None
-        };
-        let spec = &self.model.spec;
-        let Some((&last, head)) = job.prompt.split_last() else {
-            return fail(&job, "the prompt is empty".into());
-        };
-        if job.max_new == 0 {
-            return fail(&job, "max_tokens must be at least 1".into());
-        }
-        if let Some(&bad) = job.prompt.iter().find(|&&t| t as usize >= spec.vocab_size) {
-            return fail(&job, format!("token id {bad} is outside the vocabulary"));
-        }
-        if job.prompt.len() + job.max_new > spec.max_position_embeddings {
-            return fail(
-                &job,
-                format!(
-                    "prompt ({} tokens) + max_tokens ({}) exceed the model's context of {} tokens",
-                    job.prompt.len(),
-                    job.max_new,
-                    spec.max_position_embeddings
-                ),
-            );
-        }
-        let start = Instant::now();
-        let mut cache = self.model.new_cache();
-        if !head.is_empty() {
-            if let Err(e) = self.model.forward_hidden(head, &mut cache, None) {
-                return fail(&job, format!("prefill failed: {e}"));
-            }
-        }
-        let mut drafter =
-            NgramDrafter::new(Some(Arc::clone(&self.index)), self.drafter_config.clone());
-        if let Err(e) = drafter.start(&job.prompt) {
-            return fail(&job, format!("drafter: {e}"));
-        }
-        let stats = RequestStats {
-            prompt_tokens: job.prompt.len(),
-            prefill_secs: start.elapsed().as_secs_f64(),
-            ..Default::default()
-        };
-        self.stats.record_request(job.draft);
-        let rng = job.sampling.rng();
-        Some(Active {
-            job,
-            cache,
-            drafter,
-            pending: last,
-            generated: 0,
-            rng,
-            stats,
-            decode_start: Instant::now(),
-        })
+    pub fn settings(&self) -> BatchPolicySettings {
+        self.settings
     }
 
-    /// One draft + verify step over every active request.
-    fn step(&mut self, active: &mut Vec<Active>) -> crate::Result<()> {
-        let t0 = Instant::now();
-        let batch = active.len();
-        let ctx = PolicyContext { batch_size: batch };
-        let may_draft = match self.settings.policy {
+    /// The acceptance model drafters rank their candidates with.
+    pub fn accept_model(&self) -> &dyn AcceptModel {
+        match &self.inner {
+            Inner::Fixed(p) => p,
+            Inner::Calibrated(p) => p.as_ref(),
+        }
+    }
+
+    fn policy(&self) -> &dyn DraftPolicy {
+        match &self.inner {
+            Inner::Fixed(p) => p,
+            Inner::Calibrated(p) => p.as_ref(),
+        }
+    }
+
+    /// Whether a batch of `batch` sequences may draft at all.
+    pub fn may_draft(&self, batch: usize) -> bool {
+        match self.settings.kind {
             PolicyKind::MaxConcurrency => batch <= self.settings.max_concurrency,
             PolicyKind::Fixed | PolicyKind::Calibrated => true,
-        };
-        let mut drafts: Vec<(Draft, usize)> = Vec::with_capacity(batch);
-        // The policy's expected accepted tokens of the chosen drafts, over the batch.
-        let mut expected = 0.0;
-        for a in active.iter_mut() {
-            // The target's own token always comes, so at most `room` drafted tokens fit.
-            let room = a.job.max_new - a.generated - 1;
-            if !(a.job.draft && may_draft) || room == 0 {
-                drafts.push((Draft::default(), 0));
-                continue;
-            }
-            let want = self.settings.max_draft.min(room);
-            let draft = a
-                .drafter
-                .draft(want, self.policy.as_accept())
-                .map_err(|e| crate::Error::Engine(e.into()))?;
-            let k = self
-                .policy
-                .as_dyn()
-                .draft_len(&draft, &ctx)
-                .min(draft.len())
-                .min(room);
-            if k > 0 {
-                expected += expected_accepted(self.policy.as_accept(), &draft.features[..k])[k];
-            }
-            drafts.push((draft, k));
         }
-        // The calibrated policy's gate judges steps that would draft, by batch size and
-        // confidence; it may send them without drafts.
-        let gated = if self.settings.policy == PolicyKind::Calibrated
-            && drafts.iter().any(|(_, k)| *k > 0)
-        {
-            let class = gate_class(expected / batch as f64);
+    }
+
+    /// Cuts each draft of a step of `drafts.len()` sequences to the length the policy
+    /// verifies (`room[i]` bounds sequence `i`), then lets the gate decide whether the step
+    /// drafts at all; returns the lengths and the plan to [`Self::record`].
+    pub fn plan(&mut self, drafts: &[Draft], room: &[usize]) -> (Vec<usize>, StepPlan) {
+        let batch = drafts.len();
+        let ctx = PolicyContext { batch_size: batch };
+        let mut expected = 0.0;
+        let mut ks: Vec<usize> = drafts
+            .iter()
+            .zip(room)
+            .map(|(d, &r)| {
+                let k = self.policy().draft_len(d, &ctx).min(d.len()).min(r);
+                if k > 0 {
+                    expected += expected_accepted(self.accept_model(), &d.features[..k])[k];
+                }
+                k
+            })
+            .collect();
+        let gated = if matches!(self.inner, Inner::Calibrated(_)) && ks.iter().any(|&k| k > 0) {
+            let class = gate_class(expected / batch.max(1) as f64);
             let allow = self.gate.allow(batch, class);
             if !allow {
-                for (_, k) in drafts.iter_mut() {
-                    *k = 0;
-                }
+                ks.iter_mut().for_each(|k| *k = 0);
             }
             Some((class, allow))
         } else {
             None
         };
-        let segments: Vec<Vec<u32>> = active
-            .iter()
-            .zip(&drafts)
-            .map(|(a, (d, k))| {
-                let mut s = Vec::with_capacity(k + 1);
-                s.push(a.pending);
-                s.extend_from_slice(&d.tokens[..*k]);
-                s
-            })
-            .collect();
-        let t1 = Instant::now();
-        let model_err = |e: candle_core::Error| crate::Error::Engine(e.into());
-        let (argmax, logits) = {
-            let segs: Vec<&[u32]> = segments.iter().map(Vec::as_slice).collect();
-            let mut caches: Vec<&mut DecoderCache> =
-                active.iter_mut().map(|a| &mut a.cache).collect();
-            let model_err = |e: mla_attention::Error| crate::Error::Engine(e.into());
-            let hidden = self
-                .model
-                .forward_hidden_segments(&segs, &mut caches)
-                .map_err(model_err)?;
-            let logits = self.model.logits(&hidden).map_err(model_err)?;
-            (greedy_rows(&logits)?, logits)
-        };
-        let t2 = Instant::now();
-        if let StepPolicy::Calibrated(p) = &mut self.policy {
-            p.cost_mut()
-                .observe(batch, argmax.len(), (t2 - t1).as_secs_f64());
-        }
-        let mut offset = 0;
-        let mut emitted_total = 0;
-        let mut keep = vec![true; batch];
-        for (i, (a, (draft, k))) in active.iter_mut().zip(&drafts).enumerate() {
-            let rows = &argmax[offset..offset + k + 1];
-            let v = match &a.job.sampling {
-                Sampling::Greedy => verify_greedy(&draft.tokens[..*k], rows),
-                sampling => {
-                    let full = logits
-                        .narrow(0, offset, k + 1)
-                        .and_then(|t| t.to_vec2::<f32>())
-                        .map_err(model_err)?;
-                    verify_sample_match(&draft.tokens[..*k], &full, sampling, &mut a.rng)
-                }
-            }
-            .map_err(|e| crate::Error::Engine(e.into()))?;
-            offset += k + 1;
-            a.cache
-                .truncate_last(k - v.accepted)
-                .map_err(|e| crate::Error::Engine(e.into()))?;
-            a.stats.steps += 1;
-            a.stats.submitted += k;
-            a.stats.accepted += v.accepted;
-            if a.job.draft {
-                self.stats.record_step(StepOutcome {
-                    submitted: *k,
-                    drafted: &draft.features[..*k],
-                    accepted: v.accepted,
-                    emitted: v.accepted + 1,
-                });
-                if let Some(log) = self.log.as_mut() {
-                    let info = StepInfo {
-                        request: a.job.id,
-                        step: a.stats.steps as u64 - 1,
-                        batch_size: batch,
-                    };
-                    if let Err(e) = log_draft(log, info, draft, *k, v.accepted) {
-                        tracing::warn!("draft log: {e}");
-                    }
-                }
-                self.policy.as_dyn_mut().observe(draft, *k, v.accepted);
-            }
-            let mut emitted = v.emitted(&draft.tokens[..*k]);
-            let mut finish = None;
-            if let Some(p) = emitted
-                .iter()
-                .position(|t| self.end_tokens.contains(t) || a.job.stop_ids.contains(t))
-            {
-                emitted.truncate(p);
-                finish = Some(FinishReason::Stop);
-                a.generated += 1; // the stop token counts as generated
-            }
-            let room = a.job.max_new - a.generated;
-            if emitted.len() >= room {
-                emitted.truncate(room);
-                finish = finish.or(Some(FinishReason::Length));
-            }
-            a.generated += emitted.len();
-            emitted_total += emitted.len();
-            a.stats.completion_tokens = a.generated;
-            if !emitted.is_empty() {
-                if finish.is_none() {
-                    a.drafter
-                        .accept(&emitted)
-                        .map_err(|e| crate::Error::Engine(e.into()))?;
-                    a.pending = *emitted.last().expect("non-empty");
-                }
-                if a.job.events.send(EngineEvent::Tokens(emitted)).is_err() {
-                    keep[i] = false; // the client went away
-                    continue;
-                }
-            }
-            if let Some(reason) = finish {
-                a.stats.decode_secs = a.decode_start.elapsed().as_secs_f64();
-                let _ = a.job.events.send(EngineEvent::Finished {
-                    reason,
-                    stats: a.stats,
-                });
-                keep[i] = false;
-            }
-        }
-        let mut i = 0;
-        active.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
-        let emitted: usize = emitted_total;
-        if let Some((class, drafted)) = gated {
-            self.gate
-                .record(batch, class, drafted, emitted, t0.elapsed().as_secs_f64());
-        }
-        let mut s = lock(&self.snapshot);
-        if let StepPolicy::Calibrated(p) = &self.policy {
-            s.gate = self.gate.snapshot();
-            s.live_step_cost = Some(*p.cost());
-        }
-        s.steps += 1;
-        s.draft_secs += (t1 - t0).as_secs_f64();
-        s.target_secs += (t2 - t1).as_secs_f64();
-        s.other_secs += t2.elapsed().as_secs_f64();
-        s.target_tokens += argmax.len() as u64;
-        Ok(())
+        (ks, StepPlan { gated })
     }
-}
 
-/// Argmax of every row of `logits` `(rows, vocab)`.
-fn greedy_rows(logits: &Tensor) -> crate::Result<Vec<u32>> {
-    logits
-        .argmax(1)
-        .and_then(|t| t.to_vec1::<u32>())
-        .map_err(|e| crate::Error::Engine(e.into()))
+    /// A sequence's draft of which the first `k` tokens were verified and `accepted` of
+    /// them accepted.
+    pub fn observe(&mut self, draft: &Draft, k: usize, accepted: usize) {
+        match &mut self.inner {
+            Inner::Fixed(p) => p.observe(draft, k, accepted),
+            Inner::Calibrated(p) => p.observe(draft, k, accepted),
+        }
+    }
+
+    /// The target's pass of `rows` rows over `batch` sequences took `pass_secs`; the whole
+    /// step (drafting, pass, verification) emitted `emitted` tokens in `step_secs`.
+    pub fn record(
+        &mut self,
+        plan: StepPlan,
+        batch: usize,
+        rows: usize,
+        pass_secs: f64,
+        emitted: usize,
+        step_secs: f64,
+    ) {
+        if let Inner::Calibrated(p) = &mut self.inner {
+            p.cost_mut().observe(batch, rows, pass_secs);
+        }
+        if let Some((class, drafted)) = plan.gated {
+            self.gate.record(batch, class, drafted, emitted, step_secs);
+        }
+    }
+
+    /// The gate's averages (empty unless calibrated) and the live step-cost model.
+    pub fn snapshot(&self) -> (Vec<Vec<[GateArm; 2]>>, Option<LiveStepCost>) {
+        match &self.inner {
+            Inner::Calibrated(p) => (self.gate.snapshot(), Some(*p.cost())),
+            Inner::Fixed(_) => (Vec::new(), None),
+        }
+    }
 }
 
 #[cfg(test)]
