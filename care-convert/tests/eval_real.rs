@@ -147,13 +147,9 @@ fn cli_eval_writes_json_report_and_rejects_bad_options() {
 
     // Missing model file: exit 2 naming the path.
     let o = cli()
-        .args([
-            "eval",
-            "--ppl",
-            "/nonexistent/text.txt",
-            "--model",
-            "/nonexistent/m.gguf",
-        ])
+        .args(["eval", "--ppl"])
+        .arg(a.join("data/cpython3.11-stdlib/functools.py"))
+        .args(["--model", "/nonexistent/m.gguf"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
