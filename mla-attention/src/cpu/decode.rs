@@ -202,16 +202,7 @@ fn split_partial<T: LatentElem>(
                 let q_pe = &q.q_pe[bh * dr..][..dr];
                 let score = (dot(q_lat, c) + dot(q_pe, k_pe)) * q.scale;
                 let acc = &mut dst[j * slot..][..r];
-                if score > max[j] {
-                    // Rescale what was summed under the old maximum (e^{-inf} = 0).
-                    let corr = (max[j] - score).exp();
-                    sum[j] *= corr;
-                    acc.iter_mut().for_each(|a| *a *= corr);
-                    max[j] = score;
-                }
-                let p = (score - max[j]).exp();
-                sum[j] += p;
-                acc.iter_mut().zip(c).for_each(|(a, &cv)| *a += p * cv);
+                online_softmax_row(score, c, &mut max[j], &mut sum[j], acc);
             }
         }
         t += n;
@@ -244,4 +235,4 @@ fn merge_partials<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut 
     out.iter_mut().for_each(|o| *o *= inv);
 }
 
-use super::gqa::dot8 as dot;
+use super::gqa::{dot8 as dot, online_softmax_row};

@@ -43,6 +43,28 @@ pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
+/// One row of an online softmax: fold `value` with weight `e^{score}` into the running
+/// `max`, `sum` and `acc` (rescaling what was summed under the old maximum; e^{-inf} = 0).
+/// The paged GQA and absorbed MLA kernels share it, so both sum in the same order.
+#[inline]
+pub(crate) fn online_softmax_row(
+    score: f32,
+    value: &[f32],
+    max: &mut f32,
+    sum: &mut f32,
+    acc: &mut [f32],
+) {
+    if score > *max {
+        let corr = (*max - score).exp();
+        *sum *= corr;
+        acc.iter_mut().for_each(|a| *a *= corr);
+        *max = score;
+    }
+    let p = (score - *max).exp();
+    *sum += p;
+    acc.iter_mut().zip(value).for_each(|(a, &x)| *a += p * x);
+}
+
 /// Rotate each `dim`-wide head of `x` (HF half rotation) for position `pos`; the same f32
 /// arithmetic as [`Rope::apply`].
 fn rope_row(rope: &Rope, x: &mut [f32], dim: usize, pos: usize) {
@@ -153,15 +175,7 @@ fn attend<T: LatentElem>(
             for j in 0..group {
                 let score = dot8(&qs[j * d..][..d], k) * scale;
                 let acc = &mut o[j * d..][..d];
-                if score > max[j] {
-                    let corr = (max[j] - score).exp();
-                    sum[j] *= corr;
-                    acc.iter_mut().for_each(|a| *a *= corr);
-                    max[j] = score;
-                }
-                let p = (score - max[j]).exp();
-                sum[j] += p;
-                acc.iter_mut().zip(v).for_each(|(a, &x)| *a += p * x);
+                online_softmax_row(score, v, &mut max[j], &mut sum[j], acc);
             }
         }
         t += n;
