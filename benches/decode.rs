@@ -12,7 +12,9 @@
 //! Prints decode tokens/s and the KV cache bytes per token of each engine as a markdown
 //! table for `docs/BENCHMARKS.md`.
 //!
-//! `cargo bench -p care-convert --bench decode [-- MODEL.gguf]`
+//! `cargo bench -p care-convert --bench decode [-- MODEL.gguf] [--contexts 512,4096]
+//! [--paged-only]` (`--paged-only` skips the contiguous engines, whose 4 K prefills and
+//! per-step cache copies dominate the run's time).
 //! Under `cargo test --all-targets` it runs one tiny cell as a smoke check.
 
 use std::time::Instant;
@@ -72,11 +74,17 @@ fn paged(engine: &mut Engine<CpuPagedModel>, prompts: &[Vec<u32>], steps: usize)
     for p in prompts {
         engine.submit(GenerationRequest::greedy(p.clone(), steps + 2))?;
     }
+    let t = Instant::now();
     engine.step()?; // prefill and a warm-up step
+    let prefill = t.elapsed().as_secs_f64();
     let start = Instant::now();
+    let mut each = Vec::new();
     for _ in 0..steps {
+        let t = Instant::now();
         engine.step()?;
+        each.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    eprintln!("prefill + first step {prefill:.1} s; steps ms {each:.1?}");
     let tps = (prompts.len() * steps) as f64 / start.elapsed().as_secs_f64();
     engine.run_to_completion()?; // frees every block for the next cell
     Ok(tps)
@@ -87,14 +95,23 @@ fn main() -> Res<()> {
     let assets = mla_attention::io::asset_cache_dir();
     let path = std::env::args()
         .skip(1)
-        .find(|a| !a.starts_with("--"))
+        .find(|a| !a.starts_with("--") && a.parse::<usize>().is_err() && !a.contains(','))
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| assets.join("models/smollm2-135m-instruct/model.gguf"));
-    let (ctxs, batches, steps, samples): (&[usize], &[usize], usize, usize) = if bench_mode {
+    let argv: Vec<String> = std::env::args().collect();
+    let paged_only = argv.iter().any(|a| a == "--paged-only");
+    let contexts: Option<Vec<usize>> = argv
+        .iter()
+        .position(|a| a == "--contexts")
+        .and_then(|i| argv.get(i + 1))
+        .map(|v| v.split(',').filter_map(|c| c.trim().parse().ok()).collect());
+    let (default_ctxs, batches, steps, samples): (&[usize], &[usize], usize, usize) = if bench_mode
+    {
         (&[512, 4096], &[1], 16, 128)
     } else {
         (&[16], &[2], 2, 16)
     };
+    let ctxs: &[usize] = contexts.as_deref().unwrap_or(default_ctxs);
     let ckpt = Checkpoint::open(&path)
         .map_err(|e| format!("{}: {e} (run scripts/fetch_assets.py)", path.display()))?;
     let original = Decoder::load(&ckpt)?;
@@ -167,13 +184,23 @@ fn main() -> Res<()> {
     for &ctx in ctxs {
         for &batch in batches {
             let p = prompts(batch, ctx);
-            let a = contiguous(&original, &p, steps)?;
+            let contiguous_tps = |model: &Decoder| -> Res<String> {
+                if paged_only {
+                    return Ok("–".into());
+                }
+                Ok(format!("{:.1}", contiguous(model, &p, steps)?))
+            };
+            let a = contiguous_tps(&original)?;
             let b = paged(&mut gqa_paged, &p, steps)?;
-            let c = contiguous(&mla, &p, steps)?;
-            let d = paged(&mut mla_paged, &p, steps)?;
+            let c = contiguous_tps(&mla)?;
+            let d = if std::env::var_os("DECODE_BENCH_GQA_ONLY").is_some() {
+                f64::NAN
+            } else {
+                paged(&mut mla_paged, &p, steps)?
+            };
             let ms = |tps: f64| 1e3 * batch as f64 / tps;
             println!(
-                "| {ctx} | {batch} | {a:.1} | {b:.1} | {c:.1} | {d:.1} | {:.1} | {:.1} |",
+                "| {ctx} | {batch} | {a} | {b:.1} | {c} | {d:.1} | {:.1} | {:.1} |",
                 ms(b),
                 ms(d)
             );

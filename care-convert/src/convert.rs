@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::calibrate::StatsCollector;
 use crate::error::{Error, Result};
 use crate::factorize::{
-    FactorOptions, InputStats, JointLowRank, LowRank, Method, Rescues, SquareRoot, Whitening,
-    DEFAULT_ASVD_ALPHA,
+    Decomposition, FactorOptions, InputStats, JointDecomposition, JointLowRank, LowRank, Method,
+    Rescues, SquareRoot, Whitening, DEFAULT_ASVD_ALPHA,
 };
 use crate::ranks::{budget_from_keep, water_fill, water_fill_authors, RankPlan};
 use mla_attention::config::ModelSpec;
@@ -209,9 +209,12 @@ fn decompose_layer(
     let (wk, wv) = kv_weights(w, l)?;
     let wh = Whitening::new(method, stats, &FactorOptions { damping })?;
     let d = if joint {
-        LayerDecomp::Shared(wh.decompose_joint(&[wk.as_ref(), wv.as_ref()])?)
+        LayerDecomp::Shared(JointDecomposition::new(&wh, &[wk.as_ref(), wv.as_ref()])?)
     } else {
-        LayerDecomp::Separate(wh.decompose(wk.as_ref())?, wh.decompose(wv.as_ref())?)
+        LayerDecomp::Separate(
+            Decomposition::new(&wh, wk.as_ref())?,
+            Decomposition::new(&wh, wv.as_ref())?,
+        )
     };
     Ok((d, *wh.rescues()))
 }

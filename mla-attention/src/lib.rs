@@ -17,6 +17,8 @@
 //! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
 //! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
 //! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
+//! - [`mla`]: the reference MLA attention (DeepSeek-V2 layout), its RoPE and loading.
+//! - [`load`]: a checkpoint into a [`model::Decoder`] whatever its attention kind.
 //! - [`cache`]: [`cache::LatentPagedCache`], the paged cache (MLA latents, or GQA `[K ; V]`
 //!   rows) with per-layer widths.
 //! - [`cpu`]: attention over the paged cache on the CPU: absorbed MLA decode
@@ -35,8 +37,10 @@ pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod io;
+pub mod load;
 pub mod mla;
 pub mod model;
 pub mod runner;
+mod simd;
 
 pub use error::{Error, Result};

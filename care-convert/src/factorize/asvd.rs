@@ -5,7 +5,7 @@
 
 use super::error::{FactorError, Result};
 use super::input::Rescues;
-use super::whiten::Scaling;
+use super::scaling::Scaling;
 
 /// Floor of mean|x| relative to its maximum.
 const ABS_MEAN_FLOOR: f64 = 1e-6;

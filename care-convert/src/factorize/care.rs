@@ -9,7 +9,7 @@ use faer::{Mat, MatRef, Side};
 
 use super::error::{FactorError, Result};
 use super::input::Rescues;
-use super::whiten::Scaling;
+use super::scaling::Scaling;
 
 /// C_δ = C + δ·mean(diag C)·I; records the added amount.
 pub(crate) fn damped(

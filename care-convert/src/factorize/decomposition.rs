@@ -59,7 +59,7 @@ pub fn decompose(
     stats: &InputStats,
     opts: &FactorOptions,
 ) -> Result<Decomposition> {
-    Whitening::new(method, stats, opts)?.decompose(W)
+    Decomposition::new(&Whitening::new(method, stats, opts)?, W)
 }
 
 /// Factorizes the row-stacked `[W_0; W_1; …]` (each `[out_i, in]`, e.g. `[W_K; W_V]`) with one
@@ -71,11 +71,12 @@ pub fn decompose_joint(
     stats: &InputStats,
     opts: &FactorOptions,
 ) -> Result<JointDecomposition> {
-    Whitening::new(method, stats, opts)?.decompose_joint(weights)
+    JointDecomposition::new(&Whitening::new(method, stats, opts)?, weights)
 }
 
 impl Decomposition {
-    pub(crate) fn new(whitening: &Whitening, W: MatRef<'_, f64>) -> Result<Self> {
+    /// Factorizes `W` `[out, in]` (one SVD of W·S) under `whitening`.
+    pub fn new(whitening: &Whitening, W: MatRef<'_, f64>) -> Result<Self> {
         whitening.check_weight(W)?;
         let (out, dim) = (W.nrows(), W.ncols());
         let M = whitening.apply(W);
@@ -190,7 +191,9 @@ pub struct JointDecomposition {
 }
 
 impl JointDecomposition {
-    pub(crate) fn new(whitening: &Whitening, weights: &[MatRef<'_, f64>]) -> Result<Self> {
+    /// Factorizes the row-stacked `[W_0; W_1; …]` (each `[out_i, in]`) with one shared
+    /// latent under `whitening`.
+    pub fn new(whitening: &Whitening, weights: &[MatRef<'_, f64>]) -> Result<Self> {
         if weights.is_empty() {
             return Err(FactorError::NoWeights);
         }

@@ -18,5 +18,8 @@ pub fn mha2mla_joint(W_k: MatRef<'_, f64>, W_v: MatRef<'_, f64>) -> Result<Joint
             got: (W_v.nrows(), W_v.ncols()),
         });
     }
-    Whitening::identity(Method::Mha2MlaJoint, W_k.ncols()).decompose_joint(&[W_k, W_v])
+    JointDecomposition::new(
+        &Whitening::identity(Method::Mha2MlaJoint, W_k.ncols()),
+        &[W_k, W_v],
+    )
 }

@@ -24,15 +24,17 @@
 //! # Use
 //!
 //! ```
-//! use care_convert::factorize::{FactorOptions, InputStats, Method, SquareRoot, Whitening};
+//! use care_convert::factorize::{
+//!     Decomposition, FactorOptions, InputStats, Method, SquareRoot, Whitening,
+//! };
 //! use faer::Mat;
 //! let X = Mat::from_fn(64, 8, |t, j| ((t * 7 + j * 3) % 11) as f64 - 5.0 + j as f64);
 //! let stats = InputStats::from_samples(X.as_ref());
 //! let (W_k, W_v) = (Mat::from_fn(4, 8, |i, j| (i + 2 * j) as f64 % 3.0), Mat::<f64>::identity(6, 8));
 //! // One whitening per layer input, shared by K and V.
 //! let whitening = Whitening::new(Method::Care { root: SquareRoot::Symmetric }, &stats, &FactorOptions::default())?;
-//! let k = whitening.decompose(W_k.as_ref())?;
-//! let v = whitening.decompose(W_v.as_ref())?;
+//! let k = Decomposition::new(&whitening, W_k.as_ref())?;
+//! let v = Decomposition::new(&whitening, W_v.as_ref())?;
 //! let factors = v.truncate(3)?; // a: [3, 8] (cached latent), b: [6, 3]
 //! assert_eq!((factors.a.nrows(), factors.b.ncols()), (3, 3));
 //! assert!(k.spectrum().windows(2).all(|p| p[0] >= p[1]));
@@ -46,6 +48,7 @@ mod decomposition;
 mod error;
 mod input;
 mod mha2mla;
+mod scaling;
 mod svd_llm;
 mod whiten;
 

@@ -9,7 +9,7 @@ use faer::{MatRef, Side};
 use super::care::damped;
 use super::error::{FactorError, Result};
 use super::input::Rescues;
-use super::whiten::Scaling;
+use super::scaling::Scaling;
 
 /// Relative extra shift ε₀ above −λ_min after a failed Cholesky.
 const SHIFT_EPSILON: f64 = 1e-6;

@@ -5,23 +5,10 @@
 
 use faer::{Mat, MatRef};
 
-use super::decomposition::{Decomposition, JointDecomposition};
 use super::error::{FactorError, Result};
 use super::input::{check_finite, FactorOptions, InputStats, Method, Rescues, SquareRoot};
+use super::scaling::Scaling;
 use super::{asvd, care, svd_llm};
-
-/// The scaling S in one of its cheap representations.
-#[derive(Debug, Clone)]
-pub(crate) enum Scaling {
-    /// S = I.
-    Identity,
-    /// S = diag(s), all s_j > 0.
-    Diagonal(Vec<f64>),
-    /// S symmetric positive definite, with its inverse.
-    Dense { S: Mat<f64>, S_inv: Mat<f64> },
-    /// S = L, lower triangular with positive diagonal.
-    Lower(Mat<f64>),
-}
 
 /// A method's input scaling S for one input (one layer's attention input), ready to
 /// factorize any weight `[out, in]` that reads it.
@@ -116,18 +103,6 @@ impl Whitening {
         &self.rescues
     }
 
-    /// Factorizes `W` `[out, in]` (one SVD of W·S). See [`Decomposition`].
-    #[track_caller]
-    pub fn decompose(&self, W: MatRef<'_, f64>) -> Result<Decomposition> {
-        Decomposition::new(self, W)
-    }
-
-    /// Factorizes the row-stacked `[W_0; W_1; …]` (each `[out_i, in]`) with one shared latent.
-    /// See [`JointDecomposition`].
-    pub fn decompose_joint(&self, weights: &[MatRef<'_, f64>]) -> Result<JointDecomposition> {
-        JointDecomposition::new(self, weights)
-    }
-
     /// Checks `W` against `in` and for NaN/∞.
     pub(crate) fn check_weight(&self, W: MatRef<'_, f64>) -> Result<()> {
         if W.ncols() != self.dim {
@@ -142,27 +117,12 @@ impl Whitening {
 
     /// W·S, `[out, in]`.
     pub(crate) fn apply(&self, W: MatRef<'_, f64>) -> Mat<f64> {
-        match &self.scaling {
-            Scaling::Identity => W.to_owned(),
-            Scaling::Diagonal(s) => Mat::from_fn(W.nrows(), W.ncols(), |i, j| W[(i, j)] * s[j]),
-            Scaling::Dense { S, .. } => W * S,
-            Scaling::Lower(L) => W * L,
-        }
+        self.scaling.apply(W)
     }
 
     /// Given G = Σ Vᵀ `[k, in]` (rows are scaled right singular vectors of W·S), returns
     /// G·S⁻¹ `[k, in]`.
     pub(crate) fn unapply(&self, G: Mat<f64>) -> Mat<f64> {
-        match &self.scaling {
-            Scaling::Identity => G,
-            Scaling::Diagonal(s) => Mat::from_fn(G.nrows(), G.ncols(), |i, j| G[(i, j)] / s[j]),
-            Scaling::Dense { S_inv, .. } => &G * S_inv,
-            Scaling::Lower(L) => {
-                // (G L⁻¹)ᵀ = L⁻ᵀ Gᵀ: solve Lᵀ Y = Gᵀ, an upper-triangular system.
-                let mut Y = G.transpose().to_owned();
-                L.transpose().solve_upper_triangular_in_place(Y.as_mut());
-                Y.transpose().to_owned()
-            }
-        }
+        self.scaling.unapply(G)
     }
 }

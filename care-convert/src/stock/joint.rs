@@ -20,7 +20,7 @@ use faer::{Mat, MatRef, Side};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::factorize::{FactorOptions, InputStats, Method, SquareRoot, Whitening};
+use crate::factorize::{Decomposition, FactorOptions, InputStats, Method, SquareRoot, Whitening};
 
 /// Which basis the joint latent uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -103,7 +103,7 @@ pub fn joint_latent(
                 stats,
                 &FactorOptions { damping },
             )?;
-            let d = wh.decompose(T.as_ref())?;
+            let d = Decomposition::new(&wh, T.as_ref())?;
             if rank > d.numerical_rank() {
                 return Err(Error::InvalidOption(format!(
                     "kv latent rank {rank} exceeds the joint map's numerical rank {} \

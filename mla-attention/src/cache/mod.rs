@@ -60,6 +60,7 @@
 pub mod allocator;
 pub mod elem;
 pub mod paged;
+pub mod pass;
 pub mod table;
 
 #[cfg(test)]
@@ -71,4 +72,5 @@ pub type BlockId = u32;
 pub use allocator::BlockAllocator;
 pub use elem::LatentElem;
 pub use paged::{CacheConfig, LatentPagedCache, LayerBlocks, LayerWidth, SeqId};
+pub use pass::PassRows;
 pub use table::{BlockTable, SeqView};

@@ -9,21 +9,11 @@
 //! õ_h     = Σ_s softmax(score)_s c_s                          ∈ ℝʳ
 //! ```
 //!
-//! The KV length is cut into splits of `split_tokens`. Each task `(b, head group,
-//! split)` runs an online softmax over its rows, read straight from the blocks,
-//! and writes a partial `(o_i = Σ p c / Σ p, lse_i = m + ln Σ e^{score − m})` per head.
-//! A second pass merges a head's partials:
-//!
-//! ```text
-//! LSE = M + ln Σ_i e^{lse_i − M},  M = max_i lse_i,     õ = Σ_i e^{lse_i − LSE} o_i
-//! ```
-//!
-//! which is exactly the softmax over all rows. The CUDA kernel is meant to follow
-//! the same two passes (one thread block per task, then a combine kernel), so this
-//! is also its CPU twin. Heads of a group share each row they read (MQA: one cached
-//! row serves every head).
-
-use rayon::prelude::*;
+//! Every head's key is the whole cached row and its query `[q̃_h ; q_pe,h]`, so this is the
+//! paged attention of [`super::attend`] (split-KV online softmax, the splits merged by
+//! log-sum-exp) with value `c_s`; heads of a task share each row they read (MQA: one
+//! cached row serves every head). The CUDA kernel follows the same two passes (one thread
+//! block per task, then a combine kernel), so this is also its CPU twin.
 
 use crate::cache::{LatentElem, LayerBlocks, SeqView};
 use crate::error::{Error, Result};
@@ -59,14 +49,6 @@ pub struct DecodeQuery<'a> {
     pub num_heads: usize,
     /// Softmax scale (`MlaSpec::softmax_scale`).
     pub scale: f32,
-}
-
-/// A task: rows `tokens` of sequence `seq`, heads `heads`.
-#[derive(Debug, Clone)]
-struct Task {
-    seq: usize,
-    heads: std::ops::Range<usize>,
-    tokens: std::ops::Range<usize>,
 }
 
 /// `õ (batch, num_heads, rank)` for every sequence in `seqs` (batch order). Each
@@ -133,106 +115,25 @@ pub fn absorbed_decode_into<T: LatentElem>(
     out: &mut [f32],
 ) -> Result<()> {
     check(layer, seqs, query, params, out.len())?;
-    let (nh, r) = (query.num_heads, layer.width.rank);
-    let g = params.heads_per_task.min(nh);
-    // Tasks ordered (seq, group, split), so one head's partials are contiguous.
-    let mut tasks = Vec::new();
-    let mut first_task = Vec::with_capacity(seqs.len() * nh.div_ceil(g));
-    for (seq, v) in seqs.iter().enumerate() {
-        for h0 in (0..nh).step_by(g) {
-            first_task.push(tasks.len());
-            for t0 in (0..v.tokens).step_by(params.split_tokens) {
-                tasks.push(Task {
-                    seq,
-                    heads: h0..(h0 + g).min(nh),
-                    tokens: t0..(t0 + params.split_tokens).min(v.tokens),
-                });
-            }
-        }
+    let (nh, r, dr) = (query.num_heads, layer.width.rank, layer.width.rope);
+    // Each head's key is the whole cached row `[c ; k_pe]`: its query is `[q̃ ; q_pe]`.
+    let mut q = Vec::with_capacity(seqs.len() * nh * (r + dr));
+    for bh in 0..seqs.len() * nh {
+        q.extend_from_slice(&query.q_lat[bh * r..][..r]);
+        q.extend_from_slice(&query.q_pe[bh * dr..][..dr]);
     }
-    first_task.push(tasks.len());
-    // Per task and head slot: o (r values), then lse.
-    let slot = r + 1;
-    let mut partials = vec![0.0f32; tasks.len() * g * slot];
-    partials
-        .par_chunks_mut(g * slot)
-        .zip(&tasks)
-        .for_each(|(dst, task)| split_partial(layer, &seqs[task.seq], query, task, dst));
-    // Combine: one output row per (seq, head).
-    let groups = nh.div_ceil(g);
-    out.par_chunks_mut(r).enumerate().for_each(|(i, o)| {
-        let (seq, h) = (i / nh, i % nh);
-        let gi = seq * groups + h / g;
-        let rows = (first_task[gi]..first_task[gi + 1])
-            .map(|t| &partials[(t * g + h % g) * slot..][..slot]);
-        merge_partials(rows, o);
-    });
+    let groups = balanced_groups(nh, params.heads_per_task);
+    let attend = Attend {
+        q: &q,
+        num_heads: nh,
+        key_dim: r + dr,
+        value_dim: r,
+        scale: query.scale,
+        groups: &groups,
+        split_tokens: params.split_tokens,
+    };
+    attend_paged(layer, seqs, &attend, out);
     Ok(())
 }
 
-/// Online softmax of `task`'s heads over its rows; writes `[o ; lse]` per head into
-/// `dst` (`heads_per_task` slots of `rank + 1`).
-fn split_partial<T: LatentElem>(
-    layer: &LayerBlocks<'_, T>,
-    view: &SeqView<'_>,
-    q: &DecodeQuery<'_>,
-    task: &Task,
-    dst: &mut [f32],
-) {
-    let (r, dr, bs) = (layer.width.rank, layer.width.rope, layer.block_size);
-    let w = r + dr;
-    let slot = r + 1;
-    let heads = task.heads.len();
-    let mut max = vec![f32::NEG_INFINITY; heads];
-    let mut sum = vec![0.0f32; heads];
-    dst.fill(0.0);
-    let mut scratch = Vec::new();
-    let mut t = task.tokens.start;
-    while t < task.tokens.end {
-        // The run of rows of this split inside one block.
-        let (blk, off) = (t / bs, t % bs);
-        let n = (bs - off).min(task.tokens.end - t);
-        let rows = &layer.rows(view.blocks[blk], off + n)[off * w..];
-        for row in rows.chunks_exact(w) {
-            let row = T::row_as_f32(row, &mut scratch);
-            let (c, k_pe) = row.split_at(r);
-            for (j, h) in task.heads.clone().enumerate() {
-                let bh = task.seq * q.num_heads + h;
-                let q_lat = &q.q_lat[bh * r..][..r];
-                let q_pe = &q.q_pe[bh * dr..][..dr];
-                let score = (dot(q_lat, c) + dot(q_pe, k_pe)) * q.scale;
-                let acc = &mut dst[j * slot..][..r];
-                online_softmax_row(score, c, &mut max[j], &mut sum[j], acc);
-            }
-        }
-        t += n;
-    }
-    for j in 0..heads {
-        let s = &mut dst[j * slot..][..slot];
-        let inv = 1.0 / sum[j];
-        s[..r].iter_mut().for_each(|a| *a *= inv);
-        s[r] = max[j] + sum[j].ln();
-    }
-}
-
-/// Merge split partials `[o_i ; lse_i]` of one head into `out` by log-sum-exp.
-fn merge_partials<'a>(parts: impl Iterator<Item = &'a [f32]> + Clone, out: &mut [f32]) {
-    let r = out.len();
-    let m = parts
-        .clone()
-        .map(|p| p[r])
-        .fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0f32;
-    out.fill(0.0);
-    for p in parts {
-        let wgt = (p[r] - m).exp();
-        total += wgt;
-        out.iter_mut()
-            .zip(&p[..r])
-            .for_each(|(o, &v)| *o += wgt * v);
-    }
-    let inv = 1.0 / total;
-    out.iter_mut().for_each(|o| *o *= inv);
-}
-
-use super::gqa::{dot8 as dot, online_softmax_row};
+use super::attend::{attend_paged, balanced_groups, Attend};

@@ -3,66 +3,25 @@
 //!
 //! The cached row of layer `l` is `[K ; V]`, every KV head's RoPE'd key then every KV
 //! head's value, `2 · n_kv · head_dim` values — the same bookkeeping as the MLA latents, a
-//! wider row. A pass appends each row's `[K ; V]`, then every (row, KV head) task runs an
-//! online softmax for the heads of its group over the sequence's rows up to and including
-//! its own position. Each row is computed alone, in one fixed order, whatever else is in
-//! the pass: a token's output is the same bits in a one-row decode step and inside a
-//! verify pass of a draft, which is what makes greedy drafting equal plain decoding.
+//! wider row. A pass appends each row's `[K ; V]`, then every row attends, with the heads
+//! of each KV group, over its sequence's rows up to and including its own position through
+//! the shared paged attention ([`super::attend`]): a token's output is the same bits in a
+//! one-row decode step and inside a verify pass of a draft.
 
 use candle_core::{Device, Tensor};
-use rayon::prelude::*;
 
+use super::attend::{attend_paged, Attend, HeadGroup};
 use crate::cache::{LatentElem, LatentPagedCache, LayerBlocks, LayerWidth, SeqView};
 use crate::error::{Error, Result};
 use crate::model::attention::linear;
 use crate::model::{GqaAttention, Rope};
-use crate::runner::PassRows;
+use crate::cache::PassRows;
 
 /// A GQA layer bound to layer index `layer` of a paged cache.
 #[derive(Debug, Clone)]
 pub struct PagedGqaLayer {
     attn: GqaAttention,
     layer: usize,
-}
-
-/// `Σ a_i b_i` in eight fixed lanes (vectorizes; the order never depends on the caller).
-#[inline]
-pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0.0;
-    for (x, y) in ra.iter().zip(rb) {
-        tail += x * y;
-    }
-    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// One row of an online softmax: fold `value` with weight `e^{score}` into the running
-/// `max`, `sum` and `acc` (rescaling what was summed under the old maximum; e^{-inf} = 0).
-/// The paged GQA and absorbed MLA kernels share it, so both sum in the same order.
-#[inline]
-pub(crate) fn online_softmax_row(
-    score: f32,
-    value: &[f32],
-    max: &mut f32,
-    sum: &mut f32,
-    acc: &mut [f32],
-) {
-    if score > *max {
-        let corr = (*max - score).exp();
-        *sum *= corr;
-        acc.iter_mut().for_each(|a| *a *= corr);
-        *max = score;
-    }
-    let p = (score - *max).exp();
-    *sum += p;
-    acc.iter_mut().zip(value).for_each(|(a, &x)| *a += p * x);
 }
 
 /// Rotate each `dim`-wide head of `x` (HF half rotation) for position `pos`; the same f32
@@ -134,57 +93,30 @@ pub fn paged_gqa_attention<T: LatentElem>(
         layer.check(v)?;
     }
     let group = nh / nkv;
-    let scale = 1.0 / (d as f32).sqrt();
+    // A KV head's query heads read its key and value slices of every row.
+    let groups: Vec<HeadGroup> = (0..nkv)
+        .map(|g| HeadGroup {
+            heads: g * group..(g + 1) * group,
+            key: g * d,
+            value: (nkv + g) * d,
+        })
+        .collect();
     let mut out = vec![0.0f32; q.len()];
-    // One task per (row, KV head): its `group` query heads share every K/V row it reads.
-    out.par_chunks_mut(group * d)
-        .enumerate()
-        .for_each(|(task, o)| {
-            let (r, g) = (task / nkv, task % nkv);
-            let qs = &q[(r * nh + g * group) * d..][..group * d];
-            attend(layer, &views[r], qs, g, shape, scale, o);
-        });
+    let attend = Attend {
+        q,
+        num_heads: nh,
+        key_dim: d,
+        value_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        groups: &groups,
+        split_tokens: SPLIT_TOKENS,
+    };
+    attend_paged(layer, views, &attend, &mut out);
     Ok(out)
 }
 
-/// Online softmax of the `group` heads `qs` of KV head `g` over `view`'s rows into `o`.
-fn attend<T: LatentElem>(
-    layer: &LayerBlocks<'_, T>,
-    view: &SeqView<'_>,
-    qs: &[f32],
-    g: usize,
-    shape: GqaShape,
-    scale: f32,
-    o: &mut [f32],
-) {
-    let (nkv, d, bs) = (shape.num_kv_heads, shape.head_dim, layer.block_size);
-    let w = 2 * nkv * d;
-    let group = qs.len() / d;
-    let mut max = vec![f32::NEG_INFINITY; group];
-    let mut sum = vec![0.0f32; group];
-    o.fill(0.0);
-    let mut scratch = Vec::new();
-    let mut t = 0;
-    while t < view.tokens {
-        let n = bs.min(view.tokens - t);
-        let rows = layer.rows(view.blocks[t / bs], n);
-        for row in rows.chunks_exact(w) {
-            let row = T::row_as_f32(row, &mut scratch);
-            let k = &row[g * d..][..d];
-            let v = &row[(nkv + g) * d..][..d];
-            for j in 0..group {
-                let score = dot8(&qs[j * d..][..d], k) * scale;
-                let acc = &mut o[j * d..][..d];
-                online_softmax_row(score, v, &mut max[j], &mut sum[j], acc);
-            }
-        }
-        t += n;
-    }
-    for j in 0..group {
-        let inv = 1.0 / sum[j];
-        o[j * d..][..d].iter_mut().for_each(|a| *a *= inv);
-    }
-}
+/// Keys per split-KV task of the paged GQA attention.
+const SPLIT_TOKENS: usize = 256;
 
 impl PagedGqaLayer {
     pub fn new(attn: GqaAttention, layer: usize) -> Self {

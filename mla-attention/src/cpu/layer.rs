@@ -12,7 +12,7 @@ use crate::cache::{LatentElem, LatentPagedCache, LayerWidth, SeqId};
 use crate::error::{Error, Result};
 use crate::mla::{MlaAttention, MlaShape};
 use crate::model::attention::linear;
-use crate::runner::PassRows;
+use crate::cache::PassRows;
 
 /// An MLA layer bound to layer index `layer` of a paged cache.
 #[derive(Debug, Clone)]

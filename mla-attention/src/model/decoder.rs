@@ -12,7 +12,7 @@ use super::lowrank::{LatentFactors, LatentKv, LowRankKvAttention};
 use super::rope::Rope;
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
-use crate::io::{load_checked, Checkpoint, WeightSource};
+use crate::io::{load_checked, WeightSource};
 
 /// RMSNorm: `x / sqrt(mean(x²) + eps) · w`.
 #[derive(Debug, Clone)]
@@ -164,23 +164,6 @@ impl std::fmt::Debug for Decoder {
 }
 
 impl Decoder {
-    /// Load a model from a checkpoint: the original GQA attention, or the one-shot
-    /// low-rank form where the checkpoint carries latent factors (see
-    /// [`load_attention`]).
-    pub fn load(ckpt: &Checkpoint) -> Result<Self> {
-        Self::load_weights(&ckpt.spec, ckpt.weights.as_ref())
-    }
-
-    /// Load every layer with [`load_attention`] (GQA or low-rank, per layer).
-    pub fn load_weights(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
-        let mut layers = Vec::with_capacity(spec.num_layers);
-        for l in 0..spec.num_layers {
-            let attn = load_attention(spec, w, l)?;
-            layers.push(load_layer_rest(spec, w, l, attn)?);
-        }
-        Self::from_layers(spec.clone(), w, layers)
-    }
-
     /// Load a GQA decoder from HF-named weights, checking every shape.
     pub fn load_gqa(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
         let mut layers = Vec::with_capacity(spec.num_layers);
@@ -440,23 +423,6 @@ pub mod lowrank_names {
     pub const V_B: &str = "v_latent_b.weight";
     /// Shared K/V latent (MHA2MLA joint init); used with `K_B` and `V_B`.
     pub const KV_A: &str = "kv_latent_a.weight";
-}
-
-/// The attention of layer `l`: MLA for a DeepSeek-V2 spec ([`ModelSpec::mla`]),
-/// low-rank (separate or shared latents) when the checkpoint has latent factors for
-/// it, otherwise GQA.
-pub fn load_attention(
-    spec: &ModelSpec,
-    w: &dyn WeightSource,
-    l: usize,
-) -> Result<Box<dyn Attention>> {
-    if spec.mla.is_some() {
-        return Ok(Box::new(crate::mla::load_mla_attention(spec, w, l)?));
-    }
-    Ok(match load_low_rank_attention(spec, w, l)? {
-        Some(a) => Box::new(a),
-        None => Box::new(load_gqa_attention(spec, w, l)?),
-    })
 }
 
 /// The one-shot low-rank attention of layer `l` of a Llama/Qwen2 checkpoint, or `None`

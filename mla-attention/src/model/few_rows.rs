@@ -11,14 +11,11 @@
 //! or faster up to 256 rows (Qwen2.5-Coder-0.5B passes of 16 / 64 / 256 rows: 103 / 386 /
 //! 1 695 ms against candle's 116 / 464 / 1 685).
 //!
-//! Every output element is one 16-lane running sum over the chunks in order, then the tail,
+//! Every output element is one running sum over the lanes' chunks in order, then the tail,
 //! then a fixed reduction, whatever the number of rows: a row's products are bit-identical
 //! whether it runs alone or beside up to [`MAX_ROWS`] − 1 other rows (its own drafts, other
-//! requests of the batch). The whole decoder pass is not: its attention products still go
-//! through candle's GEMM, whose summation depends on the rows and the context length, so a
-//! verify pass agrees with one-token decoding to ~1e-5 in the logits, not to the bit
-//! (`tests/real_smollm2.rs::verify_pass_logits_match_one_token_decoding`). A row-wise
-//! attention loop with a fixed order would close that gap.
+//! requests of the batch). With the row-wise paged attention (`crate::cpu`) this makes a
+//! verify pass give each token the logits one-token decoding gives it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -117,66 +114,7 @@ pub fn few_rows_matmul(
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use std::arch::x86_64::*;
-
-    /// A vector of f32 lanes: what the tiles need from an instruction set.
-    pub trait Lanes {
-        type V: Copy;
-        const N: usize;
-        unsafe fn zero() -> Self::V;
-        unsafe fn load(p: *const f32) -> Self::V;
-        /// `a · b + c`.
-        unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
-        /// The lanes' sum, in a fixed order.
-        unsafe fn sum(v: Self::V) -> f32;
-    }
-
-    pub struct Avx512;
-    pub struct Avx2;
-
-    impl Lanes for Avx512 {
-        type V = __m512;
-        const N: usize = 16;
-        #[inline(always)]
-        unsafe fn zero() -> __m512 {
-            _mm512_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m512 {
-            _mm512_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
-            _mm512_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn sum(v: __m512) -> f32 {
-            _mm512_reduce_add_ps(v)
-        }
-    }
-
-    impl Lanes for Avx2 {
-        type V = __m256;
-        const N: usize = 8;
-        #[inline(always)]
-        unsafe fn zero() -> __m256 {
-            _mm256_setzero_ps()
-        }
-        #[inline(always)]
-        unsafe fn load(p: *const f32) -> __m256 {
-            _mm256_loadu_ps(p)
-        }
-        #[inline(always)]
-        unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
-            _mm256_fmadd_ps(a, b, c)
-        }
-        #[inline(always)]
-        unsafe fn sum(v: __m256) -> f32 {
-            let mut l = [0f32; 8];
-            _mm256_storeu_ps(l.as_mut_ptr(), v);
-            ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
-        }
-    }
+    use crate::simd::{Avx2, Avx512, Lanes};
 
     /// Weight rows per group: every row of `x` is multiplied with a group while it is in
     /// L1/L2, so each weight row comes from memory once whatever the row count (rows in an

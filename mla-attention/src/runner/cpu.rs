@@ -2,11 +2,12 @@
 //! [`LatentPagedCache`] — original GQA (`[K ; V]` rows), stock MLA (absorbed decode over
 //! `[c ; k_pe]` rows) or one-shot low rank (latents, K/V rebuilt).
 //!
-//! Prefill runs the prompt through the decoder (contiguous cache; MLA in materialized
-//! form, candle's GEMM for many rows) and copies each layer's rows into the paged cache. A
-//! pass ([`PagedModel::forward`]) runs every row of every sequence through the paged
+//! A pass ([`PagedModel::forward`]) runs every row of every sequence through the paged
 //! layers at once: embedding, norms, projections and MLP over all rows (the few-row
 //! kernel, row by row bit-identical), attention per row over its sequence's blocks.
+//! Prefill is the same passes over the prompt in chunks (no logits), so a prompt's cached
+//! rows do not depend on how it was cut; only the one-shot low-rank form prefills through
+//! the reference decoder's contiguous cache.
 
 use candle_core::Tensor;
 
@@ -126,7 +127,9 @@ impl<T: LatentElem> CpuPagedModel<T> {
         &self.cache
     }
 
-    fn forward_rows(&mut self, tokens: &[u32], pass: &PassRows) -> Result<Tensor> {
+    /// Every layer over the rows of `pass` (appending their cache rows): the hidden states
+    /// `(rows, 1, hidden)` before the final norm.
+    fn run_layers(&mut self, tokens: &[u32], pass: &PassRows) -> Result<Tensor> {
         let d = &self.decoder;
         let rows = tokens.len();
         // (1, rows, hidden) → (rows, 1, hidden): one row per token.
@@ -142,9 +145,52 @@ impl<T: LatentElem> CpuPagedModel<T> {
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
             x = (x + m)?;
         }
-        d.logits(&d.norm.forward(&x)?.reshape((rows, d.spec.hidden_size))?)
+        Ok(x)
+    }
+
+    fn forward_rows(&mut self, tokens: &[u32], pass: &PassRows) -> Result<Tensor> {
+        let x = self.run_layers(tokens, pass)?;
+        let d = &self.decoder;
+        d.logits(
+            &d.norm
+                .forward(&x)?
+                .reshape((tokens.len(), d.spec.hidden_size))?,
+        )
+    }
+
+    /// The one-shot form's prefill: the decoder over the whole prompt (contiguous cache),
+    /// its rows copied into the paged cache — its paged layer rebuilds K/V row by row,
+    /// which is quadratic in copies over a long prompt.
+    fn prefill_contiguous(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let mut contiguous = self.decoder.new_cache();
+        self.decoder.forward_hidden(tokens, &mut contiguous, None)?;
+        contiguous
+            .layers
+            .iter()
+            .zip(&self.layers)
+            .enumerate()
+            .try_for_each(|(l, (lc, layer))| {
+                self.cache
+                    .append_tensor(seq, l, &prefill_rows(layer, l, lc)?)
+            })
+    }
+
+    /// The prompt through the paged layers in chunks of [`PREFILL_CHUNK`] rows, with the
+    /// same kernels as a decode step (no logits): the cached rows are the bits decoding the
+    /// prompt token by token would have written.
+    fn prefill_paged(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let mut start = 0;
+        for chunk in tokens.chunks(PREFILL_CHUNK) {
+            let pass = PassRows::new(&[seq], &[start], &[chunk.len()]);
+            self.run_layers(chunk, &pass)?;
+            start += chunk.len();
+        }
+        Ok(())
     }
 }
+
+/// Prompt rows per prefill pass (the few-row kernel's largest pass).
+const PREFILL_CHUNK: usize = crate::model::few_rows::MAX_ROWS;
 
 impl<T: LatentElem> PagedModel for CpuPagedModel<T> {
     fn block_size(&self) -> usize {
@@ -188,22 +234,17 @@ impl<T: LatentElem> PagedModel for CpuPagedModel<T> {
     }
 
     fn prefill(&mut self, tokens: &[u32]) -> Result<SeqId> {
-        if tokens.is_empty() {
-            return Ok(self.cache.add_sequence());
-        }
-        let mut contiguous = self.decoder.new_cache();
-        self.decoder.forward_hidden(tokens, &mut contiguous, None)?;
         let seq = self.cache.add_sequence();
-        let copied = contiguous
-            .layers
-            .iter()
-            .zip(&self.layers)
-            .enumerate()
-            .try_for_each(|(l, (lc, layer))| {
-                self.cache
-                    .append_tensor(seq, l, &prefill_rows(layer, l, lc)?)
-            });
-        if let Err(e) = copied {
+        if tokens.is_empty() {
+            return Ok(seq);
+        }
+        let one_shot = self.paged.iter().any(|l| matches!(l, CpuLayer::LowRank(_)));
+        let done = if one_shot {
+            self.prefill_contiguous(seq, tokens)
+        } else {
+            self.prefill_paged(seq, tokens)
+        };
+        if let Err(e) = done {
             self.cache.free(seq)?;
             return Err(e);
         }

@@ -23,6 +23,7 @@ use candle_core::Tensor;
 pub use cpu::CpuPagedModel;
 pub use layers::RunnerLayer;
 
+pub use crate::cache::PassRows;
 use crate::cache::SeqId;
 use crate::error::Result;
 
@@ -107,48 +108,3 @@ pub(crate) fn check_pass(
     Ok(())
 }
 
-/// The rows of one pass: for row `r`, which sequence (index into the pass's `seqs`) and
-/// which position; rows of a sequence are consecutive.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PassRows {
-    pub seqs: Vec<SeqId>,
-    /// Tokens each sequence held before the pass.
-    pub starts: Vec<usize>,
-    /// Rows of each sequence.
-    pub lens: Vec<usize>,
-    pub row_seq: Vec<usize>,
-    pub row_pos: Vec<usize>,
-}
-
-impl PassRows {
-    pub fn new(seqs: &[SeqId], starts: &[usize], lens: &[usize]) -> Self {
-        let mut row_seq = Vec::new();
-        let mut row_pos = Vec::new();
-        for (i, (&s, &n)) in starts.iter().zip(lens).enumerate() {
-            row_seq.extend(std::iter::repeat_n(i, n));
-            row_pos.extend(s..s + n);
-        }
-        PassRows {
-            seqs: seqs.to_vec(),
-            starts: starts.to_vec(),
-            lens: lens.to_vec(),
-            row_seq,
-            row_pos,
-        }
-    }
-
-    pub fn rows(&self) -> usize {
-        self.row_pos.len()
-    }
-
-    /// The first row of each sequence.
-    pub fn offsets(&self) -> Vec<usize> {
-        let mut off = Vec::with_capacity(self.lens.len());
-        let mut o = 0;
-        for &n in &self.lens {
-            off.push(o);
-            o += n;
-        }
-        off
-    }
-}

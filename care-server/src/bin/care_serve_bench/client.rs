@@ -79,7 +79,7 @@ impl Prompt {
         }
     }
 
-    fn body(&self, max_tokens: usize, stream: bool) -> (&'static str, Value) {
+    pub fn body(&self, max_tokens: usize, stream: bool) -> (&'static str, Value) {
         let mut body = serde_json::json!({
             "model": "default",
             "max_tokens": max_tokens,

@@ -11,6 +11,7 @@
 //! `results.json` and PNG plots in `--out`.
 
 mod client;
+mod identity;
 mod plot;
 mod replay;
 mod workload;
@@ -106,6 +107,21 @@ struct Args {
     /// Concurrent streaming requests of the load test (0: skip).
     #[arg(long, default_value_t = 0)]
     load_test: usize,
+    /// Identity run instead of the timing cells: append one JSON line per prompt to this file
+    /// (our engine with and without drafting, and mistral.rs, greedy), skipping prompts the
+    /// file already holds — a stopped run resumes. Prompts: every HumanEval problem
+    /// (`humaneval`, `humaneval-chat`), every MT-Bench question short and long (`mtbench`).
+    #[arg(long)]
+    identity: Option<PathBuf>,
+    /// Tokens generated per prompt in the identity run.
+    #[arg(long, default_value_t = 128)]
+    identity_tokens: usize,
+    /// Prompts per workload in the identity run (0: all).
+    #[arg(long, default_value_t = 0)]
+    identity_limit: usize,
+    /// Prompts sent to our engine at once in the identity run.
+    #[arg(long, default_value_t = 16)]
+    identity_batch: usize,
     /// Output folder for results.json and plots.
     #[arg(long, default_value = "bench-serve")]
     out: PathBuf,
@@ -540,6 +556,10 @@ async fn main() -> Result<()> {
         .collect();
     let mut plots_match = Vec::new();
     let mut plots_count = Vec::new();
+    if args.identity.is_some() {
+        println!("| workload | prompts checked | drafting on = off | on = mistral.rs |");
+        println!("|---|---:|---:|---:|");
+    }
     for w in &workloads {
         let drafting = args.modes.iter().any(|m| m == "on" || m == "auto");
         let server = start_server(&args, &model_dir, drafting.then_some(w.index.as_path()))
@@ -550,6 +570,45 @@ async fn main() -> Result<()> {
             .await?
             .pointer("/engine/kv_bytes_per_token")
             .and_then(Value::as_u64);
+        if let Some(file) = &args.identity {
+            let lengths: &[Length] = if w.name == "mtbench" {
+                &[Length::Short, Length::Long]
+            } else {
+                &[Length::Full]
+            };
+            let mut items = Vec::new();
+            for &length in lengths {
+                let all = (w.prompts)(length)?;
+                let n = if args.identity_limit == 0 {
+                    all.len()
+                } else {
+                    args.identity_limit.min(all.len())
+                };
+                items.extend(all.into_iter().take(n).enumerate().map(|(index, prompt)| {
+                    identity::Item {
+                        length,
+                        index,
+                        prompt,
+                    }
+                }));
+            }
+            identity::run(
+                &http,
+                &base,
+                w.name,
+                items,
+                args.identity_tokens,
+                args.identity_batch,
+                file,
+            )
+            .await?;
+            let s = identity::summarize(file, w.name)?;
+            println!(
+                "| {} | {} | {} | {} |",
+                w.name, s.prompts, s.on_equals_off, s.on_equals_host
+            );
+            continue;
+        }
         let warm = (w.prompts)(Length::Short)?;
         for mode in &args.modes {
             client::complete(&http, &base, &warm[0], 8, mode).await?;

@@ -8,7 +8,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::mla::config::{DeepseekV2Context, DeepseekV2Fields, MlaSpec};
+pub mod mla;
+
+use mla::{DeepseekV2Context, DeepseekV2Fields, MlaSpec};
 
 /// The decoder families this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
