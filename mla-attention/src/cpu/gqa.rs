@@ -11,11 +11,11 @@
 use candle_core::{Device, Tensor};
 
 use super::attend::{attend_paged, Attend, HeadGroup};
+use crate::cache::PassRows;
 use crate::cache::{LatentElem, LatentPagedCache, LayerBlocks, LayerWidth, SeqView};
 use crate::error::{Error, Result};
 use crate::model::attention::linear;
 use crate::model::{GqaAttention, Rope};
-use crate::cache::PassRows;
 
 /// A GQA layer bound to layer index `layer` of a paged cache.
 #[derive(Debug, Clone)]

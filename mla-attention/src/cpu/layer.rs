@@ -8,11 +8,11 @@ use candle_core::{DType, Device, Tensor};
 use super::absorb::LatentProjections;
 use super::decode::{absorbed_decode, DecodeParams, DecodeQuery};
 use super::gqa::{append_segments, row_views, undo_segments};
+use crate::cache::PassRows;
 use crate::cache::{LatentElem, LatentPagedCache, LayerWidth, SeqId};
 use crate::error::{Error, Result};
 use crate::mla::{MlaAttention, MlaShape};
 use crate::model::attention::linear;
-use crate::cache::PassRows;
 
 /// An MLA layer bound to layer index `layer` of a paged cache.
 #[derive(Debug, Clone)]

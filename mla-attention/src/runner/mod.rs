@@ -107,4 +107,3 @@ pub(crate) fn check_pass(
     }
     Ok(())
 }
-

@@ -74,9 +74,10 @@ struct Args {
     /// (our engine, drafting), `auto` (no header: drafting).
     #[arg(long, value_delimiter = ',', default_values_t = vec!["host".to_string(), "off".to_string(), "on".to_string()])]
     modes: Vec<String>,
-    /// Longest draft per step (the server's `--infinigram-max-draft`; its default).
-    #[arg(long, default_value_t = care_server::config::DEFAULT_MAX_DRAFT)]
-    max_draft: usize,
+    /// Longest draft per step (the server's `--infinigram-max-draft`; unset: the server's
+    /// default).
+    #[arg(long)]
+    max_draft: Option<usize>,
     /// Draft policy of the server (`fixed`, `max-concurrency`, `calibrated`).
     #[arg(long, default_value = "calibrated")]
     policy: String,
@@ -210,11 +211,12 @@ fn start_server(args: &Args, model_dir: &Path, index: Option<&Path>) -> Result<S
         argv.extend([
             "--infinigram-index".to_string(),
             index.display().to_string(),
-            "--infinigram-max-draft".to_string(),
-            args.max_draft.to_string(),
             "--infinigram-policy".to_string(),
             args.policy.clone(),
         ]);
+        if let Some(gamma) = args.max_draft {
+            argv.extend(["--infinigram-max-draft".to_string(), gamma.to_string()]);
+        }
     }
     let dir = model_dir.display().to_string();
     let model: Vec<String> = match (&args.plain, &args.arch) {
