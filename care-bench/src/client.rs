@@ -128,7 +128,6 @@ pub async fn complete(
         .body(body.to_string())
         .send()
         .await?;
-    let status = resp.status();
     // "engine/on", "engine/off" or "mistralrs/".
     let header = |name: &str| {
         resp.headers()
@@ -142,6 +141,20 @@ pub async fn complete(
         header("x-infinigram-route"),
         header("x-infinigram-draft")
     );
+    let (v, text) = read_answer(path, resp).await?;
+    let completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+    Ok(Completion {
+        text,
+        completion_tokens,
+        route,
+        latency: t0.elapsed(),
+    })
+}
+
+/// A non-streaming response's JSON and its first choice's text (chat or completion); an
+/// HTTP error status is an error carrying the body.
+pub async fn read_answer(path: &str, resp: reqwest::Response) -> Result<(Value, String)> {
+    let status = resp.status();
     let bytes = resp.bytes().await?;
     if !status.is_success() {
         bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
@@ -153,13 +166,7 @@ pub async fn complete(
         .or_else(|| choice["text"].as_str())
         .ok_or_else(|| anyhow!("{path}: no text in {v}"))?
         .to_string();
-    let completion_tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-    Ok(Completion {
-        text,
-        completion_tokens,
-        route,
-        latency: t0.elapsed(),
-    })
+    Ok((v, text))
 }
 
 /// Sends one streaming request and reads the SSE stream to `[DONE]`; returns the number of

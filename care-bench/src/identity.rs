@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
@@ -58,15 +58,15 @@ fn done_keys(file: &Path) -> Result<HashSet<String>> {
         .collect())
 }
 
-/// Totals of every line in `file` for `workload`.
-pub fn summarize(file: &Path, workload: &str) -> Result<Summary> {
+/// Totals of the lines in `file` for `workload` at `max_tokens`.
+pub fn summarize(file: &Path, workload: &str, max_tokens: usize) -> Result<Summary> {
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let mut s = Summary::default();
     for v in text
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
     {
-        if v["workload"] != workload {
+        if v["workload"] != workload || v["max_tokens"].as_u64() != Some(max_tokens as u64) {
             continue;
         }
         s.prompts += 1;
@@ -104,19 +104,8 @@ async fn host_with_logprobs(
         .body(body.to_string())
         .send()
         .await?;
-    let status = resp.status();
-    let bytes = resp.bytes().await?;
-    if !status.is_success() {
-        bail!("{path}: HTTP {status}: {}", String::from_utf8_lossy(&bytes));
-    }
-    let v: Value = serde_json::from_slice(&bytes)?;
-    let choice = &v["choices"][0];
-    let text = choice["message"]["content"]
-        .as_str()
-        .or_else(|| choice["text"].as_str())
-        .ok_or_else(|| anyhow!("{path}: no text in {v}"))?
-        .to_string();
-    let tokens = choice["logprobs"]["content"]
+    let (v, text) = client::read_answer(path, resp).await?;
+    let tokens = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .map(|a| {
             a.iter()
@@ -218,7 +207,7 @@ pub async fn run(
             .open(file)
             .with_context(|| file.display().to_string())?;
         f.write_all(lines.as_bytes())?;
-        let s = summarize(file, workload)?;
+        let s = summarize(file, workload, max_tokens)?;
         eprintln!(
             "{workload}: {} checked; on = off {}, on = mistral.rs {}",
             s.prompts, s.on_equals_off, s.on_equals_host

@@ -604,7 +604,7 @@ async fn main() -> Result<()> {
                 file,
             )
             .await?;
-            let s = identity::summarize(file, w.name)?;
+            let s = identity::summarize(file, w.name, args.identity_tokens)?;
             println!(
                 "| {} | {} | {} | {} |",
                 w.name, s.prompts, s.on_equals_off, s.on_equals_host
