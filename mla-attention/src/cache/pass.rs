@@ -2,6 +2,19 @@
 //! the bookkeeping the paged attention kernels and the paged models share.
 
 use super::SeqId;
+use crate::error::{Error, Result};
+
+/// Every sequence of one pass at most once (`what` names the caller in the error).
+pub fn check_distinct(seqs: &[SeqId], what: &str) -> Result<()> {
+    let mut sorted = seqs.to_vec();
+    sorted.sort();
+    if sorted.windows(2).any(|w| w[0] == w[1]) {
+        return Err(Error::InvalidInput(format!(
+            "{what}: a sequence appears twice"
+        )));
+    }
+    Ok(())
+}
 
 /// The rows of one pass: for row `r`, which sequence (index into the pass's `seqs`) and
 /// which position; rows of a sequence are consecutive.

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use super::absorb::LatentProjections;
 use super::decode::{absorbed_decode, DecodeParams, DecodeQuery};
 use super::gqa::{append_segments, row_views, undo_segments};
+use crate::cache::pass::check_distinct;
 use crate::cache::PassRows;
 use crate::cache::{LatentElem, LatentPagedCache, LayerWidth, SeqId};
 use crate::error::{Error, Result};
@@ -61,13 +62,7 @@ impl PagedMlaLayer {
                 x.dims()
             )));
         }
-        let mut sorted = seqs.to_vec();
-        sorted.sort();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(Error::InvalidInput(
-                "paged MLA decode: a sequence appears twice in the batch".into(),
-            ));
-        }
+        check_distinct(seqs, "paged MLA decode")?;
         let starts: Vec<usize> = seqs
             .iter()
             .map(|&s| cache.tokens(s, self.layer))

@@ -274,13 +274,7 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
                 expected: seqs.len() * w,
             });
         }
-        let mut sorted = seqs.to_vec();
-        sorted.sort();
-        if sorted.windows(2).any(|p| p[0] == p[1]) {
-            return Err(Error::InvalidInput(
-                "append_step: a sequence appears twice".into(),
-            ));
-        }
+        crate::cache::pass::check_distinct(seqs, "append_step")?;
         let before: Vec<usize> = seqs
             .iter()
             .map(|&s| self.tokens(s, layer))

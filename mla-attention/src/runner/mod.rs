@@ -85,13 +85,7 @@ pub(crate) fn check_pass(
             seqs.len()
         )));
     }
-    let mut sorted = seqs.to_vec();
-    sorted.sort();
-    if sorted.windows(2).any(|w| w[0] == w[1]) {
-        return Err(Error::InvalidInput(
-            "a sequence appears twice in one pass".into(),
-        ));
-    }
+    crate::cache::pass::check_distinct(seqs, "a pass")?;
     for s in segments {
         if s.is_empty() || s.len() > max_rows {
             return Err(Error::InvalidInput(format!(
