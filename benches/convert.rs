@@ -11,7 +11,7 @@ use std::time::Instant;
 use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
 use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
-use mla_attention::model::Decoder;
+use mla_attention::load::load_decoder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let bench_mode = std::env::args().any(|a| a == "--bench");
@@ -55,7 +55,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for path in &models {
         let t0 = Instant::now();
         let ckpt = Checkpoint::open(path)?;
-        let original = Decoder::load(&ckpt)?;
+        let original = load_decoder(&ckpt)?;
         let load_s = t0.elapsed().as_secs_f64();
         let ids = encode(ckpt.tokenizer()?, &cal)?;
         let windows = sample_windows(&ids, &opts)?;
@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[ConvertMethod::CareE]
         };
         for &m in methods {
-            let mut model = Decoder::load(&ckpt)?;
+            let mut model = load_decoder(&ckpt)?;
             let t2 = Instant::now();
             let o = ConvertOptions {
                 method: m,

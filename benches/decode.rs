@@ -114,7 +114,7 @@ fn main() -> Res<()> {
     let ctxs: &[usize] = contexts.as_deref().unwrap_or(default_ctxs);
     let ckpt = Checkpoint::open(&path)
         .map_err(|e| format!("{}: {e} (run scripts/fetch_assets.py)", path.display()))?;
-    let original = Decoder::load(&ckpt)?;
+    let original = mla_attention::load::load_decoder(&ckpt)?;
     let tok = ckpt.tokenizer()?;
     let text = std::fs::read_to_string(assets.join("data/exllamav2-cal/wiki.utf8"))?;
     let copts = CalibrationOptions {
@@ -135,7 +135,7 @@ fn main() -> Res<()> {
     )?;
     let convert_s = t0.elapsed().as_secs_f64();
     let mla_decoder = || -> Res<Decoder> {
-        let mut d = Decoder::load(&ckpt)?;
+        let mut d = mla_attention::load::load_decoder(&ckpt)?;
         stock.install(&mut d)?;
         Ok(d)
     };

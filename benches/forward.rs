@@ -6,7 +6,7 @@
 
 use std::time::Instant;
 
-use mla_attention::{io::Checkpoint, model::Decoder};
+use care_model::{io::Checkpoint, model::Decoder};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `cargo bench` passes --bench; under `cargo test --all-targets` run a quick smoke check.
@@ -15,8 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
-    let default =
-        mla_attention::io::asset_cache_dir().join("models/smollm2-135m-instruct/model.gguf");
+    let default = care_model::io::asset_cache_dir().join("models/smollm2-135m-instruct/model.gguf");
     let path = args
         .first()
         .map(std::path::PathBuf::from)

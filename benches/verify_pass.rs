@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             mla_attention::io::asset_cache_dir().join("models/smollm2-135m-instruct/model.gguf")
         });
     let ckpt = Checkpoint::open(&path)?;
-    let model = Decoder::load(&ckpt)?;
+    let model = mla_attention::load::load_decoder(&ckpt)?;
     let ctx: Vec<u32> = (0..200u32).map(|i| 100 + i * 7).collect();
     let mut cache = model.new_cache();
     model.forward_hidden(&ctx, &mut cache, None)?;

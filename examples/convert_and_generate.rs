@@ -37,7 +37,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let ckpt = Checkpoint::open(assets.join("models/smollm2-135m-instruct/model.gguf"))?;
     let tok = ckpt.tokenizer()?;
-    let original = Decoder::load(&ckpt)?;
+    let original = mla_attention::load::load_decoder(&ckpt)?;
     let cal = std::fs::read_to_string(assets.join("data/exllamav2-cal/wiki.utf8"))?;
     let windows = sample_windows(&encode(tok, &cal)?, &CalibrationOptions::default())?;
     let stats = collect_all(&original, &windows, &mut |_, _| {})?;
@@ -51,7 +51,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         decode(tok, &base)?
     );
     for method in [ConvertMethod::CareU, ConvertMethod::Palu] {
-        let mut m = Decoder::load(&ckpt)?;
+        let mut m = mla_attention::load::load_decoder(&ckpt)?;
         let opts = ConvertOptions {
             method,
             kv_keep: keep,

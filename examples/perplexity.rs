@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
-use mla_attention::model::Decoder;
+use mla_attention::load::load_decoder;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let assets = mla_attention::io::asset_cache_dir();
@@ -24,7 +24,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let n: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(512);
 
     let ckpt = Checkpoint::open(&model)?;
-    let decoder = Decoder::load(&ckpt)?;
+    let decoder = load_decoder(&ckpt)?;
     let ids = encode(ckpt.tokenizer()?, &std::fs::read_to_string(&text)?)?;
     let ids = &ids[..n.min(ids.len())];
     let r = perplexity(&decoder, ids, &PerplexityOptions::default(), &mut |_, _| {})?;

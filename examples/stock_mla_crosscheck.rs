@@ -29,7 +29,7 @@ use care_convert::export::deepseek::{
 use care_convert::export::CalibrationRecord;
 use care_convert::stock::{convert_stock, LatentBasis, LatentNorm, RopeSplitOptions, StockOptions};
 use mla_attention::io::Checkpoint;
-use mla_attention::model::Decoder;
+use mla_attention::load::load_decoder;
 
 const VOCAB: usize = 320;
 const HIDDEN: usize = 64;
@@ -164,7 +164,7 @@ fn main() -> Result<()> {
             write_source(&src, qwen, scaling)?;
         }
         let ckpt = Checkpoint::open(&src)?;
-        let model = Decoder::load(&ckpt)?;
+        let model = load_decoder(&ckpt)?;
         let stats = collect_all(&model, &windows, &mut |_, _| {})?;
         let dir = out.join(name);
         if dir.exists() {
@@ -216,7 +216,7 @@ fn main() -> Result<()> {
             &prov,
             SaveDtype::F32,
         )?;
-        let ours = Decoder::load(&Checkpoint::open(&dir)?)?;
+        let ours = load_decoder(&Checkpoint::open(&dir)?)?;
         let logits = ours
             .forward(&tokens, &mut ours.new_cache())?
             .to_vec2::<f32>()?;

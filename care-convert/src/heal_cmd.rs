@@ -226,7 +226,7 @@ pub fn run_heal(a: HealArgs) -> Result<()> {
             device: d.clone(),
             dtype: None,
         };
-        let teacher = Decoder::load_weights(&teacher_ckpt.spec, &on_dev)
+        let teacher = mla_attention::load::load_decoder_weights(&teacher_ckpt.spec, &on_dev)
             .with_context(|| format!("loading the teacher {}", a.teacher.display()))?;
         let student = if with_student {
             Some(

@@ -13,7 +13,7 @@
 //! use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
 //! use mla_attention::{io::{tokenizer::encode, Checkpoint}, model::Decoder};
 //! let ckpt = Checkpoint::open("model.gguf")?;
-//! let model = Decoder::load(&ckpt)?;
+//! let model = mla_attention::load::load_decoder(&ckpt)?;
 //! let ids = encode(ckpt.tokenizer()?, &std::fs::read_to_string("speech.txt").unwrap())?;
 //! let r = perplexity(&model, &ids[..512], &PerplexityOptions::default(), &mut |_, _| {})?;
 //! println!("PPL {:.2}", r.ppl);

@@ -108,7 +108,8 @@ fn open_model(path: &Path, tok: Option<&Path>) -> Result<(Checkpoint, Decoder)> 
                 .map_err(|e| anyhow::anyhow!("{}: {e}", t.display()))?,
         );
     }
-    let model = Decoder::load(&ckpt).with_context(|| format!("loading {}", path.display()))?;
+    let model = mla_attention::load::load_decoder(&ckpt)
+        .with_context(|| format!("loading {}", path.display()))?;
     Ok((ckpt, model))
 }
 
@@ -269,7 +270,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             &opts,
             &mut |_, _| {},
         )?;
-        let mut fresh = Decoder::load(&ckpt)?;
+        let mut fresh = mla_attention::load::load_decoder(&ckpt)?;
         let r = convert_sequential(
             &mut fresh,
             ckpt.weights.as_ref(),
@@ -572,7 +573,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
             if done(&rows, m.name(), keep) {
                 continue;
             }
-            let mut model = Decoder::load(&ckpt)?;
+            let mut model = mla_attention::load::load_decoder(&ckpt)?;
             let opts = ConvertOptions {
                 method: m,
                 kv_keep: keep,

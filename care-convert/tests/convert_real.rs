@@ -63,7 +63,7 @@ fn fixture() -> Fixture {
 }
 
 fn model(f: &Fixture) -> Decoder {
-    Decoder::load_weights(&f.spec, f.ckpt.weights.as_ref()).unwrap()
+    mla_attention::load::load_decoder_weights(&f.spec, f.ckpt.weights.as_ref()).unwrap()
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -271,7 +271,7 @@ fn exported_checkpoint_reloads_with_latent_only_cache() {
         care["conversion"]["plan"]["k"].as_array().unwrap().len(),
         LAYERS
     );
-    let r = Decoder::load(&reloaded).unwrap();
+    let r = mla_attention::load::load_decoder(&reloaded).unwrap();
     let want = m.forward(&f.eval_ids, &mut m.new_cache()).unwrap();
     let mut cache = r.new_cache();
     let got = r.forward(&f.eval_ids, &mut cache).unwrap();

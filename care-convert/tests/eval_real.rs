@@ -14,7 +14,7 @@ use std::process::Command;
 use care_convert::eval::multiple_choice::{load_requests, score_doc, summarize, task_path};
 use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
-use mla_attention::model::Decoder;
+use mla_attention::load::load_decoder;
 
 fn assets() -> PathBuf {
     let root = mla_attention::io::asset_cache_dir();
@@ -29,7 +29,7 @@ fn assets() -> PathBuf {
 
 fn ppl_first_512(model: &str, text: PathBuf) -> (f64, f64) {
     let ckpt = Checkpoint::open(assets().join(model)).unwrap();
-    let decoder = Decoder::load(&ckpt).unwrap();
+    let decoder = load_decoder(&ckpt).unwrap();
     let text = std::fs::read_to_string(text).unwrap();
     let ids = encode(ckpt.tokenizer().unwrap(), &text).unwrap();
     let r = perplexity(
@@ -74,7 +74,7 @@ fn qwen_coder_functools_perplexity_matches_independent_reference() {
 #[test]
 fn smollm2_arc_easy_first_200_matches_independent_reference() {
     let ckpt = Checkpoint::open(assets().join("models/smollm2-135m-instruct/model.gguf")).unwrap();
-    let model = Decoder::load(&ckpt).unwrap();
+    let model = load_decoder(&ckpt).unwrap();
     let path = task_path(&assets().join("data/oe_eval_tasks"), "arc_easy").unwrap();
     let docs = load_requests(&path, Some(200)).unwrap();
     assert_eq!(docs.len(), 200);

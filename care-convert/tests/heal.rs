@@ -176,7 +176,7 @@ fn models(root: &Path) -> (Decoder, std::path::PathBuf, std::path::PathBuf) {
     write_source(&src, false);
     let stock = root.join("mla");
     write_stock(&src, &stock, 4, 8);
-    let teacher = Decoder::load(&Checkpoint::open(&src).unwrap()).unwrap();
+    let teacher = mla_attention::load::load_decoder(&Checkpoint::open(&src).unwrap()).unwrap();
     (teacher, src, stock)
 }
 
@@ -391,7 +391,7 @@ fn healed_checkpoint_keeps_the_student_format_and_bad_inputs_are_refused() {
     let out = tmp.path().join("healed");
     prepare_output(&stock, &out).unwrap();
     // Before any update the output already loads (as the student).
-    Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+    mla_attention::load::load_decoder(&Checkpoint::open(&out).unwrap()).unwrap();
     let mut h = Healer::new(
         &teacher,
         student,
@@ -405,7 +405,7 @@ fn healed_checkpoint_keeps_the_student_format_and_bad_inputs_are_refused() {
     let record = serde_json::json!({"steps": done.steps_done});
     write_healed(&out, &h.student, candle_core::DType::F32, &record).unwrap();
     // The healed directory loads like the student and computes with the trained values.
-    let healed = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+    let healed = mla_attention::load::load_decoder(&Checkpoint::open(&out).unwrap()).unwrap();
     let trained = h.student.decoder_detached().unwrap();
     let toks: Vec<u32> = (0..12).map(|i| (i * 7 + 1) % VOCAB as u32).collect();
     let a = healed.forward(&toks, &mut healed.new_cache()).unwrap();
@@ -519,7 +519,7 @@ fn data_parallel_replicas_follow_the_one_device_curve() {
     let tmp = tempfile::tempdir().unwrap();
     let (teacher, src, stock) = models(tmp.path());
     let more: Vec<Decoder> = (0..2)
-        .map(|_| Decoder::load(&Checkpoint::open(&src).unwrap()).unwrap())
+        .map(|_| mla_attention::load::load_decoder(&Checkpoint::open(&src).unwrap()).unwrap())
         .collect();
     let data = corpus(6, 64);
     let open = || StudentParams::open(&stock, TrainScope::Attention, &Device::Cpu).unwrap();

@@ -8,7 +8,7 @@
 use candle_core::Tensor;
 use care_convert::stock::{effective_rank, max_rank};
 use mla_attention::io::Checkpoint;
-use mla_attention::model::Decoder;
+use mla_attention::load::load_decoder;
 
 mod common;
 use common::{
@@ -41,7 +41,7 @@ fn full_rank_single_kv_head_conversion_is_exact_with_and_without_biases() {
             .unwrap();
 
         // In memory.
-        let mut converted = Decoder::load(&ckpt).unwrap();
+        let mut converted = load_decoder(&ckpt).unwrap();
         stock.install(&mut converted).unwrap();
         let got = converted
             .forward(&tokens, &mut converted.new_cache())
@@ -55,7 +55,7 @@ fn full_rank_single_kv_head_conversion_is_exact_with_and_without_biases() {
         // Writing again over an existing directory is refused and leaves it intact.
         let again = export_tiny(&src, &out, &ckpt, &stock);
         assert!(again.unwrap_err().to_string().contains("already exists"));
-        let reloaded = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+        let reloaded = load_decoder(&Checkpoint::open(&out).unwrap()).unwrap();
         let got = reloaded
             .forward(&tokens, &mut reloaded.new_cache())
             .unwrap();
@@ -99,14 +99,14 @@ fn llama3_rope_scaling_is_emulated_by_yarn() {
     let want = original
         .forward(&tokens, &mut original.new_cache())
         .unwrap();
-    let mut converted = Decoder::load(&ckpt).unwrap();
+    let mut converted = load_decoder(&ckpt).unwrap();
     stock.install(&mut converted).unwrap();
     let got = converted
         .forward(&tokens, &mut converted.new_cache())
         .unwrap();
     let mut naive_model = stock.clone();
     naive_model.mla.rope_scaling = mla_attention::mla::MlaRopeScaling::None;
-    let mut naive = Decoder::load(&ckpt).unwrap();
+    let mut naive = load_decoder(&ckpt).unwrap();
     naive_model.install(&mut naive).unwrap();
     let dropped = naive.forward(&tokens, &mut naive.new_cache()).unwrap();
     let (e_yarn, e_naive) = (max_rel_diff(&got, &want), max_rel_diff(&dropped, &want));
@@ -125,7 +125,7 @@ fn llama3_rope_scaling_is_emulated_by_yarn() {
     assert_eq!(cfg["rope_scaling"]["type"], "yarn");
     assert_eq!(cfg["rope_scaling"]["mscale_all_dim"], 0.0);
     assert_eq!(cfg["rope_parameters"]["attention_factor"], 1.0);
-    let reloaded = Decoder::load(&Checkpoint::open(&out).unwrap()).unwrap();
+    let reloaded = load_decoder(&Checkpoint::open(&out).unwrap()).unwrap();
     let again = reloaded
         .forward(&tokens, &mut reloaded.new_cache())
         .unwrap();

@@ -35,7 +35,7 @@ use mistralrs_core::{
     SamplingParams,
 };
 use mla_attention::io::{tokenizer, Checkpoint};
-use mla_attention::model::Decoder;
+use mla_attention::load::{load_decoder, load_decoder_weights};
 
 const PROMPT_TOKENS: usize = 40;
 const GEN_TOKENS: usize = 32;
@@ -65,7 +65,7 @@ fn convert_with(
     if let Some(r) = rope_scaling {
         spec.rope_scaling = r;
     }
-    let model = Decoder::load_weights(&spec, ckpt.weights.as_ref())?;
+    let model = load_decoder_weights(&spec, ckpt.weights.as_ref())?;
     let tok = ckpt.tokenizer()?;
     let cal = assets().join("data/exllamav2-cal");
     let mut ids = Vec::new();
@@ -267,7 +267,7 @@ fn healed_smollm2_runs_identically_in_mistralrs() -> Result<()> {
     let student = tmp.path().join("mla");
     convert(model_name, 160, 128, &student)?;
     let teacher_path = assets().join(format!("models/{model_name}/model.gguf"));
-    let teacher = Decoder::load(&Checkpoint::open(&teacher_path)?)?;
+    let teacher = load_decoder(&Checkpoint::open(&teacher_path)?)?;
     let ckpt = Checkpoint::open(&student)?;
     let sotu = assets().join("data/sotu");
     let corpus = pack(
@@ -369,7 +369,7 @@ fn check_dir_against_mistralrs(model_name: &str, out: &Path) -> Result<()> {
     // Our runtime on the exported checkpoint.
     let ckpt = Checkpoint::open(&out)?;
     assert!(ckpt.spec.mla.is_some(), "export did not resolve as MLA");
-    let ours = Decoder::load(&ckpt)?;
+    let ours = load_decoder(&ckpt)?;
     let tok = ckpt.tokenizer()?.clone();
     let ids = prompt(&tok)?;
     let logits = ours

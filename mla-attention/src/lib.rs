@@ -1,22 +1,21 @@
 //! # mla-attention
 //!
-//! The runtime half of the project: it loads real checkpoints (GGUF or Hugging Face
-//! safetensors directories) into a reference decoder forward on the CPU, and hosts
-//! the Multi-Head Latent Attention forms that `care-convert` produces.
+//! The serving half of the project: the Multi-Head Latent Attention forms that
+//! `care-convert` produces, the paged KV cache (MLA latents or GQA `[K ; V]` rows), the
+//! kernels over it on the CPU and CUDA, and the one engine that schedules requests and
+//! verifies Infinigram drafts. Checkpoints, configs and the reference decoder come from
+//! `care-model` (re-exported here as [`config`], [`io`], [`model`]).
 //!
 //! ```no_run
-//! use mla_attention::{io::Checkpoint, model::Decoder};
+//! use mla_attention::{io::Checkpoint, load::load_decoder};
 //! let ckpt = Checkpoint::open("SmolLM2-135M-Instruct.Q4_1.gguf")?;
-//! let model = Decoder::load(&ckpt)?;
+//! let model = load_decoder(&ckpt)?; // GQA, one-shot low-rank or DeepSeek-V2 MLA
 //! let ids = mla_attention::io::tokenizer::encode(ckpt.tokenizer()?, "Hello")?;
 //! let logits = model.forward(&ids, &mut model.new_cache())?; // (seq, vocab)
 //! # Ok::<(), mla_attention::Error>(())
 //! ```
 //!
 //! Modules:
-//! - [`config`]: `config.json` mirror ([`config::HfConfig`]) and resolved [`config::ModelSpec`].
-//! - [`io`]: validated GGUF and safetensors readers, GGUF → `tokenizer.json`.
-//! - [`model`]: RMSNorm, SwiGLU, RoPE, the [`model::Attention`] trait, GQA attention, decoder.
 //! - [`mla`]: the reference MLA attention (DeepSeek-V2 layout), its RoPE and loading.
 //! - [`load`]: a checkpoint into a [`model::Decoder`] whatever its attention kind.
 //! - [`cache`]: [`cache::LatentPagedCache`], the paged cache (MLA latents, or GQA `[K ; V]`
@@ -30,17 +29,13 @@
 //! - `cuda` (feature `cuda`): the paged cache in device memory and CUDA decode kernels.
 
 pub mod cache;
-pub mod config;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod engine;
-pub mod error;
-pub mod io;
 pub mod load;
 pub mod mla;
-pub mod model;
 pub mod runner;
-mod simd;
 
-pub use error::{Error, Result};
+use care_model::simd;
+pub use care_model::{config, error, io, model, Error, Result};

@@ -8,31 +8,21 @@ use crate::error::Result;
 use crate::io::{Checkpoint, WeightSource};
 use crate::mla::load::mla_spec;
 use crate::mla::{load_mla_attention, MlaForm};
-use crate::model::decoder::{load_gqa_attention, load_layer_rest, load_low_rank_attention};
+use crate::model::decoder::load_layer_rest;
 use crate::model::{Attention, Decoder};
 
-impl Decoder {
-    /// Load a model from a checkpoint: the original GQA attention, or the one-shot
-    /// low-rank form where the checkpoint carries latent factors (see
-    /// [`load_attention`]).
-    pub fn load(ckpt: &Checkpoint) -> Result<Self> {
-        Self::load_weights(&ckpt.spec, ckpt.weights.as_ref())
-    }
-
-    /// Load every layer with [`load_attention`] (GQA or low-rank, per layer).
-    pub fn load_weights(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
-        let mut layers = Vec::with_capacity(spec.num_layers);
-        for l in 0..spec.num_layers {
-            let attn = load_attention(spec, w, l)?;
-            layers.push(load_layer_rest(spec, w, l, attn)?);
-        }
-        Self::from_layers(spec.clone(), w, layers)
-    }
+/// Load a model from a checkpoint, whatever its attention (see [`load_attention`]).
+pub fn load_decoder(ckpt: &Checkpoint) -> Result<Decoder> {
+    load_decoder_weights(&ckpt.spec, ckpt.weights.as_ref())
 }
 
-/// The attention of layer `l`: MLA for a DeepSeek-V2 spec ([`ModelSpec::mla`]),
-/// low-rank (separate or shared latents) when the checkpoint has latent factors for
-/// it, otherwise GQA.
+/// [`load_decoder`] from a spec and weights.
+pub fn load_decoder_weights(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Decoder> {
+    Decoder::load_layers(spec, w, &load_attention)
+}
+
+/// The attention of layer `l`: MLA for a DeepSeek-V2 spec ([`ModelSpec::mla`]), otherwise
+/// what [`care_model::model::decoder::load_attention`] finds (low-rank or GQA).
 pub fn load_attention(
     spec: &ModelSpec,
     w: &dyn WeightSource,
@@ -41,14 +31,11 @@ pub fn load_attention(
     if spec.mla.is_some() {
         return Ok(Box::new(load_mla_attention(spec, w, l)?));
     }
-    Ok(match load_low_rank_attention(spec, w, l)? {
-        Some(a) => Box::new(a),
-        None => Box::new(load_gqa_attention(spec, w, l)?),
-    })
+    care_model::model::decoder::load_attention(spec, w, l)
 }
 
 /// A whole DeepSeek-V2 decoder whose every layer computes in `form`
-/// ([`Decoder::load`] gives [`MlaForm::Auto`]).
+/// ([`load_decoder`] gives [`MlaForm::Auto`]).
 pub fn load_mla_decoder(spec: &ModelSpec, w: &dyn WeightSource, form: MlaForm) -> Result<Decoder> {
     mla_spec(spec, w)?;
     let layers = (0..spec.num_layers)
@@ -176,10 +163,10 @@ mod tests {
             let mla = ckpt.spec.mla.as_ref().expect("resolved as MLA");
             assert_eq!(mla.shape.cache_values_per_token(), 28);
             assert_eq!(ckpt.spec.head_dim, 12);
-            let model = Decoder::load(&ckpt).unwrap();
+            let model = crate::load::load_decoder(&ckpt).unwrap();
             let (full, stepped) = prefill_and_decode(&model, &tokens);
             let e = rel_err(&stepped, &full);
-            eprintln!("{extra}: Decoder::load (auto) prefill vs decode logits {e:.2e}");
+            eprintln!("{extra}: load_decoder (auto) prefill vs decode logits {e:.2e}");
             assert!(e <= 1e-5, "auto: {e:e}");
             for form in [MlaForm::Materialized, MlaForm::Absorbed] {
                 let m = load_mla_decoder(&ckpt.spec, ckpt.weights.as_ref(), form).unwrap();
@@ -225,7 +212,7 @@ mod tests {
         t.insert(name.into(), Gen::new(1).tensor(&[80, 20], 0.1));
         candle_core::safetensors::save(&t, &st).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
-        let err = Decoder::load(&ckpt)
+        let err = crate::load::load_decoder(&ckpt)
             .expect_err("shape mismatch")
             .to_string();
         assert!(

@@ -3,7 +3,7 @@
 //! The one-shot form is our own format: an HF directory (`config.json` of the source
 //! architecture, `model.safetensors`, `tokenizer.json`) whose layers carry
 //! `self_attn.{k,v}_latent_{a,b}.weight` (or `kv_latent_a` + `{k,v}_latent_b` for a shared
-//! latent) instead of `k_proj`/`v_proj`; `mla_attention::model::Decoder::load` recognizes
+//! latent) instead of `k_proj`/`v_proj`; `mla_attention::load::load_decoder` recognizes
 //! them. The sidecar `care.json` records method, ranks, budget, calibration and the
 //! source model's hash.
 //!

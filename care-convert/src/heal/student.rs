@@ -100,12 +100,18 @@ impl StudentParams {
 
     /// A decoder whose trainable weights are the `Var`s themselves (gradients reach them).
     pub fn decoder(&self) -> Result<Decoder> {
-        Ok(Decoder::load_weights(&self.spec, &self.view(false))?)
+        Ok(mla_attention::load::load_decoder_weights(
+            &self.spec,
+            &self.view(false),
+        )?)
     }
 
     /// A decoder over detached copies (evaluation: records no graph).
     pub fn decoder_detached(&self) -> Result<Decoder> {
-        Ok(Decoder::load_weights(&self.spec, &self.view(true))?)
+        Ok(mla_attention::load::load_decoder_weights(
+            &self.spec,
+            &self.view(true),
+        )?)
     }
 
     fn view(&self, detached: bool) -> MapWeights {

@@ -125,10 +125,10 @@ pub fn convert_tiny(
     use care_convert::calibrate::collect_all;
     use care_convert::stock::convert_stock;
     use mla_attention::io::Checkpoint;
-    use mla_attention::model::Decoder;
+    use mla_attention::load::load_decoder;
 
     let ckpt = Checkpoint::open(src).unwrap();
-    let original = Decoder::load(&ckpt).unwrap();
+    let original = load_decoder(&ckpt).unwrap();
     let mut r = Rng(5);
     let windows: Vec<Vec<u32>> = (0..40)
         .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())

@@ -55,7 +55,7 @@ fn load(f: &Fixture, config: RunnerConfig) -> (tempfile::TempDir, Decoder, CpuPa
         Fixture::OneShot(m) => m.write(dir.path()).unwrap(),
     }
     let ckpt = Checkpoint::open(dir.path()).unwrap();
-    let decoder = Decoder::load(&ckpt).unwrap();
+    let decoder = crate::load::load_decoder(&ckpt).unwrap();
     let model = CpuPagedModel::load(&ckpt.spec, ckpt.weights.as_ref(), config).unwrap();
     (dir, decoder, model)
 }

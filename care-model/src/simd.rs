@@ -4,7 +4,7 @@
 //! result depends on its inputs and the instruction set, never on what else runs beside it.
 
 /// What the kernels need from an instruction set.
-pub(crate) trait Lanes {
+pub trait Lanes {
     type V: Copy;
     const N: usize;
     /// # Safety
@@ -48,7 +48,7 @@ pub(crate) trait Lanes {
 /// `e^x` for `x ≤ 0` as the softmax folds use it one value at a time: 0 below −87, so no
 /// subnormal weight reaches an accumulator.
 #[inline(always)]
-pub(crate) fn exp_neg(x: f32) -> f32 {
+pub fn exp_neg(x: f32) -> f32 {
     if x < -87.0 {
         0.0
     } else {
@@ -76,7 +76,7 @@ macro_rules! exp_poly {
 }
 
 /// Eight lanes in plain Rust: any CPU (no fused multiply-add).
-pub(crate) struct Portable;
+pub struct Portable;
 
 impl Lanes for Portable {
     type V = [f32; 8];
@@ -118,7 +118,7 @@ impl Lanes for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{Avx2, Avx512};
+pub use x86::{Avx2, Avx512};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -126,8 +126,8 @@ mod x86 {
 
     use super::Lanes;
 
-    pub(crate) struct Avx512;
-    pub(crate) struct Avx2;
+    pub struct Avx512;
+    pub struct Avx2;
 
     impl Lanes for Avx512 {
         type V = __m512;
@@ -241,14 +241,14 @@ mod x86 {
 
 /// The widest instruction set of this CPU the kernels use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
+pub enum Isa {
     Avx512,
     Avx2Fma,
     Portable,
 }
 
 /// Detected once per call site cheaply (`is_x86_feature_detected` caches).
-pub(crate) fn isa() -> Isa {
+pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {

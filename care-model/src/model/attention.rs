@@ -73,7 +73,7 @@ pub struct AttnInput<'a> {
 }
 
 /// The attention block of a decoder layer. Implementations: [`GqaAttention`] here, the
-/// MLA forms in `crate::mla`.
+/// MLA forms in `mla_attention::mla`.
 pub trait Attention: Send + Sync {
     /// `(batch, seq, hidden)` → `(batch, seq, hidden)`, appending this step's state to
     /// `cache`.

@@ -7,14 +7,14 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mla_attention::config::ModelSpec;
-use mla_attention::io::tokenizer::{decode, encode};
-use mla_attention::io::{permute_qk, Checkpoint, GgufWeights, WeightSource};
-use mla_attention::model::Decoder;
-use mla_attention::Error;
+use care_model::config::ModelSpec;
+use care_model::io::tokenizer::{decode, encode};
+use care_model::io::{permute_qk, Checkpoint, GgufWeights, WeightSource};
+use care_model::model::Decoder;
+use care_model::Error;
 
 fn assets() -> PathBuf {
-    let root = mla_attention::io::asset_cache_dir();
+    let root = care_model::io::asset_cache_dir();
     assert!(
         root.join("models/smollm2-135m-instruct/model.gguf")
             .exists(),
@@ -239,7 +239,7 @@ impl WeightSource for Repermuted {
     fn contains(&self, name: &str) -> bool {
         self.0.contains(name)
     }
-    fn tensor(&self, name: &str) -> mla_attention::Result<Tensor> {
+    fn tensor(&self, name: &str) -> care_model::Result<Tensor> {
         let t = self.0.tensor(name)?;
         if name.contains("q_proj") {
             return permute_qk(&t, 9);
@@ -259,7 +259,7 @@ fn rope_layout_matters_correct_ppl_vs_permuted() {
     let good = Decoder::load(&ckpt).unwrap();
     let ppl = mean_nll(&good, ids).exp();
     drop(good);
-    let file = mla_attention::io::gguf::GgufFile::open(smollm2()).unwrap();
+    let file = care_model::io::gguf::GgufFile::open(smollm2()).unwrap();
     let bad_src = Repermuted(GgufWeights::new(file, &ckpt.spec).unwrap());
     let bad = Decoder::load_gqa(&ckpt.spec, &bad_src).unwrap();
     let bad_ppl = mean_nll(&bad, ids).exp();

@@ -14,7 +14,7 @@
 //! Every output element is one running sum over the lanes' chunks in order, then the tail,
 //! then a fixed reduction, whatever the number of rows: a row's products are bit-identical
 //! whether it runs alone or beside up to [`MAX_ROWS`] − 1 other rows (its own drafts, other
-//! requests of the batch). With the row-wise paged attention (`crate::cpu`) this makes a
+//! requests of the batch). With the row-wise paged attention (`mla_attention::cpu`) this makes a
 //! verify pass give each token the logits one-token decoding gives it.
 
 use std::sync::atomic::{AtomicBool, Ordering};

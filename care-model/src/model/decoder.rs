@@ -163,7 +163,47 @@ impl std::fmt::Debug for Decoder {
     }
 }
 
+/// Builds the attention of layer `l` from a checkpoint's weights; [`load_attention`] for
+/// the kinds this crate knows, `mla_attention::load::load_attention` for every kind.
+pub type AttentionLoader =
+    dyn Fn(&ModelSpec, &dyn WeightSource, usize) -> Result<Box<dyn Attention>>;
+
 impl Decoder {
+    /// Load an original (GQA) or one-shot low-rank checkpoint (see [`load_attention`]).
+    /// A DeepSeek-V2 (MLA) checkpoint is an error here: `mla_attention::load::load_decoder`
+    /// loads every kind.
+    pub fn load(ckpt: &crate::io::Checkpoint) -> Result<Self> {
+        Self::load_weights(&ckpt.spec, ckpt.weights.as_ref())
+    }
+
+    /// [`Decoder::load`] from a spec and weights.
+    pub fn load_weights(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
+        if spec.mla.is_some() {
+            return Err(Error::UnsupportedArchitecture {
+                path: w.path().to_path_buf(),
+                arch: "deepseek_v2 (MLA)".into(),
+                supported: "llama, qwen2 and their one-shot low-rank form here; \
+                            mla_attention::load::load_decoder loads MLA",
+            });
+        }
+        Self::load_layers(spec, w, &load_attention)
+    }
+
+    /// Load every layer with `attention` for its attention and the checkpoint's norms and
+    /// MLP for the rest.
+    pub fn load_layers(
+        spec: &ModelSpec,
+        w: &dyn WeightSource,
+        attention: &AttentionLoader,
+    ) -> Result<Self> {
+        let mut layers = Vec::with_capacity(spec.num_layers);
+        for l in 0..spec.num_layers {
+            let attn = attention(spec, w, l)?;
+            layers.push(load_layer_rest(spec, w, l, attn)?);
+        }
+        Self::from_layers(spec.clone(), w, layers)
+    }
+
     /// Load a GQA decoder from HF-named weights, checking every shape.
     pub fn load_gqa(spec: &ModelSpec, w: &dyn WeightSource) -> Result<Self> {
         let mut layers = Vec::with_capacity(spec.num_layers);
@@ -423,6 +463,19 @@ pub mod lowrank_names {
     pub const V_B: &str = "v_latent_b.weight";
     /// Shared K/V latent (MHA2MLA joint init); used with `K_B` and `V_B`.
     pub const KV_A: &str = "kv_latent_a.weight";
+}
+
+/// The attention of layer `l` of a Llama/Qwen2 checkpoint: low-rank (separate or shared
+/// latents) when the checkpoint has latent factors for it, otherwise GQA.
+pub fn load_attention(
+    spec: &ModelSpec,
+    w: &dyn WeightSource,
+    l: usize,
+) -> Result<Box<dyn Attention>> {
+    Ok(match load_low_rank_attention(spec, w, l)? {
+        Some(a) => Box::new(a),
+        None => Box::new(load_gqa_attention(spec, w, l)?),
+    })
 }
 
 /// The one-shot low-rank attention of layer `l` of a Llama/Qwen2 checkpoint, or `None`

@@ -1,5 +1,5 @@
 //! The MLA layer's configuration: [`MlaShape`] (head layout), [`YarnScaling`] and
-//! [`MlaSpec`] (everything an [`MlaAttention`](crate::mla::MlaAttention) needs besides its
+//! [`MlaSpec`] (everything an `mla_attention::mla::MlaAttention` needs besides its
 //! weights), and [`DeepseekV2Fields`], the DeepSeek-V2 keys of `config.json` that
 //! [`HfConfig`](crate::config::HfConfig) flattens in.
 //!
