@@ -20,15 +20,7 @@ const LAYERS: usize = 30;
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-        })
-        .collect()
+    test_support::Rng::new(seed).symmetric_vec(n, 0.5)
 }
 
 /// Median µs of `f` over `reps` calls (one warm-up).

@@ -20,7 +20,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
+use test_support::Rng;
 
 use care_convert::calibrate::collect_all;
 use care_convert::export::deepseek::{
@@ -39,66 +40,58 @@ const HEAD_DIM: usize = 16;
 const LAYERS: usize = 2;
 const INTER: usize = 128;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    fn tensor(&mut self, shape: (usize, usize), scale: f32) -> Result<Tensor> {
-        let v: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| self.next() * scale)
-            .collect();
-        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
-    }
-    fn norm(&mut self, n: usize) -> Result<Tensor> {
-        let v: Vec<f32> = (0..n).map(|_| 1.0 + 0.2 * self.next()).collect();
-        Ok(Tensor::from_vec(v, n, &Device::Cpu)?)
-    }
+/// `shape` uniform in `[-amp, amp)`.
+fn tensor(r: &mut Rng, shape: (usize, usize), amp: f32) -> Result<Tensor> {
+    Ok(r.symmetric_tensor(&[shape.0, shape.1], amp))
+}
+
+/// Norm weights around 1.
+fn norm(r: &mut Rng, n: usize) -> Result<Tensor> {
+    Ok((r.symmetric_tensor(&[n], 0.2) + 1.0)?)
 }
 
 /// A random Llama (or, with `qwen`, a Qwen2 with q/k/v biases) in HF layout (half-split
 /// RoPE pairs), with `rope_scaling` in its config, written to `dir`.
 fn write_source(dir: &Path, qwen: bool, rope_scaling: serde_json::Value) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut r = Rng(2026);
+    let mut r = Rng::new(2026);
     let mut t = HashMap::new();
     let s = 1.0 / (HIDDEN as f32).sqrt();
     t.insert(
         "model.embed_tokens.weight".to_string(),
-        r.tensor((VOCAB, HIDDEN), 1.0)?,
+        tensor(&mut r, (VOCAB, HIDDEN), 1.0)?,
     );
-    t.insert("lm_head.weight".to_string(), r.tensor((VOCAB, HIDDEN), s)?);
-    t.insert("model.norm.weight".to_string(), r.norm(HIDDEN)?);
+    t.insert(
+        "lm_head.weight".to_string(),
+        tensor(&mut r, (VOCAB, HIDDEN), s)?,
+    );
+    t.insert("model.norm.weight".to_string(), norm(&mut r, HIDDEN)?);
     for l in 0..LAYERS {
         let p = format!("model.layers.{l}");
         let mut put = |n: &str, v: Tensor| t.insert(format!("{p}.{n}"), v);
-        put("input_layernorm.weight", r.norm(HIDDEN)?);
-        put("post_attention_layernorm.weight", r.norm(HIDDEN)?);
+        put("input_layernorm.weight", norm(&mut r, HIDDEN)?);
+        put("post_attention_layernorm.weight", norm(&mut r, HIDDEN)?);
         put(
             "self_attn.q_proj.weight",
-            r.tensor((HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
+            tensor(&mut r, (HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
         );
         put(
             "self_attn.k_proj.weight",
-            r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
+            tensor(&mut r, (KV_HEADS * HEAD_DIM, HIDDEN), 3.0 * s)?,
         );
         put(
             "self_attn.v_proj.weight",
-            r.tensor((KV_HEADS * HEAD_DIM, HIDDEN), s)?,
+            tensor(&mut r, (KV_HEADS * HEAD_DIM, HIDDEN), s)?,
         );
         put(
             "self_attn.o_proj.weight",
-            r.tensor((HIDDEN, HEADS * HEAD_DIM), s)?,
+            tensor(&mut r, (HIDDEN, HEADS * HEAD_DIM), s)?,
         );
-        put("mlp.gate_proj.weight", r.tensor((INTER, HIDDEN), s)?);
-        put("mlp.up_proj.weight", r.tensor((INTER, HIDDEN), s)?);
+        put("mlp.gate_proj.weight", tensor(&mut r, (INTER, HIDDEN), s)?);
+        put("mlp.up_proj.weight", tensor(&mut r, (INTER, HIDDEN), s)?);
         put(
             "mlp.down_proj.weight",
-            r.tensor((HIDDEN, INTER), 1.0 / (INTER as f32).sqrt())?,
+            tensor(&mut r, (HIDDEN, INTER), 1.0 / (INTER as f32).sqrt())?,
         );
         if qwen {
             for (n, rows) in [
@@ -106,7 +99,7 @@ fn write_source(dir: &Path, qwen: bool, rope_scaling: serde_json::Value) -> Resu
                 ("k_proj", KV_HEADS),
                 ("v_proj", KV_HEADS),
             ] {
-                let b = r.tensor((1, rows * HEAD_DIM), 0.5)?.flatten_all()?;
+                let b = tensor(&mut r, (1, rows * HEAD_DIM), 0.5)?.flatten_all()?;
                 put(&format!("self_attn.{n}.bias"), b);
             }
         }
@@ -133,11 +126,11 @@ fn main() -> Result<()> {
         .nth(1)
         .context("usage: stock_mla_crosscheck OUT_DIR")?;
     let out = Path::new(&out);
-    let mut r = Rng(7);
+    let mut r = Rng::new(7);
     let windows: Vec<Vec<u32>> = (0..64)
         .map(|_| {
             (0..32)
-                .map(|_| ((r.next() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32)
+                .map(|_| ((r.symmetric() + 1.0) * 0.5 * (VOCAB - 1) as f32) as u32)
                 .collect()
         })
         .collect();

@@ -30,6 +30,7 @@ pub mod factorize;
 pub mod heal;
 mod png_plot;
 pub mod ranks;
+pub mod rng;
 pub mod stock;
 
 pub use error::{Error, Result};

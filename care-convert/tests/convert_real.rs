@@ -3,7 +3,6 @@
 //! objective, the exported checkpoint reloads to the same logits with a latent-only
 //! cache, and bad options are clear errors that leave nothing behind.
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::Tensor;
@@ -15,16 +14,7 @@ use care_convert::export::{write_oneshot, CalibrationRecord, Provenance};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::model::Decoder;
 
-fn assets() -> PathBuf {
-    let root = mla_attention::io::asset_cache_dir();
-    assert!(
-        root.join("models/smollm2-135m-instruct/model.gguf")
-            .exists(),
-        "real assets missing under {}: run `python3 scripts/fetch_assets.py`",
-        root.display()
-    );
-    root
-}
+use test_support::assets;
 
 const LAYERS: usize = 4;
 

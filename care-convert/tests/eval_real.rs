@@ -16,16 +16,7 @@ use care_convert::eval::perplexity::{perplexity, PerplexityOptions};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::load::load_decoder;
 
-fn assets() -> PathBuf {
-    let root = mla_attention::io::asset_cache_dir();
-    assert!(
-        root.join("models/smollm2-135m-instruct/model.gguf")
-            .exists(),
-        "real assets missing under {}: run `python3 scripts/fetch_assets.py`",
-        root.display()
-    );
-    root
-}
+use test_support::assets;
 
 fn ppl_first_512(model: &str, text: PathBuf) -> (f64, f64) {
     let ckpt = Checkpoint::open(assets().join(model)).unwrap();

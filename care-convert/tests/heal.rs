@@ -127,10 +127,10 @@ const SEQ: usize = 16;
 fn corpus(seed: u64, train: usize) -> PackedCorpus {
     // Tokens from a small repeating grammar so there is something to learn besides the
     // teacher: row i is an arithmetic progression mod VOCAB with a random start.
-    let mut r = Rng(seed);
+    let mut r = Rng::new(seed);
     let mut row = || -> Vec<u32> {
-        let start = ((r.next() + 1.0) * 40.0) as u32;
-        let step = 1 + ((r.next() + 1.0) * 3.0) as u32;
+        let start = ((r.symmetric() + 1.0) * 40.0) as u32;
+        let step = 1 + ((r.symmetric() + 1.0) * 3.0) as u32;
         (0..=SEQ as u32)
             .map(|i| (start + i * step) % VOCAB as u32)
             .collect()
@@ -239,7 +239,7 @@ fn autograd_gradients_of_an_mla_layer_match_finite_differences() {
     let model = student.decoder().unwrap();
     let l = distill_loss(&logits(&model), &t_logits, &targets, 1.0, 2.0).unwrap();
     let grads = l.total.backward().unwrap();
-    let mut r = Rng(99);
+    let mut r = Rng::new(99);
     for name in [
         "model.layers.0.self_attn.kv_b_proj.weight",
         "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
@@ -259,7 +259,7 @@ fn autograd_gradients_of_an_mla_layer_match_finite_differences() {
         // Directional derivatives ⟨∇L, D⟩ vs (L(W + εD) − L(W − εD)) / 2ε along the
         // gradient's own direction (checks its length) and a random unit direction
         // (checks its direction), the error measured against ‖∇L‖.
-        let random = r.t(w0.dims(), 1.0);
+        let random = r.symmetric_tensor(w0.dims(), 1.0);
         let random_norm = random.sqr().unwrap().sum_all().unwrap().sqrt().unwrap();
         for (what, d) in [
             ("gradient", g.broadcast_div(&g_norm).unwrap()),
@@ -645,11 +645,11 @@ fn cli_data_parallel_run_matches_the_one_device_run() {
     write_tokenizer(&src);
     write_tokenizer(&stock);
     // Text from the same progressions as `corpus`, as words.
-    let mut r = Rng(21);
+    let mut r = Rng::new(21);
     let mut text = String::new();
     for _ in 0..400 {
-        let start = ((r.next() + 1.0) * 40.0) as usize;
-        let step = 1 + ((r.next() + 1.0) * 3.0) as usize;
+        let start = ((r.symmetric() + 1.0) * 40.0) as usize;
+        let step = 1 + ((r.symmetric() + 1.0) * 3.0) as usize;
         for i in 0..24 {
             text.push_str(&format!("w{} ", (start + i * step) % VOCAB));
         }

@@ -13,16 +13,7 @@ use care_model::io::{permute_qk, Checkpoint, GgufWeights, WeightSource};
 use care_model::model::Decoder;
 use care_model::Error;
 
-fn assets() -> PathBuf {
-    let root = care_model::io::asset_cache_dir();
-    assert!(
-        root.join("models/smollm2-135m-instruct/model.gguf")
-            .exists(),
-        "real assets missing under {}: run `python3 scripts/fetch_assets.py`",
-        root.display()
-    );
-    root
-}
+use test_support::assets;
 
 fn smollm2() -> PathBuf {
     assets().join("models/smollm2-135m-instruct/model.gguf")

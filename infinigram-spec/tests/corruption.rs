@@ -10,19 +10,10 @@ use proptest::prelude::*;
 
 fn corpus() -> Vec<Vec<u32>> {
     let mut docs = Vec::new();
-    let mut x = 7u64;
+    let mut rng = test_support::Rng::new(7);
     for d in 0..9 {
         let len = 3 + d * 4;
-        docs.push(
-            (0..len)
-                .map(|_| {
-                    x = x
-                        .wrapping_mul(6364136223846793005)
-                        .wrapping_add(1442695040888963407);
-                    ((x >> 33) % 5) as u32
-                })
-                .collect(),
-        );
+        docs.push((0..len).map(|_| rng.below(5) as u32).collect());
     }
     docs.push(Vec::new());
     docs

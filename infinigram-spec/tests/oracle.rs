@@ -21,22 +21,11 @@ const EOS: u32 = VOCAB - 1;
 /// Token of the one-token last document, used nowhere else (see `corpus`).
 const LAST: u32 = VOCAB - 2;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Roughly Zipf-distributed token below `n`.
-    fn zipf(&mut self, n: u64) -> u32 {
-        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
-        ((n as f64).powf(u) - 1.0) as u32
-    }
+use test_support::Rng;
+
+/// Roughly Zipf-distributed token below `n`.
+fn zipf(rng: &mut Rng, n: u64) -> u32 {
+    ((n as f64).powf(rng.uniform()) - 1.0) as u32
 }
 
 /// Random documents over tokens below `LAST`, then the document `[LAST]`.
@@ -50,7 +39,7 @@ fn corpus(rng: &mut Rng) -> Vec<Vec<u32>> {
     let phrases: Vec<Vec<u32>> = (0..40)
         .map(|_| {
             (0..2 + rng.below(12))
-                .map(|_| rng.zipf(LAST as u64))
+                .map(|_| zipf(rng, LAST as u64))
                 .collect()
         })
         .collect();
@@ -62,7 +51,7 @@ fn corpus(rng: &mut Rng) -> Vec<Vec<u32>> {
                 if rng.below(3) == 0 {
                     doc.extend_from_slice(&phrases[rng.below(40) as usize]);
                 } else {
-                    doc.push(rng.zipf(LAST as u64));
+                    doc.push(zipf(rng, LAST as u64));
                 }
             }
             doc
@@ -156,7 +145,7 @@ fn agrees_with_infini_gram() {
         eprintln!("SKIPPED agrees_with_infini_gram: `pip install infini-gram==2.6.0` to run it");
         return;
     };
-    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    let mut rng = Rng::new(0x9E37_79B9_7F4A_7C15);
     let docs = corpus(&mut rng);
     let (ngrams, contexts) = queries(&mut rng, &docs);
 

@@ -18,13 +18,8 @@ use proptest::prelude::*;
 /// the corpus are often right, mixed with random documents, so that they are often wrong.
 fn corpus(target: &HashTarget, docs: usize, seed: u64) -> Vec<Vec<u32>> {
     let vocab = target.vocab as u64;
-    let mut s = seed;
-    let mut next = || {
-        s = s
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        s >> 33
-    };
+    let mut rng = test_support::Rng::new(seed);
+    let mut next = || rng.next_u64();
     (0..docs)
         .map(|i| {
             let start: Vec<u32> = (0..3).map(|_| (next() % vocab) as u32).collect();

@@ -26,20 +26,7 @@ use infinigram_spec::build::{collect_files, TextCorpus};
 use infinigram_spec::{BuildConfig, IndexBuilder, NoProgress};
 use serde_json::{json, Value};
 
-fn assets() -> PathBuf {
-    let dir = std::env::var_os("CARE_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/care-assets")
-        });
-    assert!(
-        dir.join("models/smollm2-135m-instruct/model.gguf")
-            .is_file(),
-        "assets missing under {}: run scripts/fetch_assets.py",
-        dir.display()
-    );
-    dir
-}
+use test_support::assets;
 
 fn smol_dir() -> PathBuf {
     assets().join("models/smollm2-135m-instruct")

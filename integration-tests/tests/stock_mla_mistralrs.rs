@@ -14,7 +14,7 @@
 //! Needs the assets of `scripts/fetch_assets.py` (the GGUF models, ExLlamaV2 calibration
 //! text, SOTU); `scripts/test.sh` fetches them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -40,9 +40,7 @@ use mla_attention::load::{load_decoder, load_decoder_weights};
 const PROMPT_TOKENS: usize = 40;
 const GEN_TOKENS: usize = 32;
 
-fn assets() -> PathBuf {
-    mla_attention::io::asset_cache_dir()
-}
+use test_support::assets;
 
 /// Convert `model` (real weights, real calibration text) into `out`.
 fn convert(model_name: &str, kv_lora_rank: usize, samples: usize, out: &Path) -> Result<()> {

@@ -56,7 +56,7 @@ mod tests {
 
     use super::*;
     use crate::io::Checkpoint;
-    use crate::mla::tests::{random_weights, rel_err, Gen};
+    use crate::mla::tests::{random_weights, rel_err, Rng};
     use crate::mla::MlaShape;
 
     const VOCAB: usize = 40;
@@ -86,7 +86,7 @@ mod tests {
 
     /// Write `config.json` + `model.safetensors` with random weights for `cfg`.
     fn write_checkpoint(dir: &Path, cfg: &serde_json::Value) {
-        let g = &mut Gen::new(11);
+        let g = &mut Rng::new(11);
         let n = |k: &str| cfg[k].as_u64().expect("numeric key") as usize;
         let s = MlaShape {
             num_heads: n("num_attention_heads"),
@@ -101,7 +101,7 @@ mod tests {
         let mut put = |name: String, v: Tensor| {
             t.insert(name, v);
         };
-        let ones = |g: &mut Gen, n: usize| (g.tensor(&[n], 0.1) + 1.0).unwrap();
+        let ones = |g: &mut Rng, n: usize| (g.tensor(&[n], 0.1) + 1.0).unwrap();
         put(
             "model.embed_tokens.weight".into(),
             g.tensor(&[VOCAB, h], 1.0),
@@ -209,7 +209,7 @@ mod tests {
         let st = dir.path().join("model.safetensors");
         let mut t = candle_core::safetensors::load(&st, &candle_core::Device::Cpu).unwrap();
         let name = "model.layers.1.self_attn.kv_b_proj.weight";
-        t.insert(name.into(), Gen::new(1).tensor(&[80, 20], 0.1));
+        t.insert(name.into(), Rng::new(1).tensor(&[80, 20], 0.1));
         candle_core::safetensors::save(&t, &st).unwrap();
         let ckpt = Checkpoint::open(dir.path()).unwrap();
         let err = crate::load::load_decoder(&ckpt)

@@ -4,37 +4,17 @@ use faer::{Mat, MatRef};
 
 use super::*;
 
-/// Deterministic normal samples (splitmix64 + Box–Muller); no dependency, stable across runs.
-struct Rng(u64);
+use test_support::Rng;
 
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn normal(&mut self) -> f64 {
-        let (u, v) = (self.uniform(), self.uniform());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-
-    fn matrix(&mut self, rows: usize, cols: usize) -> Mat<f64> {
-        Mat::from_fn(rows, cols, |_, _| self.normal())
-    }
+fn matrix(rng: &mut Rng, rows: usize, cols: usize) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |_, _| rng.normal())
 }
 
 /// X = Z·diag(d)·G `[n, dim]` with d_j decaying from 1 to 10^-1.5: strongly non-isotropic,
 /// full column rank.
 fn planted_samples(rng: &mut Rng, n: usize, dim: usize) -> Mat<f64> {
-    let Z = rng.matrix(n, dim);
-    let G = rng.matrix(dim, dim);
+    let Z = matrix(rng, n, dim);
+    let G = matrix(rng, dim, dim);
     let d: Vec<f64> = (0..dim)
         .map(|j| 10f64.powf(-1.5 * j as f64 / (dim - 1) as f64))
         .collect();
@@ -79,10 +59,10 @@ fn reconstruct(
 
 #[test]
 fn care_reaches_the_eckart_young_optimum_of_the_outputs() {
-    let mut rng = Rng(1);
+    let mut rng = Rng::new(1);
     let (n, dim, out) = (200, 16, 10);
     let X = planted_samples(&mut rng, n, dim);
-    let W = rng.matrix(out, dim);
+    let W = matrix(&mut rng, out, dim);
     let stats = InputStats::from_samples(X.as_ref());
     // Independent oracle: XŴᵀ ranges over all rank-r maps into col(X) (X has full column rank),
     // and XWᵀ lies in col(X), so the optimum is the Eckart–Young tail of Y = XWᵀ itself.
@@ -161,9 +141,9 @@ fn care_reaches_the_eckart_young_optimum_of_the_outputs() {
 
 #[test]
 fn care_with_identity_covariance_is_plain_svd() {
-    let mut rng = Rng(2);
+    let mut rng = Rng::new(2);
     let (dim, out) = (12, 7);
-    let W = rng.matrix(out, dim);
+    let W = matrix(&mut rng, out, dim);
     let stats = InputStats {
         second_moment: Mat::identity(dim, dim),
         abs_mean: None,
@@ -189,10 +169,10 @@ fn care_with_identity_covariance_is_plain_svd() {
 
 #[test]
 fn svd_llm_and_care_share_the_optimum() {
-    let mut rng = Rng(3);
+    let mut rng = Rng::new(3);
     let (n, dim, out) = (120, 14, 9);
     let X = planted_samples(&mut rng, n, dim);
-    let W = rng.matrix(out, dim);
+    let W = matrix(&mut rng, out, dim);
     let stats = InputStats::from_samples(X.as_ref());
     let t = tol(fro(W.as_ref()), out * dim);
     let damped = FactorOptions { damping: 0.01 };
@@ -233,10 +213,10 @@ fn svd_llm_and_care_share_the_optimum() {
 
 #[test]
 fn every_method_reconstructs_exactly_at_full_rank() {
-    let mut rng = Rng(4);
+    let mut rng = Rng::new(4);
     let (n, dim, out) = (80, 10, 6);
     let X = planted_samples(&mut rng, n, dim);
-    let W = rng.matrix(out, dim);
+    let W = matrix(&mut rng, out, dim);
     let stats = InputStats::from_samples(X.as_ref());
     for method in [
         care(SquareRoot::Symmetric),
@@ -277,9 +257,9 @@ fn every_method_reconstructs_exactly_at_full_rank() {
 
 #[test]
 fn non_finite_inputs_are_errors_naming_the_input() {
-    let mut rng = Rng(5);
+    let mut rng = Rng::new(5);
     let X = planted_samples(&mut rng, 40, 6);
-    let mut W = rng.matrix(4, 6);
+    let mut W = matrix(&mut rng, 4, 6);
     let stats = InputStats::from_samples(X.as_ref());
     W[(2, 3)] = f64::NAN;
     let err = decompose(Method::PlainSvd, W.as_ref(), &stats, &NO_DAMPING).unwrap_err();
@@ -354,11 +334,11 @@ fn non_finite_inputs_are_errors_naming_the_input() {
 
 #[test]
 fn ranks_beyond_the_numerical_rank_are_errors() {
-    let mut rng = Rng(6);
+    let mut rng = Rng::new(6);
     let X = planted_samples(&mut rng, 40, 8);
     let stats = InputStats::from_samples(X.as_ref());
     // Rank 2 by construction.
-    let W = &rng.matrix(5, 2) * &rng.matrix(2, 8);
+    let W = &matrix(&mut rng, 5, 2) * &matrix(&mut rng, 2, 8);
     let d = decompose(
         care(SquareRoot::Symmetric),
         W.as_ref(),
@@ -382,7 +362,7 @@ fn ranks_beyond_the_numerical_rank_are_errors() {
 
 #[test]
 fn singular_covariance_needs_damping_and_reports_it() {
-    let mut rng = Rng(7);
+    let mut rng = Rng::new(7);
     let (dim, out) = (10, 4);
     // Input dimension 3 is never active: C has an exactly zero row and column.
     let mut X = planted_samples(&mut rng, 50, dim);
@@ -390,7 +370,7 @@ fn singular_covariance_needs_damping_and_reports_it() {
         X[(t, 3)] = 0.0;
     }
     let stats = InputStats::from_samples(X.as_ref());
-    let W = rng.matrix(out, dim);
+    let W = matrix(&mut rng, out, dim);
     let err = decompose(care(SquareRoot::Symmetric), W.as_ref(), &stats, &NO_DAMPING).unwrap_err();
     assert!(
         matches!(err, FactorError::SingularCovariance { .. }),
@@ -451,10 +431,10 @@ fn singular_covariance_needs_damping_and_reports_it() {
 
 #[test]
 fn joint_factorization_shares_the_latent() {
-    let mut rng = Rng(8);
+    let mut rng = Rng::new(8);
     let (n, dim, out_k, out_v) = (90, 10, 6, 5);
     let X = planted_samples(&mut rng, n, dim);
-    let (W_k, W_v) = (rng.matrix(out_k, dim), rng.matrix(out_v, dim));
+    let (W_k, W_v) = (matrix(&mut rng, out_k, dim), matrix(&mut rng, out_v, dim));
     let stats = InputStats::from_samples(X.as_ref());
     let scale = fro(W_k.as_ref()) + fro(W_v.as_ref());
     let full = dim; // min(out_k + out_v, in)
@@ -528,7 +508,7 @@ fn joint_factorization_shares_the_latent() {
 
     let err = decompose_joint(Method::PlainSvd, &[], &stats, &NO_DAMPING).unwrap_err();
     assert!(matches!(err, FactorError::NoWeights));
-    let wrong = rng.matrix(3, dim + 1);
+    let wrong = matrix(&mut rng, 3, dim + 1);
     let err = mha2mla_joint(W_k.as_ref(), wrong.as_ref()).unwrap_err();
     assert!(matches!(err, FactorError::Shape { .. }), "{err}");
 }

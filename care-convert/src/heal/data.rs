@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// File extensions read as text when a source is a directory.
 pub const TEXT_EXTENSIONS: [&str; 6] = ["txt", "py", "rst", "md", "html", "json"];
@@ -142,28 +143,6 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// SplitMix64: the corpus shuffles need reproducibility, not statistical strength.
-#[derive(Debug, Clone)]
-pub struct SplitMix(pub u64);
-
-impl SplitMix {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fisher–Yates.
-    pub fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next_u64() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
-    }
-}
-
 /// Tokenize files in a seeded random order until the budget is met, then cut rows.
 /// `progress(tokens_so_far, budget)`.
 pub fn pack(
@@ -182,7 +161,7 @@ pub fn pack(
         return Err(Error::InvalidOption("token budget is 0".into()));
     }
     let mut files = list_files(&opts.sources, &opts.exclude)?;
-    SplitMix(opts.seed).shuffle(&mut files);
+    SplitMix64::new(opts.seed).shuffle(&mut files);
     let row = opts.seq_len + 1;
     let want = opts.max_tokens + (opts.heldout_sequences * opts.seq_len) as u64;
     let mut stream: Vec<u32> = Vec::new();
@@ -218,7 +197,7 @@ pub fn pack(
             opts.heldout_sequences
         )));
     }
-    SplitMix(opts.seed ^ 0x5EED).shuffle(&mut rows);
+    SplitMix64::new(opts.seed ^ 0x5EED).shuffle(&mut rows);
     let heldout = rows.split_off(rows.len() - opts.heldout_sequences);
     let max_rows = (opts.max_tokens as usize).div_ceil(opts.seq_len);
     rows.truncate(max_rows);
@@ -401,8 +380,8 @@ mod tests {
     fn shuffle_is_a_seeded_permutation() {
         let mut a: Vec<u32> = (0..100).collect();
         let mut b = a.clone();
-        SplitMix(3).shuffle(&mut a);
-        SplitMix(3).shuffle(&mut b);
+        SplitMix64::new(3).shuffle(&mut a);
+        SplitMix64::new(3).shuffle(&mut b);
         assert_eq!(a, b);
         assert_ne!(a, (0..100).collect::<Vec<_>>());
         let mut s = a.clone();

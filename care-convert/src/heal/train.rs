@@ -22,11 +22,12 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use super::data::{PackedCorpus, SplitMix};
+use super::data::PackedCorpus;
 use super::loss::{distill_loss, nll_sum};
 use super::optim::{clip_global_norm, lr_at, AdamW, AdamWConfig};
 use super::student::{StudentParams, TrainScope};
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 use mla_attention::model::Decoder;
 
 /// Everything that shapes the run. Two runs with equal options, data and models compute
@@ -415,7 +416,8 @@ impl<'a> Healer<'a> {
         let epoch = k / n;
         if self.order_epoch != Some(epoch) {
             self.order = (0..n as usize).collect();
-            SplitMix(self.opts.seed ^ epoch.wrapping_mul(0x9E37_79B9)).shuffle(&mut self.order);
+            SplitMix64::new(self.opts.seed ^ epoch.wrapping_mul(0x9E37_79B9))
+                .shuffle(&mut self.order);
             self.order_epoch = Some(epoch);
         }
         self.order[(k % n) as usize]

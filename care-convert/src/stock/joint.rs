@@ -160,7 +160,7 @@ pub fn joint_latent(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stock::test_rng::lcg;
+    use crate::stock::test_rng::uniform_pm1;
 
     /// Output error ‖X(T − T̂)ᵀ‖² on the samples, keys and values together (unweighted).
     fn output_error(X: &Mat<f64>, k: &Mat<f64>, v: &Mat<f64>, j: &JointLatent) -> f64 {
@@ -172,7 +172,7 @@ mod tests {
     #[test]
     fn care_beats_pca_on_the_calibration_outputs_and_full_rank_is_exact() {
         let (hidden, kd, n) = (24, 10, 400);
-        let mut r = lcg(7);
+        let mut r = uniform_pm1(7);
         // Anisotropic inputs: the map matters most along a few input directions.
         let X = Mat::from_fn(n, hidden, |_, j| r() * (1.0 + 6.0 * (j < 4) as i32 as f64));
         let k = Mat::from_fn(kd, hidden, |_, _| r());
@@ -222,7 +222,7 @@ mod tests {
 
     #[test]
     fn rank_above_the_joint_rank_is_an_error() {
-        let mut r = lcg(1);
+        let mut r = uniform_pm1(1);
         let X = Mat::from_fn(100, 8, |_, _| r());
         let k = Mat::from_fn(4, 8, |_, _| r());
         let v = Mat::from_fn(4, 8, |_, _| r());

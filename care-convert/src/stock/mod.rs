@@ -23,15 +23,10 @@ pub mod rope_split;
 
 #[cfg(test)]
 mod test_rng {
-    /// Deterministic uniform samples in [−1, 1) for the module tests.
-    pub(crate) fn lcg(seed: u64) -> impl FnMut() -> f64 {
-        let mut s = seed;
-        move || {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        }
+    /// Uniform samples in (−1, 1) for the module tests, from the tests' one generator.
+    pub(crate) fn uniform_pm1(seed: u64) -> impl FnMut() -> f64 {
+        let mut r = test_support::Rng::new(seed);
+        move || r.uniform() * 2.0 - 1.0
     }
 }
 

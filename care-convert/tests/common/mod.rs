@@ -5,28 +5,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
 pub const VOCAB: usize = 97;
 pub const HIDDEN: usize = 48;
 pub const HEADS: usize = 3;
 pub const HEAD_DIM: usize = 16;
 
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    pub fn t(&mut self, shape: &[usize], scale: f32) -> Tensor {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.next() * scale).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-}
+pub use test_support::Rng;
 
 pub fn write_source(dir: &Path, qwen: bool) {
     write_source_with(dir, qwen, serde_json::json!({}));
@@ -35,45 +21,66 @@ pub fn write_source(dir: &Path, qwen: bool) {
 /// [`write_source`] with extra `config.json` keys (e.g. a `rope_scaling`).
 pub fn write_source_with(dir: &Path, qwen: bool, extra: serde_json::Value) {
     std::fs::create_dir_all(dir).unwrap();
-    let mut r = Rng(11);
+    let mut r = Rng::new(11);
     let s = 1.0 / (HIDDEN as f32).sqrt();
     let mut t: HashMap<String, Tensor> = HashMap::new();
     t.insert(
         "model.embed_tokens.weight".into(),
-        r.t(&[VOCAB, HIDDEN], 1.0),
+        r.symmetric_tensor(&[VOCAB, HIDDEN], 1.0),
     );
-    t.insert("lm_head.weight".into(), r.t(&[VOCAB, HIDDEN], s));
+    t.insert(
+        "lm_head.weight".into(),
+        r.symmetric_tensor(&[VOCAB, HIDDEN], s),
+    );
     t.insert(
         "model.norm.weight".into(),
-        (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+        (r.symmetric_tensor(&[HIDDEN], 0.1) + 1.0).unwrap(),
     );
     for l in 0..2 {
         let mut put = |n: &str, v: Tensor| t.insert(format!("model.layers.{l}.{n}"), v);
         put(
             "input_layernorm.weight",
-            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+            (r.symmetric_tensor(&[HIDDEN], 0.1) + 1.0).unwrap(),
         );
         put(
             "post_attention_layernorm.weight",
-            (r.t(&[HIDDEN], 0.1) + 1.0).unwrap(),
+            (r.symmetric_tensor(&[HIDDEN], 0.1) + 1.0).unwrap(),
         );
         put(
             "self_attn.q_proj.weight",
-            r.t(&[HEADS * HEAD_DIM, HIDDEN], 2.0 * s),
+            r.symmetric_tensor(&[HEADS * HEAD_DIM, HIDDEN], 2.0 * s),
         );
-        put("self_attn.k_proj.weight", r.t(&[HEAD_DIM, HIDDEN], 2.0 * s));
-        put("self_attn.v_proj.weight", r.t(&[HEAD_DIM, HIDDEN], s));
+        put(
+            "self_attn.k_proj.weight",
+            r.symmetric_tensor(&[HEAD_DIM, HIDDEN], 2.0 * s),
+        );
+        put(
+            "self_attn.v_proj.weight",
+            r.symmetric_tensor(&[HEAD_DIM, HIDDEN], s),
+        );
         put(
             "self_attn.o_proj.weight",
-            r.t(&[HIDDEN, HEADS * HEAD_DIM], s),
+            r.symmetric_tensor(&[HIDDEN, HEADS * HEAD_DIM], s),
         );
-        put("mlp.gate_proj.weight", r.t(&[64, HIDDEN], s));
-        put("mlp.up_proj.weight", r.t(&[64, HIDDEN], s));
-        put("mlp.down_proj.weight", r.t(&[HIDDEN, 64], 0.125));
+        put("mlp.gate_proj.weight", r.symmetric_tensor(&[64, HIDDEN], s));
+        put("mlp.up_proj.weight", r.symmetric_tensor(&[64, HIDDEN], s));
+        put(
+            "mlp.down_proj.weight",
+            r.symmetric_tensor(&[HIDDEN, 64], 0.125),
+        );
         if qwen {
-            put("self_attn.q_proj.bias", r.t(&[HEADS * HEAD_DIM], 0.5));
-            put("self_attn.k_proj.bias", r.t(&[HEAD_DIM], 0.5));
-            put("self_attn.v_proj.bias", r.t(&[HEAD_DIM], 0.5));
+            put(
+                "self_attn.q_proj.bias",
+                r.symmetric_tensor(&[HEADS * HEAD_DIM], 0.5),
+            );
+            put(
+                "self_attn.k_proj.bias",
+                r.symmetric_tensor(&[HEAD_DIM], 0.5),
+            );
+            put(
+                "self_attn.v_proj.bias",
+                r.symmetric_tensor(&[HEAD_DIM], 0.5),
+            );
         }
     }
     candle_core::safetensors::save(&t, dir.join("model.safetensors")).unwrap();
@@ -129,9 +136,13 @@ pub fn convert_tiny(
 
     let ckpt = Checkpoint::open(src).unwrap();
     let original = load_decoder(&ckpt).unwrap();
-    let mut r = Rng(5);
+    let mut r = Rng::new(5);
     let windows: Vec<Vec<u32>> = (0..40)
-        .map(|_| (0..24).map(|_| ((r.next() + 1.0) * 48.0) as u32).collect())
+        .map(|_| {
+            (0..24)
+                .map(|_| ((r.symmetric() + 1.0) * 48.0) as u32)
+                .collect()
+        })
         .collect();
     let stats = collect_all(&original, &windows, &mut |_, _| {}).unwrap();
     let opts = opts(&original.spec);

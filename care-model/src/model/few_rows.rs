@@ -265,16 +265,8 @@ mod simd {
 mod tests {
     use super::*;
 
-    fn lcg(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
+    fn uniform_values(n: usize, seed: u64) -> Vec<f32> {
+        test_support::Rng::new(seed).symmetric_vec(n, 0.5)
     }
 
     /// Matches an f64 reference for every row count and awkward sizes (a tail after the
@@ -287,8 +279,8 @@ mod tests {
             return;
         }
         for (out, k) in [(1, 1), (7, 13), (130, 576), (65, 16), (9, 40)] {
-            let w = lcg(out * k, 1);
-            let x = lcg(MAX_ROWS * k, 7);
+            let w = uniform_values(out * k, 1);
+            let x = uniform_values(MAX_ROWS * k, 7);
             let mut alone = vec![0f32; out];
             few_rows_matmul(&x[..k], 1, &w, out, k, &mut alone).unwrap();
             let counts = (1..=17).chain([31, 64, 145, MAX_ROWS - 1, MAX_ROWS]);

@@ -20,6 +20,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 use clap::Parser;
 use infinigram_spec::build::{collect_files, TextCorpus};
+use infinigram_spec::spec::Rng;
 use infinigram_spec::{
     interop, BuildConfig, Index, IndexBuilder, NoProgress, NtdOptions, OpenOptions,
 };
@@ -60,14 +61,9 @@ struct Args {
     json_out: Option<PathBuf>,
 }
 
-struct Rng(u64);
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 % n.max(1) as u64) as usize
-    }
+/// Uniform in `0..n` from the sampler's generator (any seeded stream does).
+fn below(rng: &mut Rng, n: usize) -> usize {
+    (rng.next_u64() % n.max(1) as u64) as usize
 }
 
 /// p50, p99 and mean of per-query nanoseconds, in microseconds.
@@ -264,14 +260,14 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Queries from held-out text.
-    let mut rng = Rng(0x2545F4914F6CDD1D);
+    let mut rng = Rng::new(0x2545F4914F6CDD1D);
     let held_long: Vec<&Vec<u32>> = held.iter().filter(|d| d.len() > 40).collect();
     if held_long.is_empty() {
         bail!("no held-out documents longer than 40 tokens");
     }
     let mut window = |n: usize| -> Vec<u32> {
-        let d = held_long[rng.below(held_long.len())];
-        let at = rng.below(d.len() - n);
+        let d = held_long[below(&mut rng, held_long.len())];
+        let at = below(&mut rng, d.len() - n);
         d[at..at + n].to_vec()
     };
     let count_q: Vec<Vec<u32>> = (0..args.queries).map(|i| window(1 + i % 8)).collect();

@@ -10,30 +10,7 @@ use crate::mla::{MlaAttention, MlaForm, MlaRopeScaling, MlaShape, MlaSpec, MlaWe
 use crate::model::{Attention, AttnInput, LayerCache, Rope};
 use crate::Error;
 
-/// Deterministic uniform values in `[-1, 1)` (xorshift).
-struct Gen(u64);
-
-impl Gen {
-    fn new(seed: u64) -> Self {
-        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    fn vec(&mut self, n: usize, std: f32) -> Vec<f32> {
-        (0..n).map(|_| self.next() * std * 3f32.sqrt()).collect()
-    }
-
-    fn tensor(&mut self, dims: &[usize], std: f32) -> Tensor {
-        let n = dims.iter().product();
-        Tensor::from_vec(self.vec(n, std), dims, &Device::Cpu).expect("sizes match")
-    }
-}
+use test_support::Rng;
 
 /// Relative error `‖a − b‖ / ‖b‖` in f64.
 fn rel_err(a: &[f32], b: &[f64]) -> f64 {
@@ -88,7 +65,7 @@ struct Batch<T: LatentElem> {
 /// Sequences of `lens` in every layer, appended in two chunks each; then `forks`
 /// children of the first sequence, each with `fork_extra` more tokens of its own.
 fn build<T: LatentElem>(
-    g: &mut Gen,
+    g: &mut Rng,
     layers: &[LayerWidth],
     block_size: usize,
     lens: &[usize],
@@ -148,7 +125,7 @@ fn check_layer<T: LatentElem>(
     layer: usize,
     nh: usize,
     params: &DecodeParams,
-    g: &mut Gen,
+    g: &mut Rng,
 ) -> f64 {
     let w = b.cache.layer_widths()[layer];
     let n = b.seqs.len();
@@ -206,7 +183,7 @@ fn paged_decode_matches_contiguous_reference_for_mixed_lengths_and_widths() {
     // Lengths at, just below and just above block boundaries (block 4).
     let lens = [1, 3, 4, 5, 8, 9, 16, 21];
     for (i, &(rank, rope)) in [(16, 8), (64, 64), (512, 8), (512, 64)].iter().enumerate() {
-        let mut g = Gen::new(10 + i as u64);
+        let mut g = Rng::new(10 + i as u64);
         let layers = [LayerWidth { rank, rope }];
         let b = build::<f32>(&mut g, &layers, 4, &lens, 0, 0);
         for p in &PARAMS {
@@ -222,7 +199,7 @@ fn paged_decode_matches_contiguous_reference_for_mixed_lengths_and_widths() {
 
 #[test]
 fn paged_decode_matches_reference_after_fork_and_per_layer_ranks() {
-    let mut g = Gen::new(3);
+    let mut g = Rng::new(3);
     let layers = [
         LayerWidth { rank: 64, rope: 8 },
         LayerWidth { rank: 16, rope: 8 },
@@ -250,7 +227,7 @@ fn paged_decode_matches_reference_after_fork_and_per_layer_ranks() {
 
 #[test]
 fn paged_decode_bf16_within_tolerance() {
-    let mut g = Gen::new(5);
+    let mut g = Rng::new(5);
     let layers = [
         LayerWidth { rank: 64, rope: 8 },
         LayerWidth {
@@ -268,7 +245,7 @@ fn paged_decode_bf16_within_tolerance() {
 
 #[test]
 fn decode_rejects_bad_input_without_writing() {
-    let mut g = Gen::new(9);
+    let mut g = Rng::new(9);
     let layers = [LayerWidth { rank: 16, rope: 8 }];
     let b = build::<f32>(&mut g, &layers, 4, &[5], 0, 0);
     let layer = b.cache.layer(0).unwrap();
@@ -323,7 +300,7 @@ fn decode_rejects_bad_input_without_writing() {
 
 // --- The paged layer step against the contiguous absorbed MLA layer. ---
 
-fn mla_layer(g: &mut Gen, s: MlaShape, hidden: usize, bias: bool) -> MlaAttention {
+fn mla_layer(g: &mut Rng, s: MlaShape, hidden: usize, bias: bool) -> MlaAttention {
     let spec = MlaSpec {
         shape: s,
         rope_theta: 10_000.0,
@@ -366,7 +343,7 @@ fn tensor_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn paged_layer_step_matches_contiguous_absorbed_form() {
-    let mut g = Gen::new(21);
+    let mut g = Rng::new(21);
     let (hidden, steps) = (24, 3);
     let shape = MlaShape {
         num_heads: 3,

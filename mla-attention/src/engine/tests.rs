@@ -13,9 +13,9 @@ use infinigram_spec::{BuildConfig, IndexBuilder};
 
 use super::*;
 use crate::io::Checkpoint;
-use crate::mla::fixture::{RandomDeepseek, RandomOneShot};
 use crate::model::Decoder;
 use crate::runner::{CpuPagedModel, PagedModel, RunnerConfig};
+use test_support::fixture::{RandomDeepseek, RandomOneShot};
 
 const VOCAB: usize = 40;
 

@@ -9,7 +9,6 @@
 //! - [`rope`]: [`InterleavedRope`], pairs `(2i, 2i+1)`, optional YaRN.
 //! - [`reference`]: [`reference_forward`], scalar f64 oracle.
 //! - [`load`]: [`load_mla_attention`] (a whole decoder: [`crate::load::load_mla_decoder`]).
-//! - [`fixture`]: [`fixture::RandomDeepseek`], random-weight checkpoints for tests.
 //!
 //! The cache of a layer is one tensor `(batch, 1, tokens, r + d_rope)` holding
 //! `[c ; RoPE(k_pe)]` per token, `c` after `kv_a_layernorm`.
@@ -24,7 +23,6 @@
 
 /// The MLA fields of `config.json` live with the rest of the configuration.
 pub use crate::config::mla as config;
-pub mod fixture;
 pub mod layer;
 pub mod load;
 pub mod reference;

@@ -6,38 +6,7 @@ use candle_core::{DType, Device, Tensor};
 use super::*;
 use crate::model::{Attention, AttnInput, LayerCache, Rope};
 
-/// Deterministic N(0, σ²)-ish values (xorshift, uniform scaled to variance σ²).
-pub(crate) struct Gen(u64);
-
-impl Gen {
-    pub(crate) fn new(seed: u64) -> Self {
-        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next_unit(&mut self) -> f32 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-
-    pub(crate) fn tensor(&mut self, dims: &[usize], std: f32) -> Tensor {
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| self.next_unit() * std * 3f32.sqrt())
-            .collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).expect("sizes match")
-    }
-}
-
-/// Relative Frobenius error `‖a − b‖ / ‖b‖`, in f64.
-pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap();
-    (num.to_scalar::<f64>().unwrap() / den.to_scalar::<f64>().unwrap()).sqrt()
-}
+pub(crate) use test_support::{rel_err, Rng};
 
 #[derive(Debug, Clone, Copy)]
 struct Case {
@@ -71,7 +40,7 @@ fn spec_of(c: &Case) -> MlaSpec {
 }
 
 /// Random weights scaled so that scores stay O(1).
-pub(crate) fn random_weights(s: MlaShape, hidden: usize, bias: bool, g: &mut Gen) -> MlaWeights {
+pub(crate) fn random_weights(s: MlaShape, hidden: usize, bias: bool, g: &mut Rng) -> MlaWeights {
     let inv = |n: usize| 1.0 / (n as f32).sqrt();
     let ones = Tensor::ones(s.kv_lora_rank, DType::F32, &Device::Cpu).unwrap();
     MlaWeights {
@@ -136,7 +105,7 @@ fn run_steps(attn: &MlaAttention, x: &Tensor, prompt: usize, cache: &mut LayerCa
 fn materialized_and_absorbed_agree_with_reference_prefill_then_decode() {
     let (prompt, total) = (6, 10);
     for (i, case) in cases().into_iter().enumerate() {
-        let mut g = Gen::new(100 + i as u64);
+        let mut g = Rng::new(100 + i as u64);
         let spec = spec_of(&case);
         let weights = random_weights(case.shape, case.hidden, case.bias, &mut g);
         let attn = MlaAttention::new(&spec, weights).unwrap();
@@ -194,7 +163,7 @@ fn materialized_and_absorbed_agree_with_reference_prefill_then_decode() {
 #[test]
 fn rope_only_scores_agree() {
     let s = shape(16, 8, 3, 8, 8);
-    let mut g = Gen::new(7);
+    let mut g = Rng::new(7);
     let mut w = random_weights(s, 24, false, &mut g);
     let mask: Vec<f32> = (0..s.num_heads)
         .flat_map(|_| (0..s.q_head_dim()).map(|j| if j < 8 { 0.0 } else { 1.0 }))
@@ -232,7 +201,7 @@ fn bad_shapes_and_foreign_caches_are_errors() {
         yarn: false,
         bias: false,
     });
-    let mut g = Gen::new(3);
+    let mut g = Rng::new(3);
     let good = random_weights(s, 24, false, &mut g);
 
     let mut w = good.clone();

@@ -20,7 +20,7 @@ use mla_attention::cuda::{
 };
 use mla_attention::Error;
 
-use crate::rng::Gen;
+use test_support::Rng;
 
 pub const BLOCK: usize = 32;
 pub const LAYERS: usize = 32;
@@ -103,8 +103,12 @@ pub fn filled_cache(
     Ok((cache, seqs))
 }
 
-fn queries(k: &MlaKernels, g: &mut Gen, n: usize) -> Result<CudaSlice<bf16>> {
-    let v: Vec<bf16> = g.vec(n, 2.0).into_iter().map(bf16::from_f32).collect();
+fn queries(k: &MlaKernels, g: &mut Rng, n: usize) -> Result<CudaSlice<bf16>> {
+    let v: Vec<bf16> = g
+        .symmetric_vec(n, 2.0)
+        .into_iter()
+        .map(bf16::from_f32)
+        .collect();
     Ok(k.stream().clone_htod(&v)?)
 }
 
@@ -140,7 +144,7 @@ pub fn kernel_cell(
     let pools = (budget_bytes / per_layer.max(1)).clamp(1, LAYERS);
     let layers = vec![width; pools];
     let (cache, seqs) = filled_cache(k, &layers, batch, ctx, 17 + ctx as u64 + batch as u64, 0)?;
-    let mut g = Gen::new(5);
+    let mut g = Rng::new(5);
     let ql = queries(k, &mut g, batch * HEADS * width.rank)?;
     let qp = queries(k, &mut g, batch * HEADS * width.rope)?;
     let scale = 1.0 / (192f32).sqrt();
@@ -235,7 +239,7 @@ pub fn layer_step(
         .map(|&rank| LayerWidth { rank, rope })
         .collect();
     let (cache, seqs) = filled_cache(k, &layers, batch, ctx, 99, 0)?;
-    let mut g = Gen::new(11);
+    let mut g = Rng::new(11);
     let qs = layers
         .iter()
         .map(|w| {

@@ -14,7 +14,7 @@ use mla_attention::cuda::{
 use mla_attention::Error;
 use rayon::prelude::*;
 
-use crate::rng::Gen;
+use test_support::Rng;
 
 /// One checked case, for the report.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -82,7 +82,7 @@ fn round<T: CudaLatentElem>(v: &[f32]) -> Vec<f32> {
 /// shared prefix whose partial last block is copied on write.
 fn build<T: CudaLatentElem>(
     k: &Arc<MlaKernels>,
-    g: &mut Gen,
+    g: &mut Rng,
     layers: &[LayerWidth],
     block_size: usize,
     lens: &[usize],
@@ -105,7 +105,7 @@ fn build<T: CudaLatentElem>(
         ensure!(s == c, "sequence ids diverge");
         let mut per_layer = Vec::new();
         for (l, w) in layers.iter().enumerate() {
-            let rows = g.vec(len * w.width(), 1.0);
+            let rows = g.symmetric_vec(len * w.width(), 1.0);
             let cut = (len / 2) * w.width();
             for part in [&rows[..cut], &rows[cut..]] {
                 gpu.append(s, l, w.width(), part)?;
@@ -122,7 +122,7 @@ fn build<T: CudaLatentElem>(
         ensure!(s == c, "fork ids diverge");
         let mut per_layer = Vec::new();
         for (l, w) in layers.iter().enumerate() {
-            let extra = g.vec(fork_extra * w.width(), 1.0);
+            let extra = g.symmetric_vec(fork_extra * w.width(), 1.0);
             gpu.append(s, l, w.width(), &extra)?;
             cpu.append(c, l, w.width(), &extra)?;
             let mut rows = all[parent][l].clone();
@@ -227,12 +227,12 @@ fn check_layer<T: CudaLatentElem>(
     dec: &mut CudaMlaDecoder,
     layer: usize,
     nh: usize,
-    g: &mut Gen,
+    g: &mut Rng,
 ) -> Result<f64> {
     let w = b.gpu.layer_widths()[layer];
     let n = b.seqs.len();
-    let q_lat = round::<T>(&g.vec(n * nh * w.rank, 4.0));
-    let q_pe = round::<T>(&g.vec(n * nh * w.rope, 4.0));
+    let q_lat = round::<T>(&g.symmetric_vec(n * nh * w.rank, 4.0));
+    let q_pe = round::<T>(&g.symmetric_vec(n * nh * w.rope, 4.0));
     let scale = 1.0 / (192f32).sqrt();
     let (ql, qp) = (upload::<T>(k, &q_lat)?, upload::<T>(k, &q_pe)?);
     let q = CudaDecodeQuery {
@@ -322,7 +322,7 @@ fn decode_cases<T: CudaLatentElem>(
             (&[32, 5], &[SplitPolicy::Auto, SplitPolicy::Fixed(24)])
         };
         for &bs in &[16usize, 32, 7] {
-            let mut g = Gen::new(100 + wi as u64 * 10 + bs as u64);
+            let mut g = Rng::new(100 + wi as u64 * 10 + bs as u64);
             let lens = [1, bs - 1, bs, bs + 1, 2 * bs, 63, 64, 65, 200, 1500];
             let b = build::<T>(k, &mut g, &layers, bs, &lens, 3, bs + 3)?;
             if let Err(e) = same_as_cpu(&b) {
@@ -366,7 +366,7 @@ fn decode_cases<T: CudaLatentElem>(
     .iter()
     .map(|&(rank, rope)| LayerWidth { rank, rope })
     .collect();
-    let mut g = Gen::new(7);
+    let mut g = Rng::new(7);
     let b = build::<T>(k, &mut g, &layers, 32, &[5, 31, 32, 33, 700, 2100], 2, 40)?;
     if let Err(e) = same_as_cpu(&b) {
         rep.bad(&format!("cache mirror per-layer ranks: {e:#}"), false);
@@ -389,7 +389,7 @@ fn decode_cases<T: CudaLatentElem>(
 
 /// Errors, not panics, and nothing changed or written on error.
 fn bad_input(k: &Arc<MlaKernels>, rep: &mut CheckReport) -> Result<()> {
-    let mut g = Gen::new(99);
+    let mut g = Rng::new(99);
     let layers = [
         LayerWidth {
             rank: 512,
@@ -412,18 +412,20 @@ fn bad_input(k: &Arc<MlaKernels>, rep: &mut CheckReport) -> Result<()> {
     };
     let before = (snapshot(&b)?, b.gpu.free_blocks());
     // Sequence longer than the cache can hold.
-    let r = b.gpu.append(b.seqs[1], 0, 576, &g.vec(576 * 10_000, 1.0));
+    let r = b
+        .gpu
+        .append(b.seqs[1], 0, 576, &g.symmetric_vec(576 * 10_000, 1.0));
     rep.bad(
         "sequence too long for the cache -> CacheFull",
         matches!(r, Err(Error::CacheFull { .. })),
     );
     // Mismatched widths.
-    let r = b.gpu.append(b.seqs[0], 0, 320, &g.vec(320, 1.0));
+    let r = b.gpu.append(b.seqs[0], 0, 320, &g.symmetric_vec(320, 1.0));
     rep.bad(
         "append width 320 into a 576 layer -> WidthMismatch",
         matches!(r, Err(Error::WidthMismatch { .. })),
     );
-    let r = b.gpu.append(b.seqs[0], 5, 576, &g.vec(576, 1.0));
+    let r = b.gpu.append(b.seqs[0], 5, 576, &g.symmetric_vec(576, 1.0));
     rep.bad("append into layer 5 of 2 -> error", r.is_err());
     let gone = b.gpu.add_sequence();
     b.gpu.free(gone)?;
@@ -481,8 +483,8 @@ fn bad_input(k: &Arc<MlaKernels>, rep: &mut CheckReport) -> Result<()> {
     dec.plan_for(&b.gpu, &b.seqs, 0)?;
     let n = b.seqs.len();
     let (ql, qp) = (
-        upload::<bf16>(k, &g.vec(n * 8 * 512, 1.0))?,
-        upload::<bf16>(k, &g.vec(n * 8 * 64, 1.0))?,
+        upload::<bf16>(k, &g.symmetric_vec(n * 8 * 512, 1.0))?,
+        upload::<bf16>(k, &g.symmetric_vec(n * 8 * 64, 1.0))?,
     );
     let mut out = nan_buffer(k, n * 8 * 256)?;
     let q = CudaDecodeQuery {

@@ -235,9 +235,12 @@ fn cell(
     }
     let ms = t.elapsed().as_secs_f64() * 1e3 / TIMED as f64;
     // The attention kernel alone on this cache: 32 calls = one step's worth.
-    let mut g = crate::rng::Gen::new(1);
-    let host = |n: usize, g: &mut crate::rng::Gen| -> Vec<bf16> {
-        g.vec(n, 2.0).into_iter().map(bf16::from_f32).collect()
+    let mut g = test_support::Rng::new(1);
+    let host = |n: usize, g: &mut test_support::Rng| -> Vec<bf16> {
+        g.symmetric_vec(n, 2.0)
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect()
     };
     let ql = k.stream().clone_htod(&host(b * HEADS * RANK, &mut g))?;
     let qp = k.stream().clone_htod(&host(b * HEADS * ROPE, &mut g))?;

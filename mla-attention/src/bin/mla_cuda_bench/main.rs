@@ -26,7 +26,6 @@ mod bench;
 mod check;
 mod e2e;
 mod report;
-mod rng;
 mod runner;
 
 use std::process::ExitCode;

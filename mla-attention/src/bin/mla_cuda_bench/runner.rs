@@ -19,8 +19,8 @@ use half::bf16;
 use mla_attention::cuda::{CudaLatentElem, CudaPagedModel, CudaRunnerOptions};
 use mla_attention::engine::{Engine, EngineConfig, GenerationRequest, RequestId};
 use mla_attention::io::Checkpoint;
-use mla_attention::mla::fixture::{RandomDeepseek, RandomOneShot};
 use mla_attention::runner::{CpuPagedModel, PagedModel, RunnerConfig};
+use test_support::fixture::{RandomDeepseek, RandomOneShot};
 
 const BLOCK: usize = 64;
 
@@ -76,15 +76,8 @@ impl Prompts {
                 return Ok(Prompts { ids });
             }
         }
-        let mut x = 0x2545_F491_4F6C_DD1Du64;
-        let ids = (0..65536)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % vocab) as u32
-            })
-            .collect();
+        let mut rng = test_support::Rng::new(0x2545_F491_4F6C_DD1D);
+        let ids = (0..65536).map(|_| rng.below(vocab) as u32).collect();
         Ok(Prompts { ids })
     }
 

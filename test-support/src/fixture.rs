@@ -5,10 +5,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
-use super::MlaShape;
-use crate::error::{Error, Result};
+use care_model::config::mla::MlaShape;
+use care_model::{Error, Result};
+
+use crate::Rng;
 
 /// The shape and seed of a random dense DeepSeek-V2 checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -27,26 +29,16 @@ pub struct RandomDeepseek {
     pub seed: u64,
 }
 
-/// Deterministic uniform values of a given standard deviation (xorshift).
-struct Gen(u64);
+/// The fixture's draws: [`Rng`] tensors with `?`-friendly results.
+struct Gen(Rng);
 
 impl Gen {
     fn new(seed: u64) -> Self {
-        Gen(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+        Gen(Rng::new(seed))
     }
 
     fn tensor(&mut self, dims: &[usize], std: f32) -> Result<Tensor> {
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                self.0 ^= self.0 << 13;
-                self.0 ^= self.0 >> 7;
-                self.0 ^= self.0 << 17;
-                let u = ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                u * std * 3f32.sqrt()
-            })
-            .collect();
-        Ok(Tensor::from_vec(v, dims, &Device::Cpu)?)
+        Ok(self.0.tensor(dims, std))
     }
 
     /// Around 1 (norm weights).
