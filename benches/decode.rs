@@ -19,10 +19,10 @@
 
 use std::time::Instant;
 
-use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
-use care_convert::stock::{convert_stock, StockOptions};
+use care_convert::eval::run::NoProgress;
+use care_convert::export::deepseek::SaveDtype;
+use care_convert::jobs::{Calibration, StockConversion, StockJob, StockLayout};
 use mla_attention::engine::{Engine, EngineConfig, GenerationRequest};
-use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::mla::MlaAttention;
 use mla_attention::model::Decoder;
 use mla_attention::runner::{CpuPagedModel, PagedModel, RunnerConfig};
@@ -112,27 +112,33 @@ fn main() -> Res<()> {
         (&[16], &[2], 2, 16)
     };
     let ctxs: &[usize] = contexts.as_deref().unwrap_or(default_ctxs);
-    let ckpt = Checkpoint::open(&path)
-        .map_err(|e| format!("{}: {e} (run scripts/fetch_assets.py)", path.display()))?;
-    let original = mla_attention::load::load_decoder(&ckpt)?;
-    let tok = ckpt.tokenizer()?;
-    let text = std::fs::read_to_string(assets.join("data/exllamav2-cal/wiki.utf8"))?;
-    let copts = CalibrationOptions {
-        samples,
-        seq_len: 32,
-        seed: 42,
+    if !path.exists() {
+        return Err(format!("{}: missing (run scripts/fetch_assets.py)", path.display()).into());
+    }
+    let job = StockJob {
+        model: path.clone(),
+        layout: StockLayout {
+            kv_lora_rank: Some(160),
+            rope_dim: Some(32),
+            freqfold: Some(2),
+            ..Default::default()
+        },
+        calibration: Calibration {
+            texts: vec![assets.join("data/exllamav2-cal/wiki.utf8")],
+            samples,
+            seq_len: 32,
+            seed: 42,
+            ..Default::default()
+        },
+        dtype: SaveDtype::F32,
     };
-    let windows = sample_windows(&encode(tok, &text)?, &copts)?;
     let t0 = Instant::now();
-    let stats = collect_all(&original, &windows, &mut |_, _| {})?;
-    let opts = StockOptions::care(160, 32, 2);
-    let stock = convert_stock(
-        &original.spec,
-        ckpt.weights.as_ref(),
-        &stats,
-        &opts,
-        &mut |_, _| {},
-    )?;
+    let StockConversion {
+        checkpoint: ckpt,
+        original,
+        stock,
+        ..
+    } = job.convert(&mut NoProgress)?;
     let convert_s = t0.elapsed().as_secs_f64();
     let mla_decoder = || -> Res<Decoder> {
         let mut d = mla_attention::load::load_decoder(&ckpt)?;

@@ -3,8 +3,9 @@
 //!
 //! `cargo run --release -p care-convert --example convert_and_generate -- [KV_KEEP] [PROMPT]`
 
-use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
-use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions};
+use care_convert::convert::ConvertMethod;
+use care_convert::eval::run::NoProgress;
+use care_convert::jobs::{Calibration, OneShotJob};
 use mla_attention::io::tokenizer::{decode, encode};
 use mla_attention::io::Checkpoint;
 use mla_attention::model::Decoder;
@@ -35,13 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .next()
         .unwrap_or_else(|| "The state of our union is".to_string());
 
-    let ckpt = Checkpoint::open(assets.join("models/smollm2-135m-instruct/model.gguf"))?;
+    let model = assets.join("models/smollm2-135m-instruct/model.gguf");
+    let ckpt = Checkpoint::open(&model)?;
     let tok = ckpt.tokenizer()?;
     let original = mla_attention::load::load_decoder(&ckpt)?;
-    let cal = std::fs::read_to_string(assets.join("data/exllamav2-cal/wiki.utf8"))?;
-    let windows = sample_windows(&encode(tok, &cal)?, &CalibrationOptions::default())?;
-    let stats = collect_all(&original, &windows, &mut |_, _| {})?;
-
     let ids = encode(tok, &prompt)?;
     let base = greedy(&original, &ids, 24)?;
     println!(
@@ -51,13 +49,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         decode(tok, &base)?
     );
     for method in [ConvertMethod::CareU, ConvertMethod::Palu] {
-        let mut m = mla_attention::load::load_decoder(&ckpt)?;
-        let opts = ConvertOptions {
+        let job = OneShotJob {
+            model: model.clone(),
             method,
             kv_keep: keep,
-            ..Default::default()
+            calibration: Calibration {
+                texts: vec![assets.join("data/exllamav2-cal/wiki.utf8")],
+                ..Default::default()
+            },
+            sequential: false,
         };
-        convert_one_pass(&mut m, ckpt.weights.as_ref(), &stats, &opts, &mut |_, _| {})?;
+        let m = job.convert(&mut NoProgress)?.model;
         let out = greedy(&m, &ids, 24)?;
         println!(
             "{} @ {:.0}% ({} cached values/token): {}{}",

@@ -123,6 +123,18 @@ pub struct CalibArgs {
     pub damping: f64,
 }
 
+impl CalibArgs {
+    pub fn calibration(&self) -> care_convert::jobs::Calibration {
+        care_convert::jobs::Calibration {
+            texts: self.calib.clone(),
+            samples: self.calib_samples,
+            seq_len: self.calib_seq_len,
+            seed: self.seed,
+            damping: self.damping,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Source model: a `.gguf` file or a Hugging Face directory.

@@ -28,6 +28,7 @@ pub mod eval;
 pub mod export;
 pub mod factorize;
 pub mod heal;
+pub mod jobs;
 mod png_plot;
 pub mod ranks;
 pub mod rng;

@@ -13,22 +13,18 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use care_convert::calibrate::{
-    collect_all, overlapping_windows, sample_windows, CalibrationOptions,
-};
+use care_convert::calibrate::{collect_all, overlapping_windows};
 
 /// Shared token run that counts as calibration/evaluation overlap.
 const OVERLAP_TOKENS: usize = 16;
 use care_convert::compare::{markdown_table, CompareRow};
-use care_convert::convert::{convert_one_pass, convert_sequential, ConvertMethod, ConvertOptions};
+use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions};
 use care_convert::eval::perplexity::PerplexityOptions;
 use care_convert::eval::run::{evaluate, EvalPlan, Progress};
-use care_convert::export::deepseek::{write_deepseek_v2, StockProvenance, TokenizerFiles};
-use care_convert::export::{sha256_path, write_oneshot, CalibrationRecord, Provenance};
-use care_convert::stock::{convert_stock, RopeSplitOptions, StockOptions};
+use care_convert::jobs::{OneShotJob, StockJob, StockLayout};
 use cli::{
-    CalibArgs, Cli, Command, CompareArgs, ConvertArgs, EvalArgs, ExportHfArgs, Format, InspectArgs,
-    MlaArgs, TokenizerArgs,
+    Cli, Command, CompareArgs, ConvertArgs, EvalArgs, ExportHfArgs, Format, InspectArgs, MlaArgs,
+    TokenizerArgs,
 };
 use mla_attention::io::{tokenizer, Checkpoint};
 use mla_attention::model::Decoder;
@@ -190,35 +186,6 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Tokenized calibration windows and their provenance.
-fn calibration_windows(
-    c: &CalibArgs,
-    tok: &tokenizers::Tokenizer,
-) -> Result<(Vec<Vec<u32>>, Vec<String>)> {
-    let files = if c.calib.is_empty() {
-        let d = cli::assets_dir().join("data/exllamav2-cal");
-        vec![d.join("c4.utf8"), d.join("wiki.utf8"), d.join("code.utf8")]
-    } else {
-        c.calib.clone()
-    };
-    let mut ids = Vec::new();
-    for f in &files {
-        let text = std::fs::read_to_string(f)
-            .with_context(|| format!("reading calibration file {}", f.display()))?;
-        ids.extend(tokenizer::encode(tok, &text)?);
-    }
-    let opts = CalibrationOptions {
-        samples: c.calib_samples,
-        seq_len: c.calib_seq_len,
-        seed: c.seed,
-    };
-    let windows = sample_windows(&ids, &opts)?;
-    Ok((
-        windows,
-        files.iter().map(|f| f.display().to_string()).collect(),
-    ))
-}
-
 fn collect_stats(
     model: &Decoder,
     windows: &[Vec<u32>],
@@ -231,85 +198,25 @@ fn collect_stats(
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
+    let started = Instant::now();
+    let job = OneShotJob {
+        model: a.model.clone(),
+        method: a.method,
+        kv_keep: a.kv_keep,
+        calibration: a.calib.calibration(),
+        sequential: a.sequential,
+    };
     if a.out.exists() {
         bail!(
             "{} already exists; choose another --out or remove it",
             a.out.display()
         );
     }
-    if !(a.kv_keep > 0.0 && a.kv_keep <= 1.0) {
-        bail!(
-            "--kv-keep {} must be in (0, 1] (the fraction of the K/V width kept)",
-            a.kv_keep
-        );
-    }
-    let started = Instant::now();
-    let (ckpt, mut model) = open_model(&a.model, None)?;
-    let tok = ckpt.tokenizer()?;
-    let (windows, sources) = calibration_windows(&a.calib, tok)?;
-    let t_cal = Instant::now();
-    let stats = collect_stats(&model, &windows, a.quiet)?;
-    let calib_s = t_cal.elapsed().as_secs_f64();
-    let opts = ConvertOptions {
-        method: a.method,
-        kv_keep: a.kv_keep,
-        damping: a.calib.damping,
-        ..Default::default()
-    };
-    let pb = bar(1, "factorize".into(), a.quiet);
-    let mut cb = |d: usize, t: usize| {
-        pb.set_length(t as u64);
-        pb.set_position(d as u64);
-    };
-    let (factors, summary) = if a.sequential {
-        // Ranks from one-pass spectra, then layer-by-layer statistics on converted prefixes.
-        let (_, planned) = convert_one_pass(
-            &mut model,
-            ckpt.weights.as_ref(),
-            &stats,
-            &opts,
-            &mut |_, _| {},
-        )?;
-        let mut fresh = mla_attention::load::load_decoder(&ckpt)?;
-        let r = convert_sequential(
-            &mut fresh,
-            ckpt.weights.as_ref(),
-            &windows,
-            &planned.plan,
-            &opts,
-            &mut cb,
-        )?;
-        model = fresh;
-        r
-    } else {
-        convert_one_pass(&mut model, ckpt.weights.as_ref(), &stats, &opts, &mut cb)?
-    };
-    pb.finish_and_clear();
-    let tokens = (windows.len() * a.calib.calib_seq_len) as u64;
-    let prov = Provenance {
-        format: "care-oneshot",
-        format_version: 1,
-        source_model: a.model.display().to_string(),
-        source_sha256: sha256_path(&a.model)?,
-        conversion: summary.clone(),
-        calibration: CalibrationRecord {
-            sources,
-            samples: a.calib.calib_samples,
-            seq_len: a.calib.calib_seq_len,
-            seed: a.calib.seed,
-            tokens,
-            sequential: a.sequential,
-        },
-        tool: format!("care-convert {}", env!("CARGO_PKG_VERSION")),
-    };
-    write_oneshot(
-        &a.out,
-        &model.spec,
-        ckpt.weights.as_ref(),
-        &factors,
-        ckpt.tokenizer.as_ref(),
-        &prov,
-    )?;
+    let conv = job
+        .convert(&mut Bars::new(a.quiet))
+        .with_context(|| format!("converting {}", a.model.display()))?;
+    job.write(&conv, &a.out)?;
+    let (summary, calib_s) = (&conv.summary, conv.calibration_seconds);
     if let Err(e) = care_convert::ranks::plot_png(
         &summary.plan,
         &format!(
@@ -335,104 +242,36 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-/// Stock-MLA options from the command line, checked against the source model.
-fn stock_options(a: &MlaArgs, spec: &mla_attention::config::ModelSpec) -> Result<StockOptions> {
-    let d = spec.head_dim;
-    let rope_dim = a.rope_dim.unwrap_or(d / 2);
-    let fold_min = if rope_dim > 0
-        && rope_dim <= d
-        && rope_dim.is_multiple_of(2)
-        && (d / 2).is_multiple_of(rope_dim / 2)
-    {
-        (d / 2) / (rope_dim / 2)
-    } else {
-        1
-    };
-    let kv_lora_rank = match (a.kv_lora_rank, a.kv_keep) {
-        (Some(n), _) => n,
-        (None, keep) => {
-            let keep = keep.unwrap_or(0.5);
-            if !(keep > 0.0 && keep <= 1.0) {
-                bail!("--kv-keep {keep} must be in (0, 1] (the fraction of KV values kept)");
-            }
-            let values = (keep * (2 * spec.num_kv_heads * d) as f64).round() as usize;
-            if values <= rope_dim + 1 {
-                bail!(
-                    "--kv-keep {keep} keeps {values} values per token, not more than the RoPE \
-                     key ({rope_dim}) plus one latent dim"
-                );
-            }
-            values - rope_dim
-        }
-    };
-    let opts = StockOptions {
-        kv_lora_rank,
-        rank: a.rank,
-        rope: RopeSplitOptions {
-            rope_dim,
-            freqfold: a.freqfold.unwrap_or(fold_min),
-            pca: !a.no_rorope,
-        },
-        basis: a.basis,
-        balance: !a.no_balance,
-        latent_norm: a.latent_norm,
-        pad_v: !a.no_pad_v,
-        damping: a.calib.damping,
-    };
-    care_convert::stock::check(spec, &opts)?;
-    Ok(opts)
-}
-
 fn run_mla(a: MlaArgs) -> Result<()> {
+    let started = Instant::now();
+    let job = StockJob {
+        model: a.model.clone(),
+        layout: StockLayout {
+            kv_lora_rank: a.kv_lora_rank,
+            kv_keep: a.kv_keep,
+            rank: a.rank,
+            rope_dim: a.rope_dim,
+            freqfold: a.freqfold,
+            rorope: !a.no_rorope,
+            basis: a.basis,
+            balance: !a.no_balance,
+            latent_norm: a.latent_norm,
+            pad_v: !a.no_pad_v,
+        },
+        calibration: a.calib.calibration(),
+        dtype: a.dtype,
+    };
     if a.out.exists() {
         bail!(
             "{} already exists; choose another --out or remove it",
             a.out.display()
         );
     }
-    let started = Instant::now();
-    let (ckpt, model) = open_model(&a.model, None)?;
-    let opts = stock_options(&a, &model.spec)?;
-    let tok = ckpt.tokenizer()?;
-    let (windows, sources) = calibration_windows(&a.calib, tok)?;
-    let t_cal = Instant::now();
-    let stats = collect_stats(&model, &windows, a.quiet)?;
-    let calib_s = t_cal.elapsed().as_secs_f64();
-    let pb = bar(model.spec.num_layers as u64, "convert".into(), a.quiet);
-    let stock = convert_stock(
-        &model.spec,
-        ckpt.weights.as_ref(),
-        &stats,
-        &opts,
-        &mut |d, _| pb.set_position(d as u64),
-    )?;
-    pb.finish_and_clear();
-    let files = tokenizer_files(&ckpt, &a.model)?;
-    let prov = StockProvenance {
-        format: "care-deepseek-v2",
-        format_version: 1,
-        source_model: a.model.display().to_string(),
-        source_sha256: sha256_path(&a.model)?,
-        conversion: stock.summary.clone(),
-        calibration: CalibrationRecord {
-            sources,
-            samples: a.calib.calib_samples,
-            seq_len: a.calib.calib_seq_len,
-            seed: a.calib.seed,
-            tokens: (windows.len() * a.calib.calib_seq_len) as u64,
-            sequential: false,
-        },
-        tool: format!("care-convert {}", env!("CARGO_PKG_VERSION")),
-    };
-    write_deepseek_v2(
-        &a.out,
-        &model.spec,
-        ckpt.weights.as_ref(),
-        &stock,
-        &files,
-        &prov,
-        a.dtype,
-    )?;
+    let conv = job
+        .convert(&mut Bars::new(a.quiet))
+        .with_context(|| format!("converting {}", a.model.display()))?;
+    job.write(&conv, &a.out)?;
+    let (stock, calib_s) = (&conv.stock, conv.calibration_seconds);
     let s = &stock.summary;
     let mean_rope =
         s.layers.iter().map(|l| l.rope_energy).sum::<f64>() / s.layers.len().max(1) as f64;
@@ -464,31 +303,6 @@ fn run_mla(a: MlaArgs) -> Result<()> {
     }
     println!("{}", serde_json::to_string_pretty(s)?);
     Ok(())
-}
-
-/// Tokenizer, chat template and special tokens for a converted checkpoint's directory.
-fn tokenizer_files(ckpt: &Checkpoint, source: &Path) -> Result<TokenizerFiles> {
-    let tok = ckpt.tokenizer.clone();
-    let name = |id: Option<u32>| id.and_then(|i| tok.as_ref().and_then(|t| t.id_to_token(i)));
-    let mut files = TokenizerFiles {
-        bos_token: name(ckpt.spec.bos_token_id),
-        eos_token: name(ckpt.spec.eos_token_id),
-        add_bos_token: ckpt.add_bos,
-        tokenizer: tok.clone(),
-        chat_template: None,
-    };
-    if source.is_file() {
-        let g = mla_attention::io::gguf::GgufFile::open(source)?;
-        files.chat_template = g
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_string);
-    } else if let Ok(text) = std::fs::read_to_string(source.join("tokenizer_config.json")) {
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}/tokenizer_config.json", source.display()))?;
-        files.chat_template = v["chat_template"].as_str().map(str::to_string);
-    }
-    Ok(files)
 }
 
 fn run_compare(a: CompareArgs) -> Result<()> {
@@ -525,7 +339,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     let (ckpt, original) = open_model(&a.model, None)?;
     let tok = ckpt.tokenizer()?;
     let (bos, prefix) = special_tokens(&ckpt);
-    let (windows, _sources) = calibration_windows(&a.calib, tok)?;
+    let windows = a.calib.calibration().windows(tok)?;
     for f in &plan.ppl_files {
         let held_out = care_convert::eval::run::text_tokens(tok, f, None, None)?;
         let n = overlapping_windows(&windows, &held_out, OVERLAP_TOKENS);

@@ -33,10 +33,11 @@ use super::rope_split::RopeSplit;
 use crate::error::{Error, Result};
 
 /// How `kv_a_layernorm` is neutralized (see the module docs).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LatentNorm {
     /// A constant anchor dim through the `kv_a` bias: the norm becomes linear.
+    #[default]
     BiasAnchor,
     /// γ = the calibration RMS norm of the latent: right on average only.
     MeanRms,

@@ -23,10 +23,11 @@ use crate::error::{Error, Result};
 use crate::factorize::{Decomposition, FactorOptions, InputStats, Method, SquareRoot, Whitening};
 
 /// Which basis the joint latent uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum LatentBasis {
     /// CARE: covariance-aware SVD of the joint map.
+    #[default]
     Care,
     /// TransMLA: PCA of the joint outputs (the baseline).
     TransmlaPca,
