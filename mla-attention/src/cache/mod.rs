@@ -58,6 +58,7 @@
 //! ```
 
 pub mod allocator;
+pub mod book;
 pub mod elem;
 pub mod paged;
 pub mod pass;
@@ -70,6 +71,7 @@ mod tests;
 pub type BlockId = u32;
 
 pub use allocator::BlockAllocator;
+pub use book::BlockBook;
 pub use elem::LatentElem;
 pub use paged::{CacheConfig, LatentPagedCache, LayerBlocks, LayerWidth, SeqId};
 pub use pass::PassRows;

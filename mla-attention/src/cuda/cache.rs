@@ -3,73 +3,55 @@
 //!
 //! Same layout and rules as [`LatentPagedCache`](crate::cache::LatentPagedCache): one
 //! pool per layer `(num_blocks, block_size, rank_l + rope_l)`, one block id for all
-//! layers, one [`BlockTable`] per sequence, reference-counted prefix sharing with
-//! copy-on-write, and every check done before anything changes. The bookkeeping
-//! (allocator, tables) stays on the host; only rows live on the device. A token costs
+//! layers, one [`BlockTable`](crate::cache::BlockTable) per sequence, reference-counted prefix sharing with
+//! copy-on-write, and every check done before anything changes. The bookkeeping is the
+//! CPU cache's own [`BlockBook`] on the host; only rows live on the device. A token costs
 //! exactly `Σ_l (rank_l + rope_l) · T::BYTES` ([`CudaLatentCache::bytes_per_token`]).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 
 use super::elem::CudaLatentElem;
 use super::kernels::{driver, MlaKernels};
-use crate::cache::{BlockAllocator, BlockId, BlockTable, CacheConfig, LayerBlocks, LayerWidth};
-use crate::cache::{SeqId, SeqView};
+use crate::cache::{BlockBook, BlockId, CacheConfig, LayerWidth, SeqId};
 use crate::error::{Error, Result};
 
-/// A paged cache of MLA latent rows `[c ; RoPE(k_pe)]` in device memory.
+/// A paged cache of MLA latent rows `[c ; RoPE(k_pe)]` in device memory: the CPU
+/// cache's [`BlockBook`] (reached through `Deref`) over one device pool per layer.
 #[derive(Debug)]
 pub struct CudaLatentCache<T: CudaLatentElem> {
     kernels: Arc<MlaKernels>,
-    block_size: usize,
-    layers: Vec<LayerWidth>,
+    book: BlockBook,
     /// One pool per layer: `(num_blocks, block_size, width_l)`.
     pools: Vec<CudaSlice<T>>,
-    alloc: BlockAllocator,
-    seqs: HashMap<SeqId, BlockTable>,
-    next_seq: u64,
+}
+
+impl<T: CudaLatentElem> std::ops::Deref for CudaLatentCache<T> {
+    type Target = BlockBook;
+    fn deref(&self) -> &BlockBook {
+        &self.book
+    }
+}
+
+impl<T: CudaLatentElem> std::ops::DerefMut for CudaLatentCache<T> {
+    fn deref_mut(&mut self) -> &mut BlockBook {
+        &mut self.book
+    }
 }
 
 impl<T: CudaLatentElem> CudaLatentCache<T> {
-    /// Allocate every pool up front (zeroed), with the CPU cache's checks.
+    /// Allocate every pool up front (zeroed), with the bookkeeping's checks.
     pub fn new(kernels: Arc<MlaKernels>, config: CacheConfig) -> Result<Self> {
-        let CacheConfig {
-            block_size,
-            num_blocks,
-            layers,
-        } = config;
-        // The CPU cache owns the validation rules; a one-block probe applies them.
-        crate::cache::LatentPagedCache::<T>::new(CacheConfig {
-            block_size,
-            num_blocks: 1,
-            layers: layers.clone(),
-        })?;
-        if num_blocks == 0 || num_blocks > BlockId::MAX as usize {
-            return Err(Error::InvalidInput(format!(
-                "latent cache: {num_blocks} blocks (need 1..={})",
-                BlockId::MAX
-            )));
-        }
+        let book = BlockBook::new(config)?;
         let stream = kernels.stream().clone();
-        let pools = layers
-            .iter()
-            .map(|w| {
-                let n = num_blocks
-                    .checked_mul(block_size * w.width())
-                    .ok_or_else(|| Error::InvalidInput("latent cache size overflows".into()))?;
-                stream.alloc_zeros::<T>(n).map_err(driver)
-            })
+        let pools = (0..book.num_layers())
+            .map(|l| stream.alloc_zeros::<T>(book.pool_len(l)?).map_err(driver))
             .collect::<Result<Vec<_>>>()?;
         Ok(CudaLatentCache {
             kernels,
-            block_size,
-            layers,
+            book,
             pools,
-            alloc: BlockAllocator::new(num_blocks),
-            seqs: HashMap::new(),
-            next_seq: 0,
         })
     }
 
@@ -77,95 +59,18 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         &self.kernels
     }
 
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.layers.len()
-    }
-
-    pub fn layer_widths(&self) -> &[LayerWidth] {
-        &self.layers
-    }
-
-    pub fn num_blocks(&self) -> usize {
-        self.alloc.num_blocks()
-    }
-
-    pub fn free_blocks(&self) -> usize {
-        self.alloc.free_blocks()
-    }
-
-    pub fn used_blocks(&self) -> usize {
-        self.alloc.used_blocks()
-    }
-
-    pub fn capacity_tokens(&self) -> usize {
-        self.num_blocks() * self.block_size
-    }
-
     /// Bytes one token costs over all layers: `Σ_l (rank_l + rope_l) · T::BYTES`.
     pub fn bytes_per_token(&self) -> usize {
-        self.layers.iter().map(|w| w.width() * T::BYTES).sum()
+        self.values_per_token() * T::BYTES
     }
 
     pub fn bytes_per_block(&self) -> usize {
-        self.bytes_per_token() * self.block_size
+        self.bytes_per_token() * self.block_size()
     }
 
     /// Device bytes the pools hold: `bytes_per_token() · capacity_tokens()`.
     pub fn pool_bytes(&self) -> usize {
         self.pools.iter().map(|p| p.num_bytes()).sum()
-    }
-
-    pub fn refcount(&self, block: BlockId) -> u32 {
-        self.alloc.refcount(block)
-    }
-
-    pub fn num_sequences(&self) -> usize {
-        self.seqs.len()
-    }
-
-    pub fn add_sequence(&mut self) -> SeqId {
-        let id = SeqId::from_raw(self.next_seq);
-        self.next_seq += 1;
-        self.seqs.insert(id, BlockTable::new(self.layers.len()));
-        id
-    }
-
-    fn table(&self, seq: SeqId) -> Result<&BlockTable> {
-        self.seqs
-            .get(&seq)
-            .ok_or(Error::UnknownSequence { seq: seq.get() })
-    }
-
-    fn width(&self, layer: usize) -> Result<LayerWidth> {
-        self.layers.get(layer).copied().ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "latent cache has {} layers, got layer {layer}",
-                self.layers.len()
-            ))
-        })
-    }
-
-    pub fn block_table(&self, seq: SeqId) -> Result<&BlockTable> {
-        self.table(seq)
-    }
-
-    pub fn tokens(&self, seq: SeqId, layer: usize) -> Result<usize> {
-        self.width(layer)?;
-        Ok(self.table(seq)?.layer_tokens[layer])
-    }
-
-    /// `seq`'s blocks and its token count in `layer`.
-    pub fn view(&self, seq: SeqId, layer: usize) -> Result<SeqView<'_>> {
-        self.width(layer)?;
-        let t = self.table(seq)?;
-        Ok(SeqView {
-            blocks: &t.blocks,
-            tokens: t.layer_tokens[layer],
-        })
     }
 
     /// The pool of `layer`: `(num_blocks, block_size, rank + rope)` row-major.
@@ -174,53 +79,13 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         Ok(&self.pools[layer])
     }
 
-    /// Check that `view` names only blocks of this cache and that they cover its
-    /// tokens (the CPU cache's rules, [`LayerBlocks::check`]).
-    pub fn check_view(&self, layer: usize, view: &SeqView<'_>) -> Result<()> {
-        let probe = LayerBlocks::<T> {
-            layer,
-            width: self.width(layer)?,
-            block_size: self.block_size,
-            num_blocks: self.num_blocks(),
-            data: &[],
-        };
-        probe.check(view)
-    }
-
-    /// A new sequence sharing all of `seq`'s blocks (no copy; counts go up).
-    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
-        let table = self.table(seq)?.clone();
-        for &b in &table.blocks {
-            self.alloc.retain(b);
-        }
-        let id = SeqId::from_raw(self.next_seq);
-        self.next_seq += 1;
-        self.seqs.insert(id, table);
-        Ok(id)
-    }
-
     /// Append `rows` (`(tokens, width)` row-major, f32 on the host) to `layer` of
     /// `seq`; converted to `T` here and written by one kernel. All checks (width, free
     /// blocks including copy-on-write copies) happen before anything changes.
     pub fn append(&mut self, seq: SeqId, layer: usize, width: usize, rows: &[f32]) -> Result<()> {
-        let lw = self.width(layer)?;
-        if width != lw.width() {
-            return Err(Error::WidthMismatch {
-                layer,
-                what: "appended rows",
-                got: width,
-                expected: lw.width(),
-            });
-        }
-        if !rows.len().is_multiple_of(width) {
-            return Err(Error::InvalidInput(format!(
-                "layer {layer}: {} values are not whole rows of width {width}",
-                rows.len()
-            )));
-        }
-        let n = rows.len() / width;
+        let n = self.book.whole_rows(layer, width, rows.len())?;
         if n == 0 {
-            self.table(seq)?;
+            self.block_table(seq)?;
             return Ok(());
         }
         let slots = self.reserve(seq, layer, n)?;
@@ -249,7 +114,7 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         }
         let n = rows.len() / w;
         if n == 0 {
-            self.table(seq)?;
+            self.block_table(seq)?;
             return Ok(());
         }
         let slots = self.reserve(seq, layer, n)?;
@@ -295,63 +160,25 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         self.scatter(layer, rows, &slots)
     }
 
-    /// Make room for `n` more rows of `layer` in `seq` (new blocks, copy-on-write of
-    /// shared ones) and return their pool slots (`block · block_size + offset`).
-    /// Checked before any change: on error the cache is as before.
+    /// Make room for `n` more rows of `layer` in `seq` ([`BlockBook::reserve`], shared
+    /// blocks copied on the device) and return their pool slots as the kernel's `u32`s.
     fn reserve(&mut self, seq: SeqId, layer: usize, n: usize) -> Result<Vec<u32>> {
-        let bs = self.block_size;
-        let table = self.table(seq)?;
-        let start = table.layer_tokens[layer];
-        let end = start + n;
-        let first = start / bs;
-        let have = table.blocks.len();
-        let new_blocks = end.div_ceil(bs).saturating_sub(have);
-        let cow: Vec<usize> = (first..have.min(end.div_ceil(bs)))
-            .filter(|&i| self.alloc.refcount(table.blocks[i]) > 1)
-            .collect();
-        let needed = new_blocks + cow.len();
-        if needed > self.alloc.free_blocks() {
-            return Err(Error::CacheFull {
-                layer,
-                needed_blocks: needed,
-                free_blocks: self.alloc.free_blocks(),
-                total_blocks: self.alloc.num_blocks(),
-            });
-        }
-        if (self.num_blocks() * bs) > u32::MAX as usize {
+        if self.capacity_tokens() > u32::MAX as usize {
             return Err(Error::InvalidInput(
                 "latent cache: slot index exceeds u32".into(),
             ));
         }
-        let mut blocks = table.blocks.clone();
-        for i in cow {
-            let fresh = self
-                .alloc
-                .allocate()
-                .expect("counted against the free list");
-            self.copy_block(blocks[i], fresh)?;
-            self.alloc.release(blocks[i]);
-            blocks[i] = fresh;
-        }
-        for _ in 0..new_blocks {
-            blocks.push(
-                self.alloc
-                    .allocate()
-                    .expect("counted against the free list"),
-            );
-        }
-        let slots = (start..end)
-            .map(|t| (blocks[t / bs] as usize * bs + t % bs) as u32)
-            .collect();
-        let table = self.seqs.get_mut(&seq).expect("checked above");
-        table.blocks = blocks;
-        table.layer_tokens[layer] = end;
-        Ok(slots)
+        let (book, pools, kernels) = (&mut self.book, &mut self.pools, &self.kernels);
+        let (bs, widths) = (book.block_size(), book.layer_widths().to_vec());
+        let slots = book.reserve(seq, layer, n, &mut |from, to| {
+            copy_block(kernels, pools, &widths, bs, from, to)
+        })?;
+        Ok(slots.into_iter().map(|s| s as u32).collect())
     }
 
     /// Write `rows` (`(slots.len(), width)`) into `layer`'s pool at `slots`.
     fn scatter(&mut self, layer: usize, rows: &CudaView<'_, T>, slots: &[u32]) -> Result<()> {
-        let w = self.layers[layer].width();
+        let w = self.layer_widths()[layer].width();
         let stream = self.kernels.stream().clone();
         let dev_slots = stream.clone_htod(slots).map_err(driver)?;
         let (n, w32) = (slots.len() as i32, w as i32);
@@ -409,40 +236,6 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         Ok(())
     }
 
-    /// Drop `layer`'s tokens of `seq` beyond `tokens`; blocks no layer needs go back.
-    pub fn truncate(&mut self, seq: SeqId, layer: usize, tokens: usize) -> Result<()> {
-        self.width(layer)?;
-        let bs = self.block_size;
-        let table = self
-            .seqs
-            .get_mut(&seq)
-            .ok_or(Error::UnknownSequence { seq: seq.get() })?;
-        if tokens > table.layer_tokens[layer] {
-            return Err(Error::InvalidInput(format!(
-                "layer {layer}: cannot truncate {} tokens to {tokens}",
-                table.layer_tokens[layer]
-            )));
-        }
-        table.layer_tokens[layer] = tokens;
-        let keep = table.max_tokens().div_ceil(bs);
-        for b in table.blocks.drain(keep..) {
-            self.alloc.release(b);
-        }
-        Ok(())
-    }
-
-    /// Finish `seq`: release its blocks (shared ones stay with their other holders).
-    pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        let table = self
-            .seqs
-            .remove(&seq)
-            .ok_or(Error::UnknownSequence { seq: seq.get() })?;
-        for b in table.blocks {
-            self.alloc.release(b);
-        }
-        Ok(())
-    }
-
     /// `seq`'s rows of `layer` copied back as `(tokens, rank + rope)` f32 (tests).
     pub fn gather(&self, seq: SeqId, layer: usize) -> Result<Vec<f32>> {
         let w = self.width(layer)?.width();
@@ -451,8 +244,8 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         let mut out = Vec::with_capacity(view.tokens * w);
         let mut left = view.tokens;
         for &b in view.blocks {
-            let n = left.min(self.block_size);
-            let start = b as usize * self.block_size * w;
+            let n = left.min(self.block_size());
+            let start = b as usize * self.block_size() * w;
             let host = stream
                 .clone_dtoh(&self.pools[layer].slice(start..start + n * w))
                 .map_err(driver)?;
@@ -474,8 +267,8 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
             .map_err(driver)?;
         let (mut left, mut off) = (view.tokens, 0);
         for &b in view.blocks {
-            let n = left.min(self.block_size);
-            let start = b as usize * self.block_size * w;
+            let n = left.min(self.block_size());
+            let start = b as usize * self.block_size() * w;
             let src = self.pools[layer].slice(start..start + n * w);
             let mut dst = out.slice_mut(off..off + n * w);
             stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
@@ -484,27 +277,33 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         }
         Ok(out)
     }
+}
 
-    /// Copy block `from` into `to` in every layer (device to device).
-    fn copy_block(&mut self, from: BlockId, to: BlockId) -> Result<()> {
-        let bs = self.block_size;
-        let stream = self.kernels.stream().clone();
-        for (pool, w) in self.pools.iter_mut().zip(&self.layers) {
-            let len = bs * w.width();
-            let (f, t) = (from as usize * len, to as usize * len);
-            // Two disjoint views of one allocation.
-            if f < t {
-                let (lo, mut hi) = pool.split_at_mut(t);
-                let src = lo.slice(f..f + len);
-                let mut dst = hi.slice_mut(0..len);
-                stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
-            } else {
-                let (mut lo, hi) = pool.split_at_mut(f);
-                let src = hi.slice(0..len);
-                let mut dst = lo.slice_mut(t..t + len);
-                stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
-            }
+/// Copy block `from` into `to` in every layer's pool (device to device).
+fn copy_block<T: CudaLatentElem>(
+    kernels: &MlaKernels,
+    pools: &mut [CudaSlice<T>],
+    widths: &[LayerWidth],
+    bs: usize,
+    from: BlockId,
+    to: BlockId,
+) -> Result<()> {
+    let stream = kernels.stream().clone();
+    for (pool, w) in pools.iter_mut().zip(widths) {
+        let len = bs * w.width();
+        let (f, t) = (from as usize * len, to as usize * len);
+        // Two disjoint views of one allocation.
+        if f < t {
+            let (lo, mut hi) = pool.split_at_mut(t);
+            let src = lo.slice(f..f + len);
+            let mut dst = hi.slice_mut(0..len);
+            stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
+        } else {
+            let (mut lo, hi) = pool.split_at_mut(f);
+            let src = hi.slice(0..len);
+            let mut dst = lo.slice_mut(t..t + len);
+            stream.memcpy_dtod(&src, &mut dst).map_err(driver)?;
         }
-        Ok(())
     }
+    Ok(())
 }

@@ -215,7 +215,7 @@ fn bad_input(rep: &mut RunnerReport, ckpt: &Checkpoint) -> Result<()> {
     let a = r.submit(GenerationRequest::greedy(vec![3, 5, 7, 9], 20))?;
     r.step()?;
     let mut ok = true;
-    match r.add_request(vec![1; 200], 10, vec![]) {
+    match r.submit(GenerationRequest::greedy(vec![1; 200], 10)) {
         Err(mla_attention::Error::CacheFull { .. }) => {}
         other => {
             ok = false;
