@@ -8,7 +8,7 @@
 //! mistral.rs 0.8.1 offers no working way to verify several positions against a kept KV
 //! cache (its `SpeculativePipeline` deadlocks; `docs/SERVING.md`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::Device;
@@ -176,23 +176,84 @@ pub fn weights_path(model: &ModelSelected) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// Tokens that end a request: the checkpoint's EOS and the usual end-of-turn markers of
-/// chat templates that the tokenizer knows.
-fn end_tokens(eos: Option<u32>, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
-    let mut ids: Vec<u32> = eos.into_iter().collect();
-    for name in [
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|end_of_text|>",
-        "<|end|>",
-        "</s>",
-    ] {
-        if let Some(id) = tokenizer.token_to_id(name) {
+/// End-of-turn markers that mistral.rs 0.8.1 adds to a model's stop tokens when the
+/// vocabulary has them and the chat template uses them (its `SUPPORTED_ALTERNATE_EOS`).
+const ALTERNATE_EOS: &[&str] = &[
+    "<|im_end|>",
+    "<end_of_turn>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<|eot_id|>",
+    "<|message|>",
+    "<|start|>",
+    "<|channel|>",
+];
+
+/// Tokens that end a request, by mistral.rs 0.8.1's rule so that both engines stop at the
+/// same token: the tokenizer's EOS (`tokenizer_config.json`'s `eos_token`, or the GGUF's
+/// EOS id), the [`ALTERNATE_EOS`] markers the vocabulary has and the chat template uses,
+/// and `generation_config.json`'s `eos_token_id`s. A token outside this set (Qwen's
+/// `<|endoftext|>` in a completion, say) is generated like any other, as mistral.rs does.
+fn end_tokens(weights: &Path, ckpt: &Checkpoint, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
+    let read_json = |name: &str| -> Option<serde_json::Value> {
+        let text = std::fs::read_to_string(weights.join(name)).ok()?;
+        serde_json::from_str(&text).ok()
+    };
+    let mut ids: Vec<u32> = Vec::new();
+    let mut push = |id: Option<u32>| {
+        if let Some(id) = id {
             if !ids.contains(&id) {
                 ids.push(id);
             }
         }
+    };
+    let template: Option<String>;
+    if weights.is_dir() {
+        let config = read_json("tokenizer_config.json");
+        let eos = config.as_ref().and_then(|c| match &c["eos_token"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            v => v["content"].as_str().map(str::to_string),
+        });
+        push(eos.and_then(|t| tokenizer.token_to_id(&t)));
+        template = config.as_ref().and_then(|c| match &c["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(named) => Some(
+                named
+                    .iter()
+                    .filter_map(|t| t["template"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            ),
+            _ => std::fs::read_to_string(weights.join("chat_template.jinja")).ok(),
+        });
+    } else {
+        push(ckpt.spec.eos_token_id);
+        template = mla_attention::io::gguf::GgufFile::open(weights)
+            .ok()
+            .and_then(|g| {
+                g.get("tokenizer.chat_template")
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+            });
+    }
+    for alternate in ALTERNATE_EOS {
+        if template.as_deref().is_some_and(|t| t.contains(alternate)) {
+            push(tokenizer.token_to_id(alternate));
+        }
+    }
+    if weights.is_dir() {
+        if let Some(g) = read_json("generation_config.json") {
+            match &g["eos_token_id"] {
+                serde_json::Value::Array(list) => {
+                    list.iter().for_each(|v| push(v.as_u64().map(|i| i as u32)))
+                }
+                v => push(v.as_u64().map(|i| i as u32)),
+            }
+        }
+    }
+    if ids.is_empty() {
+        // No tokenizer config at all: the checkpoint's own EOS.
+        ids.extend(ckpt.spec.eos_token_id);
     }
     ids
 }
@@ -284,7 +345,8 @@ pub async fn build_engines(model: &ModelSelected, opts: EngineOptions<'_>) -> Re
         cache_tokens = num_blocks * BLOCK_SIZE,
         "engine: paged model loaded"
     );
-    let ends = end_tokens(ckpt.spec.eos_token_id, &tokenizer);
+    let ends = end_tokens(&weights, &ckpt, &tokenizer);
+    tracing::info!(?ends, "engine: end tokens (mistral.rs's rule)");
     let drafting = match (opts.infinigram, checked) {
         (Some(config), Some(checked)) => {
             let cost = if config.policy == PolicyKind::Calibrated {
@@ -350,4 +412,49 @@ pub async fn build_engines(model: &ModelSelected, opts: EngineOptions<'_>) -> Re
             kv_bytes_per_token,
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Qwen2.5-Coder's files as shipped: only `<|im_end|>` ends a request, as in mistral.rs;
+    /// `<|endoftext|>`, which completions do produce, is generated through.
+    #[test]
+    fn end_tokens_follow_mistralrs_rule() {
+        let src = test_support::asset("models/qwen2.5-coder-0.5b-instruct/model.gguf");
+        let ckpt = Checkpoint::open(&src).unwrap();
+        let tok = ckpt.tokenizer().unwrap().clone();
+        let (im_end, eot) = (
+            tok.token_to_id("<|im_end|>").unwrap(),
+            tok.token_to_id("<|endoftext|>").unwrap(),
+        );
+        // The GGUF: its EOS id and the markers its chat template uses.
+        let gguf = end_tokens(&src, &ckpt, &tok);
+        assert!(gguf.contains(&im_end), "{gguf:?}");
+        assert!(!gguf.contains(&eot), "{gguf:?}");
+
+        // A Hugging Face folder: tokenizer_config.json's eos_token, the template's markers,
+        // generation_config.json's ids (a list here, with <|endoftext|> added on purpose).
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, v: serde_json::Value| {
+            std::fs::write(dir.path().join(name), v.to_string()).unwrap()
+        };
+        write(
+            "tokenizer_config.json",
+            serde_json::json!({"eos_token": "<|im_end|>", "chat_template": "{{ '<|im_start|>' }}"}),
+        );
+        assert_eq!(end_tokens(dir.path(), &ckpt, &tok), vec![im_end]);
+        write(
+            "generation_config.json",
+            serde_json::json!({"eos_token_id": [im_end, eot]}),
+        );
+        assert_eq!(end_tokens(dir.path(), &ckpt, &tok), vec![im_end, eot]);
+        // A template that uses <|eot_id|> adds it only where the vocabulary has it.
+        write(
+            "tokenizer_config.json",
+            serde_json::json!({"eos_token": {"content": "<|im_end|>"}, "chat_template": "<|eot_id|><|im_end|>"}),
+        );
+        assert_eq!(end_tokens(dir.path(), &ckpt, &tok), vec![im_end, eot]);
+    }
 }
