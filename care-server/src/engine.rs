@@ -207,15 +207,14 @@ fn end_tokens(weights: &Path, ckpt: &Checkpoint, tokenizer: &tokenizers::Tokeniz
             }
         }
     };
-    let template: Option<String>;
-    if weights.is_dir() {
+    let template: Option<String> = if weights.is_dir() {
         let config = read_json("tokenizer_config.json");
         let eos = config.as_ref().and_then(|c| match &c["eos_token"] {
             serde_json::Value::String(s) => Some(s.clone()),
             v => v["content"].as_str().map(str::to_string),
         });
         push(eos.and_then(|t| tokenizer.token_to_id(&t)));
-        template = config.as_ref().and_then(|c| match &c["chat_template"] {
+        config.as_ref().and_then(|c| match &c["chat_template"] {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Array(named) => Some(
                 named
@@ -225,17 +224,17 @@ fn end_tokens(weights: &Path, ckpt: &Checkpoint, tokenizer: &tokenizers::Tokeniz
                     .join("\n"),
             ),
             _ => std::fs::read_to_string(weights.join("chat_template.jinja")).ok(),
-        });
+        })
     } else {
         push(ckpt.spec.eos_token_id);
-        template = mla_attention::io::gguf::GgufFile::open(weights)
+        mla_attention::io::gguf::GgufFile::open(weights)
             .ok()
             .and_then(|g| {
                 g.get("tokenizer.chat_template")
                     .and_then(|v| v.as_str())
                     .map(str::to_string)
-            });
-    }
+            })
+    };
     for alternate in ALTERNATE_EOS {
         if template.as_deref().is_some_and(|t| t.contains(alternate)) {
             push(tokenizer.token_to_id(alternate));
