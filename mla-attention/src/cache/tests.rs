@@ -333,3 +333,48 @@ fn bad_configs_are_errors() {
         assert!(r.is_err(), "{bs} {n} {spec:?}");
     }
 }
+
+/// A copy-on-write copy that fails (a device error, on the GPU cache) leaves the block
+/// counts, the free list and both sequences' tables as they were.
+#[test]
+fn failed_copy_on_write_changes_nothing() {
+    let mut book = BlockBook::new(CacheConfig {
+        block_size: 4,
+        num_blocks: 6,
+        layers: widths(&[(8, 0), (4, 2)]),
+    })
+    .unwrap();
+    let a = book.add_sequence();
+    let none = &mut |_: BlockId, _: BlockId| -> crate::Result<()> { unreachable!() };
+    book.reserve(a, 0, 6, none).unwrap(); // blocks 0 and 1, the second half full
+    let b = book.fork(a).unwrap();
+    let before = (
+        book.free_blocks(),
+        book.block_table(a).unwrap().clone(),
+        book.block_table(b).unwrap().clone(),
+        (0..6).map(|i| book.refcount(i)).collect::<Vec<_>>(),
+    );
+    let mut copies = 0;
+    let err = book
+        .reserve(b, 0, 1, &mut |_, _| {
+            copies += 1;
+            Err(Error::InvalidInput("device copy failed".into()))
+        })
+        .unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)), "{err}");
+    assert_eq!(copies, 1);
+    let after = (
+        book.free_blocks(),
+        book.block_table(a).unwrap().clone(),
+        book.block_table(b).unwrap().clone(),
+        (0..6).map(|i| book.refcount(i)).collect::<Vec<_>>(),
+    );
+    assert_eq!(before, after);
+    // And a copy that works gives `b` a private block.
+    let slots = book.reserve(b, 0, 1, &mut |_, _| Ok(())).unwrap();
+    assert_eq!(slots.len(), 1);
+    assert_ne!(
+        book.block_table(b).unwrap().blocks()[1],
+        book.block_table(a).unwrap().blocks()[1]
+    );
+}
