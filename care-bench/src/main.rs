@@ -559,8 +559,10 @@ async fn main() -> Result<()> {
     let mut plots_match = Vec::new();
     let mut plots_count = Vec::new();
     if args.identity.is_some() {
-        println!("| workload | prompts checked | drafting on = off | on = mistral.rs |");
-        println!("|---|---:|---:|---:|");
+        println!(
+            "| workload | prompts checked | drafting on = off | on = mistral.rs | mistral.rs asked again = ours |"
+        );
+        println!("|---|---:|---:|---:|---:|");
     }
     for w in &workloads {
         let drafting = args.modes.iter().any(|m| m == "on" || m == "auto");
@@ -606,8 +608,8 @@ async fn main() -> Result<()> {
             .await?;
             let s = identity::summarize(file, w.name, args.identity_tokens)?;
             println!(
-                "| {} | {} | {} | {} |",
-                w.name, s.prompts, s.on_equals_off, s.on_equals_host
+                "| {} | {} | {} | {} | {} |",
+                w.name, s.prompts, s.on_equals_off, s.on_equals_host, s.host_again_equals_on
             );
             continue;
         }
