@@ -159,10 +159,11 @@ impl<T: LatentElem> LatentPagedCache<T> {
     pub fn append(&mut self, seq: SeqId, layer: usize, width: usize, rows: &[f32]) -> Result<()> {
         let n = self.book.whole_rows(layer, width, rows.len())?;
         let (book, pools) = (&mut self.book, &mut self.pools);
-        let (bs, widths) = (book.block_size(), book.layer_widths().to_vec());
+        // A block of a layer is its pool's length over the block count.
+        let num_blocks = book.num_blocks();
         let slots = book.reserve(seq, layer, n, &mut |from, to| {
-            for (pool, w) in pools.iter_mut().zip(&widths) {
-                let len = bs * w.width();
+            for pool in pools.iter_mut() {
+                let len = pool.len() / num_blocks;
                 let (src, dst) = (from as usize * len, to as usize * len);
                 pool.copy_within(src..src + len, dst);
             }

@@ -14,7 +14,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfi
 
 use super::elem::CudaLatentElem;
 use super::kernels::{driver, MlaKernels};
-use crate::cache::{BlockBook, BlockId, CacheConfig, LayerWidth, SeqId};
+use crate::cache::{BlockBook, BlockId, CacheConfig, SeqId};
 use crate::error::{Error, Result};
 
 /// A paged cache of MLA latent rows `[c ; RoPE(k_pe)]` in device memory: the CPU
@@ -169,9 +169,9 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
             ));
         }
         let (book, pools, kernels) = (&mut self.book, &mut self.pools, &self.kernels);
-        let (bs, widths) = (book.block_size(), book.layer_widths().to_vec());
+        let num_blocks = book.num_blocks();
         let slots = book.reserve(seq, layer, n, &mut |from, to| {
-            copy_block(kernels, pools, &widths, bs, from, to)
+            copy_block(kernels, pools, num_blocks, from, to)
         })?;
         Ok(slots.into_iter().map(|s| s as u32).collect())
     }
@@ -283,14 +283,14 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
 fn copy_block<T: CudaLatentElem>(
     kernels: &MlaKernels,
     pools: &mut [CudaSlice<T>],
-    widths: &[LayerWidth],
-    bs: usize,
+    num_blocks: usize,
     from: BlockId,
     to: BlockId,
 ) -> Result<()> {
     let stream = kernels.stream().clone();
-    for (pool, w) in pools.iter_mut().zip(widths) {
-        let len = bs * w.width();
+    for pool in pools.iter_mut() {
+        // A block of a layer is its pool's length over the block count.
+        let len = pool.len() / num_blocks;
         let (f, t) = (from as usize * len, to as usize * len);
         // Two disjoint views of one allocation.
         if f < t {
