@@ -129,7 +129,8 @@ fn calibrate(
     })
 }
 
-fn fresh_out(out: &Path) -> Result<()> {
+/// `out` must not exist yet (checked before the slow work as well as at write time).
+pub fn check_new_output(out: &Path) -> Result<()> {
     if out.exists() {
         return Err(Error::InvalidOption(format!(
             "{} already exists; choose another output or remove it",
@@ -282,7 +283,7 @@ impl StockJob {
     /// Write `conv` to `out` (must not exist; written atomically) with its provenance,
     /// the source's tokenizer and chat template.
     pub fn write(&self, conv: &StockConversion, out: &Path) -> Result<()> {
-        fresh_out(out)?;
+        check_new_output(out)?;
         let prov = StockProvenance {
             format: "care-deepseek-v2",
             format_version: 1,
@@ -401,7 +402,7 @@ impl OneShotJob {
 
     /// Write `conv` to `out` (must not exist; written atomically) with its provenance.
     pub fn write(&self, conv: &OneShotConversion, out: &Path) -> Result<()> {
-        fresh_out(out)?;
+        check_new_output(out)?;
         let prov = Provenance {
             format: "care-oneshot",
             format_version: 1,

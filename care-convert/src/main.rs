@@ -21,7 +21,7 @@ use care_convert::compare::{markdown_table, CompareRow};
 use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions};
 use care_convert::eval::perplexity::PerplexityOptions;
 use care_convert::eval::run::{evaluate, EvalPlan, Progress};
-use care_convert::jobs::{OneShotJob, StockJob, StockLayout};
+use care_convert::jobs::{check_new_output, OneShotJob, StockJob, StockLayout};
 use cli::{
     Cli, Command, CompareArgs, ConvertArgs, EvalArgs, ExportHfArgs, Format, InspectArgs, MlaArgs,
     TokenizerArgs,
@@ -206,12 +206,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         calibration: a.calib.calibration(),
         sequential: a.sequential,
     };
-    if a.out.exists() {
-        bail!(
-            "{} already exists; choose another --out or remove it",
-            a.out.display()
-        );
-    }
+    check_new_output(&a.out)?;
     let conv = job
         .convert(&mut Bars::new(a.quiet))
         .with_context(|| format!("converting {}", a.model.display()))?;
@@ -261,12 +256,7 @@ fn run_mla(a: MlaArgs) -> Result<()> {
         calibration: a.calib.calibration(),
         dtype: a.dtype,
     };
-    if a.out.exists() {
-        bail!(
-            "{} already exists; choose another --out or remove it",
-            a.out.display()
-        );
-    }
+    check_new_output(&a.out)?;
     let conv = job
         .convert(&mut Bars::new(a.quiet))
         .with_context(|| format!("converting {}", a.model.display()))?;
