@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the CUDA binaries here (no GPU needed) and pack them for the device machine.
 #
-#   scripts/gpu/build.sh [ours|anchor|heal|all]      (default: all)
+#   scripts/gpu/build.sh [ours|anchor|heal|tests|all]      (default: all)
 #
 # - Toolkit: CUDA 13.0 from NVIDIA's PyPI wheels, assembled once by
 #   shared/gpu/build-cuda-toolkit.sh into $CUDA_PREFIX (default ~/.cache/cuda13-pypi).
@@ -9,6 +9,9 @@
 #           $CARGO_TARGET_DIR (default ~/.cache/cuda-target; never the CPU target dir).
 # - heal:   care-convert with `--features cuda` (healing with `--device cuda`), same
 #           target dir as ours.
+# - tests:  the test binaries of `cargo test -p mla-attention --features cuda` (debug
+#           profile, same target dir as ours), packed as test-<name>.xz for
+#           scripts/gpu/test-device.sh.
 # - anchor: gpu/anchor-kbench (mistralrs-paged-attn 0.8.1 kernels), its own target dir
 #           ~/.cache/cuda-anchor-target.
 # Each binary is stripped and xz-compressed into .devcarry/ (git-ignored), which the
@@ -47,6 +50,18 @@ if [[ "$WHAT" == heal || "$WHAT" == all ]]; then
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cuda-target}"
   cargo build --release -p care-convert --features cuda --bin care-convert
   pack "$CARGO_TARGET_DIR/release/care-convert" care-convert
+fi
+if [[ "$WHAT" == tests || "$WHAT" == all ]]; then
+  export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/cuda-target}"
+  rm -f "$CARRY"/test-*.xz
+  cargo test -p mla-attention --features cuda --no-run --message-format=json-render-diagnostics \
+    | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["target"]["name"], m["executable"])' \
+    | while read -r name exe; do pack "$exe" "test-$name"; done
 fi
 if [[ "$WHAT" == anchor || "$WHAT" == all ]]; then
   (cd gpu/anchor-kbench && CARGO_TARGET_DIR="$HOME/.cache/cuda-anchor-target" \

@@ -5,7 +5,7 @@
 #   run(command="bash scripts/gpu/run-device.sh runner", carry=[".devcarry/runner-a"]) after
 #     a first call carrying .devcarry/runner-p02 (scripts/gpu/runner-prepare.sh)
 # Unpacks the binaries built by scripts/gpu/build.sh, records the card, runs our
-# checks and benchmarks (mla_cuda_bench) and the mistral.rs 0.8.1 kernel anchor
+# benchmarks (mla_cuda_bench) and the mistral.rs 0.8.1 kernel anchor
 # (anchor-kbench) at the same cells, in one call. Everything lands in $OUT
 # (results.json, results.md, ours.log, anchor.csv, anchor.log, gpu.txt).
 set -uo pipefail
@@ -29,10 +29,6 @@ case "$MODE" in
   full)  OURS=(--mode bench --e2e); ANCHOR=(); T=400 ;;
   all)   OURS=(--e2e); ANCHOR=(); T=420 ;;
   profile)
-    for force in "" ${CHECK_FORCE:-}; do
-      MLA_TC_FORCE=$force timeout -k 5 120 "$BIN/mla_cuda_bench" --mode check --quick --out /tmp/chk 2>&1 \
-        | grep -E "checks:|FAILED|rror|bench:" | sed "s/^/[force=$force] /" | head -20
-    done
     # Kernel variants compiled here with nvcc (MLA_KERNEL_DIR overrides the embedded
     # fatbins), timed by difference; then Nsight Compute on the real kernel.
     KV=/tmp/kv

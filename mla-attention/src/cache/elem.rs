@@ -3,6 +3,17 @@
 
 use half::bf16;
 
+use super::LayerBlocks;
+
+/// A layer's pool with its element type named at run time: the CPU attention matches on
+/// it, so its kernels are compiled (and optimized) once in this crate rather than
+/// monomorphized in every caller's crate at the caller's optimization level.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyLayerBlocks<'a> {
+    F32(LayerBlocks<'a, f32>),
+    Bf16(LayerBlocks<'a, bf16>),
+}
+
 /// A storage type for cached latents: `f32` (exact) or `bf16` (half the bytes,
 /// round-to-nearest-even on write).
 pub trait LatentElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
@@ -18,6 +29,8 @@ pub trait LatentElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// `row` as f32: borrowed as is for `f32`, converted into `scratch` otherwise.
     /// The decode calls this once per cached row, so every head of a task reuses it.
     fn row_as_f32<'a>(row: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
+
+    fn erase(layer: LayerBlocks<'_, Self>) -> AnyLayerBlocks<'_>;
 }
 
 impl LatentElem for f32 {
@@ -37,6 +50,10 @@ impl LatentElem for f32 {
     #[inline]
     fn row_as_f32<'a>(row: &'a [Self], _scratch: &'a mut Vec<f32>) -> &'a [f32] {
         row
+    }
+
+    fn erase(layer: LayerBlocks<'_, Self>) -> AnyLayerBlocks<'_> {
+        AnyLayerBlocks::F32(layer)
     }
 }
 
@@ -59,5 +76,9 @@ impl LatentElem for bf16 {
         scratch.clear();
         scratch.extend(row.iter().map(|v| v.to_f32()));
         scratch
+    }
+
+    fn erase(layer: LayerBlocks<'_, Self>) -> AnyLayerBlocks<'_> {
+        AnyLayerBlocks::Bf16(layer)
     }
 }

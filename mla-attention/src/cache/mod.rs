@@ -72,7 +72,7 @@ pub type BlockId = u32;
 
 pub use allocator::BlockAllocator;
 pub use book::BlockBook;
-pub use elem::LatentElem;
+pub use elem::{AnyLayerBlocks, LatentElem};
 pub use paged::{CacheConfig, LatentPagedCache, LayerBlocks, LayerWidth, SeqId};
 pub use pass::PassRows;
 pub use table::{BlockTable, SeqView};

@@ -26,7 +26,9 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::cache::{LatentElem, LayerBlocks, SeqView};
+use half::bf16;
+
+use crate::cache::{AnyLayerBlocks, LatentElem, LayerBlocks, SeqView};
 use crate::simd::{self, Isa, Lanes, Portable};
 
 /// Heads that read the same slices of every cached row: their key at `key` and value at
@@ -63,6 +65,40 @@ struct Task {
 /// `views[r].tokens` rows of its blocks. The caller has checked shapes and block tables
 /// (each view non-empty and inside `layer`).
 pub(crate) fn attend_paged<T: LatentElem>(
+    layer: &LayerBlocks<'_, T>,
+    views: &[SeqView<'_>],
+    a: &Attend<'_>,
+    out: &mut [f32],
+) {
+    match T::erase(*layer) {
+        AnyLayerBlocks::F32(l) => attend_f32(&l, views, a, out),
+        AnyLayerBlocks::Bf16(l) => attend_bf16(&l, views, a, out),
+    }
+}
+
+// Not generic, so compiled here at this crate's optimization level (a test or bench crate
+// built at opt-level 1 would otherwise instantiate the loops itself, ~3x slower).
+#[inline(never)]
+fn attend_f32(
+    layer: &LayerBlocks<'_, f32>,
+    views: &[SeqView<'_>],
+    a: &Attend<'_>,
+    out: &mut [f32],
+) {
+    attend_typed(layer, views, a, out)
+}
+
+#[inline(never)]
+fn attend_bf16(
+    layer: &LayerBlocks<'_, bf16>,
+    views: &[SeqView<'_>],
+    a: &Attend<'_>,
+    out: &mut [f32],
+) {
+    attend_typed(layer, views, a, out)
+}
+
+fn attend_typed<T: LatentElem>(
     layer: &LayerBlocks<'_, T>,
     views: &[SeqView<'_>],
     a: &Attend<'_>,

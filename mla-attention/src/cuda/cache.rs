@@ -130,23 +130,37 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
         layer: usize,
         rows: &CudaView<'_, T>,
     ) -> Result<()> {
+        self.append_pass(seqs, &vec![1; seqs.len()], layer, rows)
+    }
+
+    /// Append `counts[i]` rows to `seqs[i]` (distinct) from device memory: `rows` is
+    /// `(Σ counts, width)` of `layer`, sequence-major (a verify pass's rows). All or
+    /// nothing, as [`Self::append_step`].
+    pub fn append_pass(
+        &mut self,
+        seqs: &[SeqId],
+        counts: &[usize],
+        layer: usize,
+        rows: &CudaView<'_, T>,
+    ) -> Result<()> {
         let w = self.width(layer)?.width();
-        if rows.len() != seqs.len() * w {
+        let total: usize = counts.iter().sum();
+        if counts.len() != seqs.len() || rows.len() != total * w {
             return Err(Error::WidthMismatch {
                 layer,
-                what: "device rows (batch x width)",
+                what: "device rows (pass rows x width)",
                 got: rows.len(),
-                expected: seqs.len() * w,
+                expected: total * w,
             });
         }
-        crate::cache::pass::check_distinct(seqs, "append_step")?;
+        crate::cache::pass::check_distinct(seqs, "append_pass")?;
         let before: Vec<usize> = seqs
             .iter()
             .map(|&s| self.tokens(s, layer))
             .collect::<Result<_>>()?;
-        let mut slots = Vec::with_capacity(seqs.len());
-        for (i, &s) in seqs.iter().enumerate() {
-            match self.reserve(s, layer, 1) {
+        let mut slots = Vec::with_capacity(total);
+        for (i, (&s, &n)) in seqs.iter().zip(counts).enumerate() {
+            match self.reserve(s, layer, n) {
                 Ok(v) => slots.extend(v),
                 Err(e) => {
                     for (&s, &t) in seqs[..i].iter().zip(&before) {
@@ -156,6 +170,9 @@ impl<T: CudaLatentElem> CudaLatentCache<T> {
                     return Err(e);
                 }
             }
+        }
+        if slots.is_empty() {
+            return Ok(());
         }
         self.scatter(layer, rows, &slots)
     }

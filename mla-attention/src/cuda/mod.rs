@@ -43,4 +43,4 @@ pub use decode::{CudaDecodeQuery, CudaMlaDecoder, KernelChoice, KernelPlan};
 pub use elem::CudaLatentElem;
 pub use kernels::MlaKernels;
 pub use plan::SplitPolicy;
-pub use runner::{CudaPagedModel, CudaRunnerOptions};
+pub use runner::{CudaPagedModel, CudaRunnerOptions, MAX_SEGMENT_ROWS};

@@ -4,18 +4,20 @@
 //! sequence's latents gathered on the device ([`LowRankKvAttention::decode_over`]).
 //!
 //! The dense parts (norms, projections, MLP, head) are candle ops on the device
-//! (cuBLAS); per layer and step:
+//! (cuBLAS); per layer and pass (one row per sequence for a decode step, `1 + k` rows
+//! for a sequence whose draft of `k` tokens is verified):
 //!
 //! ```text
 //! h = norm(x)                   q = queries(h) → [q_nope ; RoPE_pos(q_pe)]   (b, n_h, ·)
-//! [c ; RoPE_pos(k_pe)] = latents_at(h, pos) → append_step (one row per sequence)
-//! q̃ = W_UKᵀ q_nope (per head)   õ = our split-KV decode over the blocks      (b, n_h, r)
+//! [c ; RoPE_pos(k_pe)] = latents_at(h, pos) → append_pass (each row to its sequence)
+//! q̃ = W_UKᵀ q_nope (per head)   õ = our split-KV decode, each row over its sequence's
+//!                               blocks up to its own position               (b, n_h, r)
 //! o = o_proj(W_UV õ)            x += o;  x += mlp(norm(x))
 //! ```
 //!
-//! then norm, head and argmax on the device; the ids are the step's one copy to the
-//! host. Prefill runs the prompt through the same decoder (materialized MLA) in chunks
-//! of [`CudaRunnerOptions::prefill_chunk`] tokens, so the score matrix stays
+//! then norm and head on the device; the logits go to the engine, which picks tokens
+//! and verifies drafts as for every paged model. Prefill runs the prompt through the
+//! same decoder (materialized MLA) in chunks of [`CudaRunnerOptions::prefill_chunk`] tokens, so the score matrix stays
 //! `chunk × prompt` per head however long the prompt, and copies each layer's latent
 //! rows into the paged cache on the device.
 //!
@@ -39,7 +41,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::interop::{with_view, wrap};
 use super::{CudaDecodeQuery, CudaLatentCache, CudaLatentElem, CudaMlaDecoder, MlaKernels};
-use crate::cache::SeqId;
+use crate::cache::{PassRows, SeqId, SeqView};
 use crate::config::ModelSpec;
 use crate::error::{Error, Result};
 use crate::io::{OnDevice, WeightSource};
@@ -47,6 +49,10 @@ use crate::mla::{MlaAttention, MlaShape};
 use crate::model::{Decoder, LowRankKvAttention};
 use crate::runner::layers::{cache_config, check_parts, load_parts, prefill_rows, RunnerLayer};
 use crate::runner::{check_pass, PagedModel, RunnerConfig};
+
+/// Most rows one sequence brings to a pass (a token and its draft) when every layer is
+/// stock MLA.
+pub const MAX_SEGMENT_ROWS: usize = 32;
 
 /// How a [`CudaPagedModel`] holds its weights and runs prefill.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,17 +149,18 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         self.options
     }
 
-    /// One layer's decode step: `h` `(b, 1, hidden)`, row `i` the next token of
-    /// `seqs[i]` at `pos[i]` → `(b, 1, hidden)`; appends one latent row per sequence.
-    fn attention(&mut self, l: usize, h: &Tensor, seqs: &[SeqId], pos: &[usize]) -> Result<Tensor> {
+    /// One layer of a pass: `h` `(rows, 1, hidden)`, rows as `pass` lays them out →
+    /// `(rows, 1, hidden)`; appends each row's latent row to its sequence.
+    fn attention(&mut self, l: usize, h: &Tensor, pass: &PassRows) -> Result<Tensor> {
         match &self.attns[l] {
             RunnerLayer::Mla(a) => {
                 let a = a.clone();
-                self.mla_attention(&a, l, h, seqs, pos)
+                self.mla_attention(&a, l, h, pass)
             }
             RunnerLayer::LowRank(a) => {
                 let a = a.clone();
-                self.low_rank_attention(&a, l, h, seqs)
+                // One row per sequence: `max_segment_rows` is 1 with one-shot layers.
+                self.low_rank_attention(&a, l, h, &pass.seqs)
             }
             RunnerLayer::Gqa(_) => Err(Error::InvalidInput(
                 "GQA layers are refused when the CUDA paged model loads".into(),
@@ -185,14 +192,16 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         Ok(Tensor::cat(&outs, 0)?)
     }
 
-    /// Stock MLA layer: absorbed decode of the whole batch through our kernel.
+    /// Stock MLA layer: absorbed decode of every row of the pass through our kernel.
+    /// Row `j` of a sequence's segment is one query of the kernel over the sequence's
+    /// blocks cut at its own position (`start + j + 1` tokens): causal inside the
+    /// segment, all rows in one launch.
     fn mla_attention(
         &mut self,
         attn: &MlaAttention,
         l: usize,
         h: &Tensor,
-        seqs: &[SeqId],
-        pos: &[usize],
+        pass: &PassRows,
     ) -> Result<Tensor> {
         let MlaShape {
             num_heads: nh,
@@ -201,16 +210,36 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
             v_head_dim: dv,
             kv_lora_rank: r,
         } = attn.shape();
-        let b = seqs.len();
+        let (b, pos) = (pass.rows(), &pass.row_pos);
         let q = attn.queries(h)?.reshape((b, nh, dn + dr))?;
         let q_pe = attn
             .rope()
             .apply_at(&q.narrow(2, dn, dr)?.contiguous()?, pos)?;
         let rows = attn.latents_at(h, pos)?;
-        with_view::<T, _>(&rows, |v| self.cache.append_step(seqs, l, v))?;
+        with_view::<T, _>(&rows, |v| {
+            self.cache.append_pass(&pass.seqs, &pass.lens, l, v)
+        })?;
         if l == 0 || !matches!(self.attns[l - 1], RunnerLayer::Mla(_)) {
-            // Every layer holds the same token counts, so one plan serves the step.
-            self.dec.plan_for(&self.cache, seqs, 0)?;
+            // Every layer holds the same token counts, so one plan serves the pass.
+            let tables = pass
+                .seqs
+                .iter()
+                .map(|&s| self.cache.view(s, l))
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<SeqView<'_>> = pass
+                .row_seq
+                .iter()
+                .zip(pos)
+                .map(|(&i, &p)| SeqView {
+                    blocks: tables[i].blocks,
+                    tokens: p + 1,
+                })
+                .collect();
+            for v in &views {
+                self.cache.check_view(l, v)?;
+            }
+            let (bs, nb) = (self.cache.block_size(), self.cache.num_blocks());
+            self.dec.plan_views(&views, bs, nb)?;
         }
         // q̃_h = q_nope,h · W_UK,h: (n_h, b, d_nope) x (n_h, d_nope, r) → (b, n_h, r).
         let q_nope = q.narrow(2, 0, dn)?.transpose(0, 1)?.contiguous()?;
@@ -240,14 +269,14 @@ impl<T: CudaLatentElem> CudaPagedModel<T> {
         crate::model::attention::linear(&o, &w.o_proj, w.o_proj_bias.as_ref())
     }
 
-    /// Logits `(b, vocab)` (f32, on the device) of one row per sequence.
-    fn decode_layers(&mut self, tokens: &[u32], seqs: &[SeqId], pos: &[usize]) -> Result<Tensor> {
+    /// Logits `(rows, vocab)` (f32, on the device) of every row of `pass`.
+    fn decode_layers(&mut self, tokens: &[u32], pass: &PassRows) -> Result<Tensor> {
         let b = tokens.len();
         let hidden = self.decoder.spec.hidden_size;
         let mut x = self.decoder.embed(tokens)?.reshape((b, 1, hidden))?;
         for l in 0..self.attns.len() {
             let h = self.decoder.layers[l].input_norm.forward(&x)?;
-            let a = self.attention(l, &h, seqs, pos)?;
+            let a = self.attention(l, &h, pass)?;
             x = (x + a)?;
             let layer = &self.decoder.layers[l];
             let m = layer.mlp.forward(&layer.post_norm.forward(&x)?)?;
@@ -296,10 +325,14 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
         self.decoder.spec.max_position_embeddings
     }
 
-    /// One row per sequence: multi-row verification on the GPU is not built yet, so the
-    /// engine does not draft on this model.
+    /// [`MAX_SEGMENT_ROWS`] when every layer is stock MLA (verification in the split
+    /// kernel); 1 with one-shot layers, which rebuild K/V per sequence and row.
     fn max_segment_rows(&self) -> usize {
-        1
+        if self.attns.iter().all(|a| matches!(a, RunnerLayer::Mla(_))) {
+            MAX_SEGMENT_ROWS
+        } else {
+            1
+        }
     }
 
     fn prefill(&mut self, tokens: &[u32]) -> Result<SeqId> {
@@ -342,14 +375,16 @@ impl<T: CudaLatentElem> PagedModel for CudaPagedModel<T> {
     }
 
     fn forward(&mut self, seqs: &[SeqId], segments: &[&[u32]]) -> Result<Tensor> {
-        check_pass(seqs, segments, self.vocab_size(), 1)?;
-        let tokens: Vec<u32> = segments.iter().map(|s| s[0]).collect();
-        let pos: Vec<usize> = seqs
+        check_pass(seqs, segments, self.vocab_size(), self.max_segment_rows())?;
+        let starts: Vec<usize> = seqs
             .iter()
             .map(|&s| self.tokens(s))
             .collect::<Result<_>>()?;
-        self.decode_layers(&tokens, seqs, &pos).or_else(|e| {
-            for (&s, &p) in seqs.iter().zip(&pos) {
+        let lens: Vec<usize> = segments.iter().map(|s| s.len()).collect();
+        let pass = PassRows::new(seqs, &starts, &lens);
+        let tokens: Vec<u32> = segments.iter().flat_map(|s| s.iter().copied()).collect();
+        self.decode_layers(&tokens, &pass).or_else(|e| {
+            for (&s, &p) in seqs.iter().zip(&starts) {
                 self.rollback(s, p)?;
             }
             Err(e)

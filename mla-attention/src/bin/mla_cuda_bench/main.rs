@@ -1,14 +1,12 @@
-//! `mla_cuda_bench`: device checks and benchmarks of the CUDA paged MLA decode.
+//! `mla_cuda_bench`: benchmarks of the CUDA paged MLA decode (correctness lives in
+//! `cargo test --features cuda`: `tests/cuda_kernels.rs`, `tests/cuda_engine.rs`).
 //!
 //! ```text
-//! mla_cuda_bench [--mode check|bench|kernel|all|runner] [--quick] [--ctx 4096,16384,...]
+//! mla_cuda_bench [--mode bench|kernel|runner] [--quick] [--ctx 4096,16384,...]
 //!                [--batch 1,8,32] [--e2e] [--out DIR]
 //!                [--model DIR]... [--text FILE] [--new N]      (runner mode)
 //! ```
 //!
-//! - `check`: paged CUDA decode against a contiguous f64 reference (f32 ≤ 1e-5,
-//!   bf16 ≤ 1e-2) over mixed lengths, block boundaries, shared prefixes, several
-//!   widths and per-layer ranks; the CUDA cache against the CPU cache; bad input.
 //! - `bench`: copy bandwidth, per-call kernel time and bandwidth at 512/64 × 32 heads
 //!   for every ctx × batch, 32-layer steps (uniform 512 vs a 256–768 rank ramp),
 //!   sequences of 32K tokens per memory budget; `--e2e` adds a whole decode step of
@@ -20,10 +18,9 @@
 //!   tokenizer).
 //!
 //! Writes `results.json` and `results.md` into `--out` (default `.`), prints the
-//! markdown last. Exit code: 0 ok, 1 a check failed, 2 an error.
+//! markdown last. Exit code: 0 ok, 1 a runner check failed, 2 an error.
 
 mod bench;
-mod check;
 mod e2e;
 mod report;
 mod runner;
@@ -36,7 +33,6 @@ use mla_attention::cuda::MlaKernels;
 
 #[derive(Debug)]
 struct Args {
-    check: bool,
     bench: bool,
     /// Only the per-call kernel cells (profiling, kernel variants).
     kernel_only: bool,
@@ -63,7 +59,6 @@ fn list(v: &str) -> Result<Vec<usize>> {
 
 fn parse_args() -> Result<Args> {
     let mut a = Args {
-        check: true,
         bench: true,
         kernel_only: false,
         e2e: false,
@@ -81,11 +76,9 @@ fn parse_args() -> Result<Args> {
         let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
         match flag.as_str() {
             "--mode" => match value()?.as_str() {
-                "check" => (a.check, a.bench) = (true, false),
-                "bench" => (a.check, a.bench) = (false, true),
-                "all" => (a.check, a.bench) = (true, true),
-                "kernel" => (a.check, a.bench, a.kernel_only) = (false, true, true),
-                "runner" => (a.check, a.bench, a.runner) = (false, false, true),
+                "bench" => a.bench = true,
+                "kernel" => (a.bench, a.kernel_only) = (true, true),
+                "runner" => (a.bench, a.runner) = (false, true),
                 m => bail!("unknown mode {m}"),
             },
             "--quick" => a.quick = true,
@@ -132,12 +125,6 @@ fn run(args: &Args) -> Result<bool> {
         eprintln!("runner: {} failure(s)", r.failures);
         ok &= r.failures == 0;
         rep.runner = Some(r);
-    }
-    if args.check {
-        let c = check::run(&k, args.quick)?;
-        eprintln!("checks: {} cases, {} failure(s)", c.cases.len(), c.failures);
-        ok &= c.failures == 0;
-        rep.checks = Some(c);
     }
     if args.bench {
         rep.copy_gbps = bench::copy_bandwidth(&k)?;

@@ -3,7 +3,6 @@
 use std::fmt::Write;
 
 use crate::bench::{Capacity, Cell, StepResult, GQA_BYTES_PER_TOKEN};
-use crate::check::CheckReport;
 use crate::e2e::E2eResult;
 use crate::runner::RunnerReport;
 
@@ -14,7 +13,6 @@ pub struct Report {
     pub sm_count: usize,
     pub total_mem_bytes: usize,
     pub copy_gbps: f64,
-    pub checks: Option<CheckReport>,
     pub cells: Vec<Cell>,
     pub steps: Vec<StepResult>,
     pub capacity: Vec<Capacity>,
@@ -36,28 +34,6 @@ pub fn markdown(r: &Report) -> String {
     );
     if let Some(rr) = &r.runner {
         runner_markdown(&mut s, rr);
-    }
-    if let Some(c) = &r.checks {
-        let worst = |dt: &str| {
-            c.cases
-                .iter()
-                .filter(|x| x.dtype == dt)
-                .map(|x| x.max_rel_err)
-                .fold(0.0f64, f64::max)
-        };
-        let n = |dt: &str| c.cases.iter().filter(|x| x.dtype == dt).count();
-        let _ = writeln!(
-            s,
-            "Checks: {} decode cases (f32: {}, worst rel err {:.1e}; bf16: {}, worst {:.1e}), \
-             {} bad-input checks, **{} failure(s)**.\n",
-            c.cases.len(),
-            n("f32"),
-            worst("f32"),
-            n("bf16"),
-            worst("bf16"),
-            c.bad_input.len(),
-            c.failures
-        );
     }
     if r.copy_gbps > 0.0 {
         let _ = writeln!(

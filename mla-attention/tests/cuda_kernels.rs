@@ -1,9 +1,13 @@
-//! Correctness on the device: paged CUDA decode against a contiguous f64 reference,
-//! the CUDA cache against the CPU cache driven by the same operations, and bad input.
+//! The CUDA decode on the device (`cargo test --features cuda`, run on a GPU machine by
+//! `scripts/gpu/test-device.sh`): paged decode against a contiguous f64 reference (f32 ≤
+//! 1e-5, bf16 ≤ 1e-2) over mixed lengths, block boundaries, shared prefixes, several
+//! widths, head counts, split policies and per-layer ranks; the CUDA cache against the
+//! CPU cache driven by the same operations; bad input refused with nothing changed.
+#![cfg(feature = "cuda")]
 
 use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use candle_core::cuda_backend::cudarc::driver::CudaSlice;
 use half::bf16;
 use mla_attention::cache::{CacheConfig, LatentPagedCache, LayerWidth, SeqId, SeqView};
@@ -16,23 +20,23 @@ use rayon::prelude::*;
 
 use test_support::Rng;
 
-/// One checked case, for the report.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct CaseResult {
-    pub name: String,
-    pub dtype: &'static str,
-    pub kernel: String,
-    pub max_rel_err: f64,
-    pub tolerance: f64,
-    pub passed: bool,
+/// One checked case.
+#[derive(Debug, Clone)]
+struct CaseResult {
+    name: String,
+    dtype: &'static str,
+    kernel: String,
+    max_rel_err: f64,
+    tolerance: f64,
+    passed: bool,
 }
 
-/// Everything the checks found.
-#[derive(Debug, Default, serde::Serialize)]
-pub struct CheckReport {
-    pub cases: Vec<CaseResult>,
-    pub bad_input: Vec<(String, bool)>,
-    pub failures: usize,
+/// Everything the checks of one test found (each case printed as it runs).
+#[derive(Debug, Default)]
+struct CheckReport {
+    cases: Vec<CaseResult>,
+    bad_input: Vec<(String, bool)>,
+    failures: usize,
 }
 
 impl CheckReport {
@@ -547,14 +551,42 @@ fn bad_input(k: &Arc<MlaKernels>, rep: &mut CheckReport) -> Result<()> {
     Ok(())
 }
 
-/// Run every check; the report counts failures.
-pub fn run(k: &Arc<MlaKernels>, quick: bool) -> Result<CheckReport> {
+fn kernels() -> Arc<MlaKernels> {
+    MlaKernels::on_device(0).expect("CUDA device 0 (these tests run on a GPU machine)")
+}
+
+fn assert_clean(rep: &CheckReport) {
+    assert!(
+        !rep.cases.is_empty() || !rep.bad_input.is_empty(),
+        "no checks ran"
+    );
+    let failed: Vec<&str> = rep
+        .cases
+        .iter()
+        .filter(|c| !c.passed)
+        .map(|c| c.name.as_str())
+        .chain(rep.bad_input.iter().filter(|b| !b.1).map(|b| b.0.as_str()))
+        .collect();
+    assert_eq!(rep.failures, 0, "failed: {failed:?}");
+}
+
+#[test]
+fn f32_paged_decode_matches_the_f64_reference() {
     let mut rep = CheckReport::default();
-    decode_cases::<f32>(k, &mut rep, quick).context("f32 decode cases")?;
-    decode_cases::<bf16>(k, &mut rep, quick).context("bf16 decode cases")?;
-    bad_input(k, &mut rep).context("bad-input checks")?;
-    if rep.cases.is_empty() {
-        bail!("no checks ran");
-    }
-    Ok(rep)
+    decode_cases::<f32>(&kernels(), &mut rep, false).unwrap();
+    assert_clean(&rep);
+}
+
+#[test]
+fn bf16_paged_decode_matches_the_f64_reference() {
+    let mut rep = CheckReport::default();
+    decode_cases::<bf16>(&kernels(), &mut rep, false).unwrap();
+    assert_clean(&rep);
+}
+
+#[test]
+fn bad_input_is_refused_and_changes_nothing() {
+    let mut rep = CheckReport::default();
+    bad_input(&kernels(), &mut rep).unwrap();
+    assert_clean(&rep);
 }
