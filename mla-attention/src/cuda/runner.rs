@@ -17,9 +17,9 @@
 //!
 //! then norm and head on the device; the logits go to the engine, which picks tokens
 //! and verifies drafts as for every paged model. Prefill runs the prompt through the
-//! same decoder (materialized MLA) in chunks of [`CudaRunnerOptions::prefill_chunk`] tokens, so the score matrix stays
-//! `chunk × prompt` per head however long the prompt, and copies each layer's latent
-//! rows into the paged cache on the device.
+//! same decoder (materialized MLA) in chunks of [`CudaRunnerOptions::prefill_chunk`]
+//! tokens, so the score matrix stays `chunk × prompt` per head however long the prompt,
+//! and copies each layer's latent rows into the paged cache on the device.
 //!
 //! ```no_run
 //! use mla_attention::{io::Checkpoint, runner::RunnerConfig};
