@@ -15,6 +15,7 @@ use mla_attention::cuda::{
     CudaDecodeQuery, CudaLatentCache, CudaLatentElem, CudaMlaDecoder, KernelChoice, KernelPlan,
     MlaKernels, SplitPolicy,
 };
+use mla_attention::mla::latent_attention_f64;
 use mla_attention::Error;
 use rayon::prelude::*;
 
@@ -173,39 +174,6 @@ fn same_as_cpu<T: CudaLatentElem>(b: &Batch<T>) -> Result<()> {
     Ok(())
 }
 
-/// Contiguous f64 reference: `õ (heads, rank)` of one sequence.
-fn reference(rows: &[f32], w: LayerWidth, q_lat: &[f32], q_pe: &[f32], scale: f32) -> Vec<f64> {
-    let (r, width) = (w.rank, w.width());
-    let nh = q_lat.len() / r;
-    let mut out = Vec::with_capacity(nh * r);
-    for h in 0..nh {
-        let (ql, qp) = (&q_lat[h * r..][..r], &q_pe[h * w.rope..][..w.rope]);
-        let scores: Vec<f64> = rows
-            .chunks_exact(width)
-            .map(|row| {
-                let d: f64 = ql
-                    .iter()
-                    .chain(qp)
-                    .zip(row)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                d * scale as f64
-            })
-            .collect();
-        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        let mut o = vec![0.0; r];
-        for (p, row) in e.iter().zip(rows.chunks_exact(width)) {
-            o.iter_mut()
-                .zip(&row[..r])
-                .for_each(|(a, &c)| *a += p / z * c as f64);
-        }
-        out.extend(o);
-    }
-    out
-}
-
 fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     if a.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY; // NaN never passes (also: an unwritten poisoned element)
@@ -260,9 +228,10 @@ fn check_layer<T: CudaLatentElem>(
     let worst = (0..n)
         .into_par_iter()
         .map(|i| {
-            let want = reference(
+            let want = latent_attention_f64(
                 &b.rows[i][layer],
-                w,
+                w.rank,
+                w.rope,
                 &q_lat[i * per..][..per],
                 &q_pe[i * nh * w.rope..][..nh * w.rope],
                 scale,

@@ -6,7 +6,9 @@ use half::bf16;
 
 use super::*;
 use crate::cache::{CacheConfig, LatentElem, LatentPagedCache, LayerWidth, SeqId, SeqView};
-use crate::mla::{MlaAttention, MlaForm, MlaRopeScaling, MlaShape, MlaSpec, MlaWeights};
+use crate::mla::{
+    latent_attention_f64, MlaAttention, MlaForm, MlaRopeScaling, MlaShape, MlaSpec, MlaWeights,
+};
 use crate::model::{Attention, AttnInput, LayerCache, Rope};
 use crate::Error;
 
@@ -18,40 +20,6 @@ fn rel_err(a: &[f32], b: &[f64]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(&x, y)| (x as f64 - y).powi(2)).sum();
     let den: f64 = b.iter().map(|y| y * y).sum();
     (num / den).sqrt()
-}
-
-/// Contiguous f64 reference: `õ (heads, rank)` of one sequence from its rows
-/// `(tokens, rank + rope)`, plain softmax.
-fn reference(rows: &[f32], w: LayerWidth, q_lat: &[f32], q_pe: &[f32], scale: f32) -> Vec<f64> {
-    let (r, width) = (w.rank, w.width());
-    let nh = q_lat.len() / r;
-    let mut out = Vec::with_capacity(nh * r);
-    for h in 0..nh {
-        let (ql, qp) = (&q_lat[h * r..][..r], &q_pe[h * w.rope..][..w.rope]);
-        let scores: Vec<f64> = rows
-            .chunks_exact(width)
-            .map(|row| {
-                let d: f64 = ql
-                    .iter()
-                    .chain(qp)
-                    .zip(row)
-                    .map(|(&a, &b)| a as f64 * b as f64)
-                    .sum();
-                d * scale as f64
-            })
-            .collect();
-        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
-        let z: f64 = e.iter().sum();
-        let mut o = vec![0.0; r];
-        for (p, row) in e.iter().zip(rows.chunks_exact(width)) {
-            o.iter_mut()
-                .zip(&row[..r])
-                .for_each(|(a, &c)| *a += p / z * c as f64);
-        }
-        out.extend(o);
-    }
-    out
 }
 
 /// A batch of sequences with their expected (contiguous) rows per layer.
@@ -147,9 +115,10 @@ fn check_layer<T: LatentElem>(
     let per = nh * w.rank;
     let mut worst = 0.0f64;
     for i in 0..n {
-        let want = reference(
+        let want = latent_attention_f64(
             &b.rows[i][layer],
-            w,
+            w.rank,
+            w.rope,
             &q_lat[i * per..][..per],
             &q_pe[i * nh * w.rope..][..nh * w.rope],
             scale,

@@ -34,5 +34,5 @@ pub(crate) mod tests;
 pub use config::{MlaRopeScaling, MlaShape, MlaSpec, YarnScaling};
 pub use layer::{MlaAttention, MlaForm, MlaWeights, QLoraWeights};
 pub use load::load_mla_attention;
-pub use reference::{reference_forward, ReferenceOutput};
+pub use reference::{latent_attention_f64, reference_forward, ReferenceOutput};
 pub use rope::InterleavedRope;

@@ -38,6 +38,49 @@ fn matvec(w: &[Vec<f64>], x: &[f64], b: Option<&[f64]>) -> Vec<f64> {
         .collect()
 }
 
+/// Absorbed attention of one sequence over its cached rows `(tokens, rank + rope)`
+/// `[c ; k_pe]`, in f64 with a plain softmax: `õ (heads, rank)` for absorbed queries
+/// `q_lat (heads, rank)` and RoPE queries `q_pe (heads, rope)`. The oracle of the paged
+/// decode kernels (CPU and CUDA), which read the same rows from blocks.
+pub fn latent_attention_f64(
+    rows: &[f32],
+    rank: usize,
+    rope: usize,
+    q_lat: &[f32],
+    q_pe: &[f32],
+    scale: f32,
+) -> Vec<f64> {
+    let width = rank + rope;
+    let nh = q_lat.len() / rank;
+    let mut out = Vec::with_capacity(nh * rank);
+    for h in 0..nh {
+        let (ql, qp) = (&q_lat[h * rank..][..rank], &q_pe[h * rope..][..rope]);
+        let scores: Vec<f64> = rows
+            .chunks_exact(width)
+            .map(|row| {
+                let d: f64 = ql
+                    .iter()
+                    .chain(qp)
+                    .zip(row)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum();
+                d * scale as f64
+            })
+            .collect();
+        let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let z: f64 = e.iter().sum();
+        let mut o = vec![0.0; rank];
+        for (p, row) in e.iter().zip(rows.chunks_exact(width)) {
+            o.iter_mut()
+                .zip(&row[..rank])
+                .for_each(|(a, &c)| *a += p / z * c as f64);
+        }
+        out.extend(o);
+    }
+    out
+}
+
 /// Causal attention of `x` `(batch, seq, hidden)` at positions `0..seq` (an empty
 /// cache), computed in f64.
 pub fn reference_forward(attn: &MlaAttention, x: &Tensor) -> Result<ReferenceOutput> {
