@@ -30,6 +30,7 @@ pub trait LatentElem: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
     /// The decode calls this once per cached row, so every head of a task reuses it.
     fn row_as_f32<'a>(row: &'a [Self], scratch: &'a mut Vec<f32>) -> &'a [f32];
 
+    /// `layer` with its element type as a value, for the kernels' one dispatch.
     fn erase(layer: LayerBlocks<'_, Self>) -> AnyLayerBlocks<'_>;
 }
 
