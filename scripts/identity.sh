@@ -28,11 +28,7 @@ Q="$A/models/qwen2.5-coder-0.5b-instruct"
 
 ORIG="$OUT/qwen-f32" MLA="$OUT/qwen-mla-$KV_KEEP"
 [[ -d "$MLA" ]] || "$T/care-convert" mla --model "$Q/model.gguf" --kv-keep "$KV_KEEP" --out "$MLA" >/dev/null
-if [[ ! -d "$ORIG" ]]; then
-  "$T/care-convert" export-hf --model "$Q/model.gguf" --out "$ORIG"
-  # export-hf writes weights and config only; mistral.rs needs the chat template.
-  cp "$MLA/tokenizer_config.json" "$MLA/generation_config.json" "$ORIG/"
-fi
+[[ -d "$ORIG" ]] || "$T/care-convert" export-hf --model "$Q/model.gguf" --out "$ORIG"
 # One tokenizer file for both, so the indexes (checked by hash) serve both.
 cp "$Q/tokenizer.json" "$ORIG/tokenizer.json"
 cp "$Q/tokenizer.json" "$MLA/tokenizer.json"

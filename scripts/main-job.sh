@@ -51,26 +51,33 @@ done
 echo "== serving: mistral.rs vs our engine, without and with drafting" >&2
 [[ -s "$OUT/code.igs" ]] || "$T/infinigram" build --tokenizer "$SMOL/tokenizer.json" -o "$OUT/code.igs" \
   "$A/data/cpython3.11-stdlib/" "$A/data/python3.11-docs/" --extension .py --extension .txt >&2
-for pair in "$ORIG:llama" "$MLA:deepseekv2"; do
-  dir="${pair%%:*}" arch="${pair##*:}"
-  "$T/care-serve-bench" --server "$T/care-server" --plain "$dir" --arch "$arch" \
-    --code-index "$OUT/code.igs" --workloads humaneval-chat --prompts "$PROMPTS" --lengths full \
-    --gen 128 --concurrency 1 --modes host,off,on --lossless "$PROMPTS" --lossless-tokens 128 \
-    --replay 0 --out "$OUT/serve-$(basename "$dir")" >&2
-done
+"$T/care-serve-bench" --server "$T/care-server" --plain "$ORIG" --arch llama --plain "$MLA" --arch deepseekv2 \
+  --code-index "$OUT/code.igs" --workloads humaneval-chat --prompts "$PROMPTS" --lengths full \
+  --gen 128 --concurrency 1 --modes host,off,on --lossless "$PROMPTS" --lossless-tokens 128 \
+  --replay 0 --out "$OUT/serve" > "$OUT/serve.md"
 
-python3 - "$OUT" "$(basename "$ORIG")" "$(basename "$MLA")" <<'PY'
+python3 - "$OUT" <<'PY'
 import json, sys
-out, names = sys.argv[1], sys.argv[2:]
-print("| checkpoint | KV bytes/token | mistral.rs tok/s | ours plain tok/s | ours drafting tok/s | drafting vs mistral.rs | identical to mistral.rs | drafting on = off |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
-for n in names:
-    r = json.load(open(f"{out}/serve-{n}/results.json"))
-    tps = {c["mode"]: c["tokens_per_s"] for c in r["cells"]}
-    l = r["lossless"][0]
-    print(f"| {n} | {r['kv_bytes_per_token']} | {tps['host']:.1f} | {tps['off']:.1f} | {tps['on']:.1f} "
-          f"| {tps['on'] / tps['host']:.2f}x | {l['identical_to_host']}/{l['prompts']} | {l['identical']}/{l['prompts']} |")
-for n in names:
-    e = json.load(open(f"{out}/eval-{n}.json"))
-    print(f"\n{n}: " + json.dumps(e.get("summary", e))[:600])
+out = sys.argv[1]
+r = json.load(open(f"{out}/serve/results.json"))
+print(f"Served on {r['machine']}, {r['date']}: HumanEval as chat requests, concurrency 1, greedy, 128 tokens.\n")
+print("| checkpoint | engine | KV bytes/token | tokens/s | vs mistral.rs | identical to mistral.rs | drafting on = off |")
+print("|---|---|---:|---:|---:|---:|---:|")
+for ck in r["checkpoints"]:
+    tps = {c["mode"]: c["tokens_per_s"] for c in r["cells"] if c["checkpoint"] == ck["name"]}
+    l = next(x for x in r["lossless"] if x["checkpoint"] == ck["name"])
+    same = f"{l['identical_to_host']}/{l['prompts']}"
+    for mode, engine in [("host", "stock mistral.rs"), ("off", "ours plain"), ("on", "ours drafting")]:
+        kv = "–" if mode == "host" else ck["kv_bytes_per_token"]
+        print(f"| {ck['name']} | {engine} | {kv} | {tps[mode]:.1f} | {tps[mode] / tps['host']:.2f}x "
+              f"| {same if mode == 'on' else ''} | {str(l['identical']) + '/' + str(l['prompts']) if mode == 'on' else ''} |")
+print("\n| checkpoint | KV values/token | PPL prose | PPL code | zero-shot acc (avg) | " +
+      " | ".join(t["task"] for t in json.load(open(f"{out}/eval-{r['checkpoints'][0]['name']}.json"))["tasks"]) + " |")
+print("|---|---:|---:|---:|---:|" + "---:|" * len(json.load(open(f"{out}/eval-{r['checkpoints'][0]['name']}.json"))["tasks"]))
+for ck in r["checkpoints"]:
+    e = json.load(open(f"{out}/eval-{ck['name']}.json"))
+    ppl = [p["result"]["ppl"] for p in e["perplexity"]]
+    print(f"| {ck['name']} | {e['kv_values_per_token']} | {ppl[0]:.2f} | {ppl[1]:.2f} | {e['average_acc']:.3f} | "
+          + " | ".join(f"{t['acc']:.2f}" for t in e["tasks"]) + " |")
+print(f"\nFull reports: {out}/eval-*.json, {out}/serve.md, {out}/serve/results.json")
 PY

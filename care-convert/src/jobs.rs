@@ -23,7 +23,7 @@ use crate::stock::{
 };
 use mla_attention::config::ModelSpec;
 use mla_attention::io::{tokenizer, Checkpoint};
-use mla_attention::load::load_decoder;
+use mla_attention::load::{load_decoder, load_decoder_weights};
 use mla_attention::model::Decoder;
 
 /// Where the calibration activations come from.
@@ -258,6 +258,19 @@ impl StockJob {
     /// Calibrate and convert (progress stages: `calibrate`, `convert`).
     pub fn convert(&self, progress: &mut dyn Progress) -> Result<StockConversion> {
         let (checkpoint, original) = open(&self.model)?;
+        self.convert_loaded(checkpoint, original, progress)
+    }
+
+    /// [`convert`](Self::convert) of `self.model` already opened as `checkpoint` and loaded
+    /// as `original` — which may have been read differently (a test gives the source
+    /// another RoPE scaling or fewer layers); `original.spec` is what gets converted and
+    /// written.
+    pub fn convert_loaded(
+        &self,
+        checkpoint: Checkpoint,
+        original: Decoder,
+        progress: &mut dyn Progress,
+    ) -> Result<StockConversion> {
         let opts = self
             .layout
             .options(&original.spec, self.calibration.damping)?;
@@ -295,7 +308,7 @@ impl StockJob {
         };
         write_deepseek_v2(
             out,
-            &conv.checkpoint.spec,
+            &conv.original.spec,
             conv.checkpoint.weights.as_ref(),
             &conv.stock,
             &tokenizer_files(&conv.checkpoint, &self.model)?,
@@ -361,13 +374,31 @@ pub struct OneShotConversion {
 impl OneShotJob {
     /// Calibrate and factorize (progress stages: `calibrate`, `factorize`).
     pub fn convert(&self, progress: &mut dyn Progress) -> Result<OneShotConversion> {
+        self.check()?;
+        let (checkpoint, model) = open(&self.model)?;
+        self.convert_loaded(checkpoint, model, progress)
+    }
+
+    fn check(&self) -> Result<()> {
         if !(self.kv_keep > 0.0 && self.kv_keep <= 1.0) {
             return Err(Error::InvalidOption(format!(
                 "--kv-keep {} must be in (0, 1] (the fraction of the K/V width kept)",
                 self.kv_keep
             )));
         }
-        let (checkpoint, mut model) = open(&self.model)?;
+        Ok(())
+    }
+
+    /// [`convert`](Self::convert) of `self.model` already opened as `checkpoint` and loaded
+    /// as `model` (which may have been read differently, e.g. with fewer layers for a
+    /// test); `model.spec` is what gets converted and written.
+    pub fn convert_loaded(
+        &self,
+        checkpoint: Checkpoint,
+        mut model: Decoder,
+        progress: &mut dyn Progress,
+    ) -> Result<OneShotConversion> {
+        self.check()?;
         let c = calibrate(&checkpoint, &model, &self.calibration, progress)?;
         let opts = ConvertOptions {
             method: self.method,
@@ -382,7 +413,7 @@ impl OneShotJob {
             // Ranks from one-pass spectra, then layer-by-layer statistics on converted
             // prefixes.
             let (_, planned) = convert_one_pass(&mut model, w, &c.stats, &opts, &mut |_, _| {})?;
-            let mut fresh = load_decoder(&checkpoint)?;
+            let mut fresh = load_decoder_weights(&model.spec, checkpoint.weights.as_ref())?;
             let r = convert_sequential(&mut fresh, w, &c.windows, &planned.plan, &opts, &mut cb)?;
             model = fresh;
             r

@@ -34,6 +34,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, not in piped logs.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
         Command::Eval(a) => run_eval(a),
@@ -463,7 +465,7 @@ fn run_export_hf(a: ExportHfArgs) -> Result<()> {
         &a.out,
         &ckpt.spec,
         ckpt.weights.as_ref(),
-        ckpt.tokenizer.as_ref(),
+        &care_convert::jobs::tokenizer_files(&ckpt, &a.model)?,
     )?;
     eprintln!("wrote {}", a.out.display());
     Ok(())

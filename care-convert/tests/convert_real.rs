@@ -7,10 +7,9 @@ use std::process::Command;
 
 use candle_core::Tensor;
 use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
-use care_convert::convert::{
-    convert_one_pass, convert_sequential, ConvertMethod, ConvertOptions, LayerFactors,
-};
-use care_convert::export::{write_oneshot, CalibrationRecord, Provenance};
+use care_convert::convert::{convert_one_pass, ConvertMethod, ConvertOptions, LayerFactors};
+use care_convert::eval::run::NoProgress;
+use care_convert::jobs::{Calibration, OneShotJob};
 use mla_attention::io::{tokenizer::encode, Checkpoint};
 use mla_attention::model::Decoder;
 
@@ -179,68 +178,42 @@ fn full_rank_reproduces_original_and_care_beats_plain_svd_on_real_activations() 
     );
 }
 
+/// `care-convert convert`'s job on the first layers: the budgets hold, the export is
+/// atomic, reloads to the same logits with a latent-only cache, and sequential calibration
+/// keeps the plan.
 #[test]
 fn exported_checkpoint_reloads_with_latent_only_cache() {
     let f = fixture();
-    let original = model(&f);
-    let stats = collect_all(&original, &f.windows, &mut |_, _| {}).unwrap();
-    let mut m = model(&f);
-    let opts = ConvertOptions {
+    let job = |sequential| OneShotJob {
+        model: assets().join("models/smollm2-135m-instruct/model.gguf"),
         method: ConvertMethod::CareE,
         kv_keep: 0.25,
-        ..Default::default()
+        calibration: Calibration {
+            texts: vec![assets().join("data/exllamav2-cal/c4.utf8")],
+            samples: 48,
+            seq_len: 32,
+            seed: 1,
+            ..Default::default()
+        },
+        sequential,
     };
-    let (factors, summary) = convert_one_pass(
-        &mut m,
-        f.ckpt.weights.as_ref(),
-        &stats,
-        &opts,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    let (tk, tv) = summary.plan.totals();
+    let one_pass = job(false);
+    let source = || Checkpoint::open(&one_pass.model).unwrap();
+    let conv = one_pass
+        .convert_loaded(source(), model(&f), &mut NoProgress)
+        .unwrap();
+    let m = &conv.model;
+    let (tk, tv) = conv.summary.plan.totals();
     assert_eq!(tk, LAYERS * 48, "K budget");
     assert_eq!(tv, LAYERS * 48, "V budget");
-    assert_eq!(summary.kv_values_per_token_original, LAYERS * 2 * 192);
+    assert_eq!(conv.summary.kv_values_per_token_original, LAYERS * 2 * 192);
     assert_eq!(m.cache_values_per_token(), tk + tv);
 
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("converted");
-    let prov = Provenance {
-        format: "care-oneshot",
-        format_version: 1,
-        source_model: "smollm2".into(),
-        source_sha256: "test".into(),
-        conversion: summary.clone(),
-        calibration: CalibrationRecord {
-            sources: vec![],
-            samples: 48,
-            seq_len: 32,
-            seed: 1,
-            tokens: 48 * 32,
-            sequential: false,
-        },
-        tool: "test".into(),
-    };
-    write_oneshot(
-        &out,
-        &m.spec,
-        f.ckpt.weights.as_ref(),
-        &factors,
-        f.ckpt.tokenizer.as_ref(),
-        &prov,
-    )
-    .unwrap();
+    one_pass.write(&conv, &out).unwrap();
     // Writing again over an existing directory is refused and changes nothing.
-    let err = write_oneshot(
-        &out,
-        &m.spec,
-        f.ckpt.weights.as_ref(),
-        &factors,
-        None,
-        &prov,
-    )
-    .unwrap_err();
+    let err = one_pass.write(&conv, &out).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
@@ -261,6 +234,7 @@ fn exported_checkpoint_reloads_with_latent_only_cache() {
         care["conversion"]["plan"]["k"].as_array().unwrap().len(),
         LAYERS
     );
+    assert_eq!(care["calibration"]["samples"], 48);
     let r = mla_attention::load::load_decoder(&reloaded).unwrap();
     let want = m.forward(&f.eval_ids, &mut m.new_cache()).unwrap();
     let mut cache = r.new_cache();
@@ -272,17 +246,12 @@ fn exported_checkpoint_reloads_with_latent_only_cache() {
     assert!(reloaded.tokenizer.is_some());
 
     // Sequential calibration runs and converts with the same plan.
-    let mut s = model(&f);
-    let (_, seq) = convert_sequential(
-        &mut s,
-        f.ckpt.weights.as_ref(),
-        &f.windows,
-        &summary.plan,
-        &opts,
-        &mut |_, _| {},
-    )
-    .unwrap();
-    assert_eq!(seq.plan.totals(), (tk, tv));
+    let seq = job(true)
+        .convert_loaded(source(), model(&f), &mut NoProgress)
+        .unwrap();
+    assert_eq!(seq.summary.plan.totals(), (tk, tv));
+    assert!(seq.calibration.sequential);
+    let s = &seq.model;
     let logits = s.forward(&f.eval_ids, &mut s.new_cache()).unwrap();
     assert!(logits
         .flatten_all()
@@ -334,4 +303,55 @@ fn cli_rejects_out_of_range_budgets_and_existing_outputs_without_writing() {
         1,
         "something was written"
     );
+}
+
+/// `export-hf` writes what a server needs besides the weights: without
+/// `tokenizer_config.json`'s chat template mistral.rs fails every chat request.
+#[test]
+fn export_hf_writes_the_tokenizer_files_a_server_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-f32");
+    let export = || {
+        Command::new(env!("CARGO_BIN_EXE_care-convert"))
+            .args(["export-hf", "--model"])
+            .arg(assets().join("models/smollm2-135m-instruct/model.gguf"))
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let o = export();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let tc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("tokenizer_config.json")).unwrap())
+            .unwrap();
+    let template = tc["chat_template"].as_str().unwrap_or_default();
+    assert!(template.contains("<|im_start|>"), "chat template: {tc}");
+    assert_eq!(tc["eos_token"], "<|im_end|>");
+    // The export reloads as the same model.
+    let reloaded = Checkpoint::open(&out).unwrap();
+    assert_eq!(reloaded.spec.num_layers, 30);
+    assert!(reloaded.spec.mla.is_none());
+    // An existing output is refused and left as it was.
+    let before = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let o = export();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("exists"));
+    let after = std::fs::metadata(out.join("model.safetensors"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
 }

@@ -37,6 +37,12 @@ pub struct Args {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
     pub max_seqs: u16,
 
+    /// mistral.rs's prefix cache: how many finished sequences it keeps to reuse their KV
+    /// cache for requests with the same prefix (0 turns it off), as mistral.rs's own server's
+    /// `--prefix-cache-n`. Our engine does not use it.
+    #[arg(long, default_value_t = 16)]
+    pub prefix_cache_n: usize,
+
     /// Which engine decodes eligible requests (greedy or simply sampled, one choice, no
     /// grammar or tools): `auto` — ours when the weights are local (`gguf` file or `plain`
     /// folder), `care` — ours or fail at startup, `mistralrs` — mistral.rs for everything.

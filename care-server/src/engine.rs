@@ -72,13 +72,16 @@ pub fn check_index(config: &InfinigramConfig) -> Result<CheckedIndex> {
         path: config.index.clone(),
         source,
     })?;
-    let given = infinigram_spec::build::tokenizer_hash(&config.tokenizer).map_err(|source| {
-        Error::Index {
-            path: config.tokenizer.clone(),
-            source,
-        }
-    })?;
-    if given != index.tokenizer_hash() {
+    let tokenizer_error = |source| Error::Index {
+        path: config.tokenizer.clone(),
+        source,
+    };
+    let recorded = index.tokenizer_hash();
+    if !infinigram_spec::build::tokenizer_matches(&recorded, &config.tokenizer)
+        .map_err(tokenizer_error)?
+    {
+        let given =
+            infinigram_spec::build::tokenizer_hash(&config.tokenizer).map_err(tokenizer_error)?;
         return Err(Error::TokenizerMismatch {
             index: config.index.clone(),
             tokenizer: config.tokenizer.clone(),
@@ -117,7 +120,11 @@ fn scheduler(max_seqs: usize) -> Result<SchedulerConfig> {
 }
 
 /// Loads the plain mistral.rs engine for `model`.
-pub async fn build_plain(model: &ModelSelected, max_seqs: usize) -> Result<Arc<MistralRs>> {
+pub async fn build_plain(
+    model: &ModelSelected,
+    max_seqs: usize,
+    prefix_cache_n: usize,
+) -> Result<Arc<MistralRs>> {
     let loader = LoaderBuilder::new(model.clone())
         .build()
         .map_err(Error::Engine)?;
@@ -138,6 +145,8 @@ pub async fn build_plain(model: &ModelSelected, max_seqs: usize) -> Result<Arc<M
         .map_err(Error::Engine)?;
     Ok(
         MistralRsBuilder::new(pipeline, scheduler(max_seqs)?, false, None)
+            .with_prefix_cache_n(prefix_cache_n)
+            .with_no_prefix_cache(prefix_cache_n == 0)
             .build()
             .await,
     )
@@ -260,6 +269,8 @@ fn end_tokens(weights: &Path, ckpt: &Checkpoint, tokenizer: &tokenizers::Tokeniz
 /// What [`build_engines`] needs beyond the model selection.
 pub struct EngineOptions<'a> {
     pub max_seqs: usize,
+    /// mistral.rs's prefix cache size (0: off).
+    pub prefix_cache_n: usize,
     pub infinigram: Option<&'a InfinigramConfig>,
     pub engine: EngineChoice,
     /// Memory for the paged cache.
@@ -288,7 +299,7 @@ pub async fn build_engines(model: &ModelSelected, opts: EngineOptions<'_>) -> Re
             }
         },
     };
-    let plain = build_plain(model, opts.max_seqs).await?;
+    let plain = build_plain(model, opts.max_seqs, opts.prefix_cache_n).await?;
     let Some(weights) = weights else {
         return Ok(Engines { plain, care: None });
     };

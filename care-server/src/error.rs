@@ -24,7 +24,7 @@ pub enum Error {
     },
     #[error(
         "infinigram index {index} was built with a different tokenizer than {tokenizer} \
-         (index tokenizer sha256 {index_hash}, model tokenizer sha256 {tokenizer_hash}); \
+         (index tokenizer fingerprint {index_hash}, model tokenizer fingerprint {tokenizer_hash}); \
          rebuild the index with this tokenizer"
     )]
     TokenizerMismatch {

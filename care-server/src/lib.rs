@@ -43,6 +43,7 @@ impl Server {
             &args.model,
             engine::EngineOptions {
                 max_seqs: args.max_seqs as usize,
+                prefix_cache_n: args.prefix_cache_n,
                 infinigram: infinigram.as_ref(),
                 engine: args.engine,
                 kv_cache_mib: args.kv_cache_mib as usize,

@@ -149,9 +149,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let index = Arc::new(Index::open(&index_path, OpenOptions::default())?);
-    if index.tokenizer_hash() != [0; 32]
-        && index.tokenizer_hash() != infinigram_spec::build::tokenizer_hash(&tok_path)?
-    {
+    if !infinigram_spec::build::tokenizer_matches(&index.tokenizer_hash(), &tok_path)? {
         bail!("{} was built with another tokenizer", index_path.display());
     }
     println!(

@@ -151,6 +151,8 @@ struct StatsArgs {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only where a person reads them, not in piped logs.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
     match run(Cli::parse()) {
@@ -278,10 +280,10 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.tokenizer {
         // Token ids mean nothing under another tokenizer: refuse a mismatch outright.
         let recorded = index.tokenizer_hash();
-        let given = infinigram_spec::build::tokenizer_hash(path)?;
-        if recorded != [0u8; 32] && recorded != given {
+        if !infinigram_spec::build::tokenizer_matches(&recorded, path)? {
+            let given = infinigram_spec::build::tokenizer_hash(path)?;
             anyhow::bail!(
-                "{} was built with another tokenizer (sha256 {}) than {} (sha256 {})",
+                "{} was built with another tokenizer (fingerprint {}) than {} (fingerprint {})",
                 a.index.display(),
                 hex(&recorded),
                 path.display(),
@@ -413,7 +415,7 @@ fn stats(a: StatsArgs) -> anyhow::Result<()> {
         "vocab_size": index.vocab_size(),
         "token_width": index.token_width(),
         "bytes_per_token": index.byte_len() as f64 / index.token_count().max(1) as f64,
-        "tokenizer_sha256": hash,
+        "tokenizer_fingerprint": hash,
         "verified": a.verify,
         "shards": shards,
     });

@@ -134,7 +134,7 @@ fn build_query_stats_from_text() {
     assert_eq!(stats["vocab_size"], 8);
     assert_eq!(stats["token_width"], 2);
     assert_eq!(stats["shards"].as_array().unwrap().len(), 3);
-    assert_eq!(stats["tokenizer_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(stats["tokenizer_fingerprint"].as_str().unwrap().len(), 64);
 
     // Errors exit with 2 and name the problem.
     let (ok, _, err) = run(&["query", "-i", i, "--tokens", "8"]);
@@ -224,4 +224,20 @@ fn query_with_another_tokenizer_is_refused() {
     ]);
     assert!(!ok, "mismatched tokenizer accepted");
     assert!(err.contains("built with another tokenizer"), "{err}");
+    // The same tokenizer in another file layout (pretty-printed, keys reordered) is accepted.
+    let same = d.join("same.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
+    std::fs::write(&same, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    let (ok, _, err) = run(&[
+        "query",
+        "--index",
+        i,
+        "--op",
+        "count",
+        "--text",
+        "the cat",
+        "--tokenizer",
+        same.to_str().unwrap(),
+    ]);
+    assert!(ok, "the same tokenizer refused: {err}");
 }

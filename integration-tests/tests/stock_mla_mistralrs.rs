@@ -20,22 +20,19 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Parser;
 
-use care_convert::calibrate::{collect_all, sample_windows, CalibrationOptions};
-use care_convert::export::deepseek::{
-    write_deepseek_v2, SaveDtype, StockProvenance, TokenizerFiles,
-};
-use care_convert::export::CalibrationRecord;
+use care_convert::eval::run::NoProgress;
+use care_convert::export::deepseek::SaveDtype;
 use care_convert::heal::data::{pack, CorpusOptions};
 use care_convert::heal::student::{StudentParams, TrainScope};
 use care_convert::heal::train::{HealOptions, Healer};
 use care_convert::heal::{prepare_output, write_healed};
-use care_convert::stock::{convert_stock, StockOptions};
+use care_convert::jobs::{Calibration, StockJob, StockLayout};
 use mistralrs_core::{
     Constraint, MistralRs, ModelSelected, NormalRequest, Request, RequestMessage, Response,
     SamplingParams,
 };
 use mla_attention::io::{tokenizer, Checkpoint};
-use mla_attention::load::{load_decoder, load_decoder_weights};
+use mla_attention::load::load_decoder;
 
 const PROMPT_TOKENS: usize = 40;
 const GEN_TOKENS: usize = 32;
@@ -48,7 +45,8 @@ fn convert(model_name: &str, kv_lora_rank: usize, samples: usize, out: &Path) ->
 }
 
 /// [`convert`] of the model read with `rope_scaling` in place of its own (a Llama 3 scaling
-/// on SmolLM2 makes the export carry DeepSeek YaRN keys).
+/// on SmolLM2 makes the export carry DeepSeek YaRN keys): `care-convert mla`'s own job with
+/// real calibration text, the source opened by the test.
 fn convert_with(
     model_name: &str,
     kv_lora_rank: usize,
@@ -57,69 +55,29 @@ fn convert_with(
     out: &Path,
 ) -> Result<()> {
     let src = assets().join(format!("models/{model_name}/model.gguf"));
-    let ckpt = Checkpoint::open(&src)
-        .with_context(|| format!("{} (run scripts/fetch_assets.py)", src.display()))?;
-    let mut spec = ckpt.spec.clone();
-    if let Some(r) = rope_scaling {
-        spec.rope_scaling = r;
-    }
-    let model = load_decoder_weights(&spec, ckpt.weights.as_ref())?;
-    let tok = ckpt.tokenizer()?;
-    let cal = assets().join("data/exllamav2-cal");
-    let mut ids = Vec::new();
-    for f in ["c4.utf8", "wiki.utf8", "code.utf8"] {
-        ids.extend(tokenizer::encode(
-            tok,
-            &std::fs::read_to_string(cal.join(f))?,
-        )?);
-    }
-    let copts = CalibrationOptions {
-        samples,
-        seq_len: 32,
-        seed: 7,
-    };
-    let windows = sample_windows(&ids, &copts)?;
-    let stats = collect_all(&model, &windows, &mut |_, _| {})?;
-    let opts = StockOptions::care(kv_lora_rank, 32, 2);
-    let stock = convert_stock(
-        &model.spec,
-        ckpt.weights.as_ref(),
-        &stats,
-        &opts,
-        &mut |_, _| {},
-    )?;
-    let files = TokenizerFiles {
-        tokenizer: ckpt.tokenizer.clone(),
-        chat_template: None,
-        bos_token: ckpt.spec.bos_token_id.and_then(|i| tok.id_to_token(i)),
-        eos_token: ckpt.spec.eos_token_id.and_then(|i| tok.id_to_token(i)),
-        add_bos_token: false,
-    };
-    let prov = StockProvenance {
-        format: "care-deepseek-v2",
-        format_version: 1,
-        source_model: src.display().to_string(),
-        source_sha256: String::new(),
-        conversion: stock.summary.clone(),
-        calibration: CalibrationRecord {
-            sources: vec![cal.display().to_string()],
-            samples: copts.samples,
-            seq_len: copts.seq_len,
-            seed: copts.seed,
-            tokens: (copts.samples * copts.seq_len) as u64,
-            sequential: false,
+    let job = StockJob {
+        model: src.clone(),
+        layout: StockLayout {
+            kv_lora_rank: Some(kv_lora_rank),
+            rope_dim: Some(32),
+            freqfold: Some(2),
+            ..Default::default()
         },
-        tool: "integration-tests".into(),
+        calibration: Calibration {
+            samples,
+            seed: 7,
+            ..Default::default()
+        },
+        dtype: SaveDtype::F32,
     };
-    write_deepseek_v2(
-        out,
-        &model.spec,
-        ckpt.weights.as_ref(),
-        &stock,
-        &files,
-        &prov,
-        SaveDtype::F32,
-    )?;
+    let mut ckpt = Checkpoint::open(&src)
+        .with_context(|| format!("{} (run scripts/fetch_assets.py)", src.display()))?;
+    if let Some(r) = rope_scaling {
+        ckpt.spec.rope_scaling = r;
+    }
+    let original = load_decoder(&ckpt)?;
+    let conv = job.convert_loaded(ckpt, original, &mut NoProgress)?;
+    job.write(&conv, out)?;
     Ok(())
 }
 

@@ -11,7 +11,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 
-use super::{write_atomically, write_json, write_tokenizer, CalibrationRecord};
+pub use super::TokenizerFiles;
+use super::{write_atomically, write_json, write_tokenizer_files, CalibrationRecord};
 use crate::convert::{to_tensor, vec_tensor};
 use crate::error::{Error, Result};
 use crate::stock::{StockModel, StockSummary};
@@ -40,17 +41,6 @@ impl SaveDtype {
             SaveDtype::Bf16 => "bfloat16",
         }
     }
-}
-
-/// Tokenizer-side files of the output.
-#[derive(Debug, Clone, Default)]
-pub struct TokenizerFiles {
-    pub tokenizer: Option<tokenizers::Tokenizer>,
-    /// Jinja chat template (GGUF `tokenizer.chat_template`).
-    pub chat_template: Option<String>,
-    pub bos_token: Option<String>,
-    pub eos_token: Option<String>,
-    pub add_bos_token: bool,
 }
 
 /// The stock `care.json`.
@@ -252,34 +242,6 @@ fn write_into(
         reason: e.to_string(),
     })?;
     write_json(dir, "care.json", &prov)?;
-    if let Some(t) = &tok.tokenizer {
-        write_tokenizer(dir, t)?;
-    }
-    let mut tc = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": tok.add_bos_token,
-        "add_eos_token": false,
-        "model_max_length": spec.max_position_embeddings,
-        "clean_up_tokenization_spaces": false,
-    });
-    for (k, v) in [
-        ("bos_token", &tok.bos_token),
-        ("eos_token", &tok.eos_token),
-        ("chat_template", &tok.chat_template),
-    ] {
-        if let Some(v) = v {
-            tc[k] = serde_json::Value::String(v.clone());
-        }
-    }
-    write_json(dir, "tokenizer_config.json", &tc)?;
-    write_json(
-        dir,
-        "generation_config.json",
-        &serde_json::json!({
-            "bos_token_id": spec.bos_token_id,
-            "eos_token_id": spec.eos_token_id,
-            "do_sample": false,
-        }),
-    )?;
+    write_tokenizer_files(dir, spec, tok)?;
     Ok(())
 }

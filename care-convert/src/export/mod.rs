@@ -117,15 +117,65 @@ pub fn hf_config(spec: &ModelSpec) -> serde_json::Value {
     })
 }
 
+/// Tokenizer-side files of an output directory: what a server needs besides the weights.
+#[derive(Debug, Clone, Default)]
+pub struct TokenizerFiles {
+    pub tokenizer: Option<tokenizers::Tokenizer>,
+    /// Jinja chat template (GGUF `tokenizer.chat_template`).
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub add_bos_token: bool,
+}
+
+/// `tokenizer.json` (when there is a tokenizer), `tokenizer_config.json` (special tokens and
+/// the chat template: without it mistral.rs fails every chat request) and
+/// `generation_config.json` into `dir`.
+pub(crate) fn write_tokenizer_files(
+    dir: &Path,
+    spec: &ModelSpec,
+    tok: &TokenizerFiles,
+) -> Result<()> {
+    if let Some(t) = &tok.tokenizer {
+        write_tokenizer(dir, t)?;
+    }
+    let mut tc = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": tok.add_bos_token,
+        "add_eos_token": false,
+        "model_max_length": spec.max_position_embeddings,
+        "clean_up_tokenization_spaces": false,
+    });
+    for (k, v) in [
+        ("bos_token", &tok.bos_token),
+        ("eos_token", &tok.eos_token),
+        ("chat_template", &tok.chat_template),
+    ] {
+        if let Some(v) = v {
+            tc[k] = serde_json::Value::String(v.clone());
+        }
+    }
+    write_json(dir, "tokenizer_config.json", &tc)?;
+    write_json(
+        dir,
+        "generation_config.json",
+        &serde_json::json!({
+            "bos_token_id": spec.bos_token_id,
+            "eos_token_id": spec.eos_token_id,
+            "do_sample": false,
+        }),
+    )
+}
+
 /// Write the source model itself, unchanged, as an f32 HF directory (`config.json`,
-/// `model.safetensors`, `tokenizer.json`) at `out` (which must not exist): a GGUF model
-/// dequantized for loaders of the HF format, e.g. as the baseline of a side-by-side
+/// `model.safetensors` and the tokenizer files) at `out` (which must not exist): a GGUF
+/// model dequantized for loaders of the HF format, e.g. as the baseline of a side-by-side
 /// benchmark against a converted checkpoint in the same precision.
 pub fn write_hf_original(
     out: &Path,
     spec: &ModelSpec,
     w: &dyn WeightSource,
-    tokenizer: Option<&tokenizers::Tokenizer>,
+    tokenizer: &TokenizerFiles,
 ) -> Result<()> {
     write_atomically(out, |dir| {
         let mut tensors = shared_tensors(spec, w)?;
@@ -141,10 +191,7 @@ pub fn write_hf_original(
             reason: e.to_string(),
         })?;
         write_json(dir, "config.json", &hf_config(spec))?;
-        if let Some(tok) = tokenizer {
-            write_tokenizer(dir, tok)?;
-        }
-        Ok(())
+        write_tokenizer_files(dir, spec, tokenizer)
     })
 }
 

@@ -153,7 +153,7 @@ impl TextCorpus {
         self.tokenizer.get_vocab_size(true)
     }
 
-    /// SHA-256 of the tokenizer file.
+    /// The tokenizer's fingerprint ([`tokenizer_hash`]).
     pub fn tokenizer_hash(&self) -> Result<[u8; 32]> {
         tokenizer_hash(&self.tokenizer_path)
     }
@@ -225,10 +225,72 @@ impl Iterator for TextCorpus {
     }
 }
 
-/// SHA-256 of a tokenizer file.
+/// The identity of a tokenizer that an index records: SHA-256 over a canonical form of
+/// what decides token ids — the model (type, vocabulary, merges, options), the added tokens,
+/// the normalizer and the pre-tokenizer. The file is read through the tokenizers library and
+/// written back before hashing, with object keys sorted, so the same tokenizer gives the
+/// same fingerprint whether its file is pretty-printed, stores merges as `"a b"` or
+/// `["a", "b"]`, or orders its keys differently (a converted checkpoint's `tokenizer.json`
+/// against the original's).
 pub fn tokenizer_hash(path: &Path) -> Result<[u8; 32]> {
+    let tokenizer = Tokenizer::from_file(path).map_err(|source| Error::Tokenizer {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let bad = |source: tokenizers::Error| Error::Tokenizer {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = tokenizer.to_string(false).map_err(bad)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&json).map_err(|e| bad(Box::new(e) as tokenizers::Error))?;
+    let mut h = Sha256::new();
+    for key in ["model", "added_tokens", "normalizer", "pre_tokenizer"] {
+        h.update(key.as_bytes());
+        h.update(b"=");
+        canonical_json(&v[key], &mut h);
+        h.update(b"\n");
+    }
+    Ok(h.finalize().into())
+}
+
+/// Whether an index that recorded `recorded` was built with the tokenizer at `path`: its
+/// fingerprint ([`tokenizer_hash`]) or, for indexes written before fingerprints, the
+/// SHA-256 of the file's bytes. An index that recorded nothing (all zeros) matches any.
+pub fn tokenizer_matches(recorded: &[u8; 32], path: &Path) -> Result<bool> {
+    if *recorded == [0u8; 32] || *recorded == tokenizer_hash(path)? {
+        return Ok(true);
+    }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(Sha256::digest(&bytes).into())
+    Ok(*recorded == <[u8; 32]>::from(Sha256::digest(&bytes)))
+}
+
+/// `v` as JSON with object keys sorted, into `h`.
+fn canonical_json(v: &serde_json::Value, h: &mut Sha256) {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            h.update(b"{");
+            for k in keys {
+                canonical_json(&Value::String(k.clone()), h);
+                h.update(b":");
+                canonical_json(&m[k], h);
+                h.update(b",");
+            }
+            h.update(b"}");
+        }
+        Value::Array(a) => {
+            h.update(b"[");
+            for x in a {
+                canonical_json(x, h);
+                h.update(b",");
+            }
+            h.update(b"]");
+        }
+        other => h.update(other.to_string().as_bytes()),
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +315,67 @@ mod tests {
             matches!(err, Error::TokenStream { offset: 19, .. }),
             "{err}"
         );
+    }
+
+    /// A byte-level BPE tokenizer file over `vocab` with `merges` as `"a b"` strings or as
+    /// pairs.
+    fn bpe_file(path: &Path, vocab: &[&str], merges_as_pairs: bool, pretty: bool) {
+        let vocab: serde_json::Map<String, serde_json::Value> = vocab
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.to_string(), serde_json::Value::from(i)))
+            .collect();
+        let merges = if merges_as_pairs {
+            serde_json::json!([["a", "b"], ["ab", "c"]])
+        } else {
+            serde_json::json!(["a b", "ab c"])
+        };
+        let v = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null,
+            "added_tokens": [{"id": 0, "content": "<s>", "single_word": false, "lstrip": false,
+                              "rstrip": false, "normalized": false, "special": true}],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+            "post_processor": null, "decoder": null,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null,
+                      "continuing_subword_prefix": null, "end_of_word_suffix": null,
+                      "fuse_unk": false, "byte_fallback": false, "vocab": vocab, "merges": merges}
+        });
+        let text = if pretty {
+            serde_json::to_string_pretty(&v).unwrap()
+        } else {
+            v.to_string()
+        };
+        std::fs::write(path, text).unwrap();
+    }
+
+    #[test]
+    fn the_same_tokenizer_stored_differently_has_one_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let vocab = ["<s>", "a", "b", "c", "ab", "abc"];
+        bpe_file(&d.join("strings.json"), &vocab, false, false);
+        bpe_file(&d.join("pairs.json"), &vocab, true, true);
+        let a = tokenizer_hash(&d.join("strings.json")).unwrap();
+        let b = tokenizer_hash(&d.join("pairs.json")).unwrap();
+        assert_eq!(a, b, "merges as strings vs pairs, compact vs pretty");
+        assert!(tokenizer_matches(&a, &d.join("pairs.json")).unwrap());
+        // An index of the old format recorded the file's bytes: still accepted.
+        let bytes: [u8; 32] = Sha256::digest(std::fs::read(d.join("strings.json")).unwrap()).into();
+        assert!(tokenizer_matches(&bytes, &d.join("strings.json")).unwrap());
+        assert!(tokenizer_matches(&[0; 32], &d.join("strings.json")).unwrap());
+        // Another vocabulary (ids of two tokens swapped) is another tokenizer.
+        bpe_file(
+            &d.join("other.json"),
+            &["<s>", "b", "a", "c", "ab", "abc"],
+            false,
+            false,
+        );
+        let c = tokenizer_hash(&d.join("other.json")).unwrap();
+        assert_ne!(a, c);
+        assert!(!tokenizer_matches(&a, &d.join("other.json")).unwrap());
+        // Not a tokenizer: an error, not a mismatch.
+        std::fs::write(d.join("bad.json"), "{}").unwrap();
+        assert!(tokenizer_hash(&d.join("bad.json")).is_err());
     }
 
     #[test]

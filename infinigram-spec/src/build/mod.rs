@@ -11,7 +11,9 @@ mod input;
 mod shard;
 mod writer;
 
-pub use input::{collect_files, tokenizer_hash, TextCorpus, TokenStream, STREAM_SEPARATOR};
+pub use input::{
+    collect_files, tokenizer_hash, tokenizer_matches, TextCorpus, TokenStream, STREAM_SEPARATOR,
+};
 
 use std::io::{BufWriter, Cursor, Seek, Write};
 use std::path::Path;
