@@ -5,6 +5,8 @@
 # (short and long), greedy, TOKENS tokens: our engine with and without drafting and mistral.rs
 # itself, one JSON line per prompt in $OUT/identity-<model>.jsonl. Stop it at any time; the
 # next run skips what is done. On a 2-vCPU machine mistral.rs alone needs ~2.5 h per model.
+# mistral.rs's prefix cache is off (--prefix-cache-n 0): with it on, mistral.rs 0.8.1 answered
+# some repeated greedy requests differently (docs/BENCHMARKS.md, identity section).
 # Environment: CARE_ASSETS (asset cache), OUT (default ./out/identity), KV_KEEP (0.5),
 # TOKENS (128), LIMIT (prompts per workload and length, 0 = all), NICE (niceness, default 10).
 set -euo pipefail
@@ -42,6 +44,7 @@ for pair in "$ORIG:qwen2" "$MLA:deepseekv2"; do
   echo "== $name" >&2
   nice -n "$NICE" "$T/care-serve-bench" --server "$T/care-server" --plain "$dir" --arch "$arch" \
     --code-index "$OUT/code.igs" --prose-index "$OUT/prose.igs" --workloads humaneval,mtbench \
-    --identity "$OUT/identity-$name.jsonl" --identity-tokens "$TOKENS" --identity-limit "$LIMIT" --out "$OUT/bench-$name" \
+    --identity "$OUT/identity-$name.jsonl" --identity-tokens "$TOKENS" --identity-limit "$LIMIT" \
+    --server-arg=--prefix-cache-n=0 --out "$OUT/bench-$name" \
     2> "$OUT/$name.log"
 done
