@@ -199,45 +199,28 @@ fn query_with_another_tokenizer_is_refused() {
     let a = d.join("a.txt");
     let (ok, _, err) = run(&["build", a.to_str().unwrap(), "-o", i, "--tokenizer", t]);
     assert!(ok, "{err}");
-    let (ok, _, _) = run(&[
-        "query",
-        "--index",
-        i,
-        "--op",
-        "count",
-        "--text",
-        "the cat",
-        "--tokenizer",
-        t,
-    ]);
+    let count_with = |tokenizer: &str| {
+        run(&[
+            "query",
+            "--index",
+            i,
+            "--op",
+            "count",
+            "--text",
+            "the cat",
+            "--tokenizer",
+            tokenizer,
+        ])
+    };
+    let (ok, _, _) = count_with(t);
     assert!(ok);
-    let (ok, _, err) = run(&[
-        "query",
-        "--index",
-        i,
-        "--op",
-        "count",
-        "--text",
-        "the cat",
-        "--tokenizer",
-        o,
-    ]);
+    let (ok, _, err) = count_with(o);
     assert!(!ok, "mismatched tokenizer accepted");
     assert!(err.contains("built with another tokenizer"), "{err}");
     // The same tokenizer in another file layout (pretty-printed, keys reordered) is accepted.
     let same = d.join("same.json");
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&tok).unwrap()).unwrap();
     std::fs::write(&same, serde_json::to_string_pretty(&v).unwrap()).unwrap();
-    let (ok, _, err) = run(&[
-        "query",
-        "--index",
-        i,
-        "--op",
-        "count",
-        "--text",
-        "the cat",
-        "--tokenizer",
-        same.to_str().unwrap(),
-    ]);
+    let (ok, _, err) = count_with(same.to_str().unwrap());
     assert!(ok, "the same tokenizer refused: {err}");
 }
