@@ -77,15 +77,13 @@ pub fn check_index(config: &InfinigramConfig) -> Result<CheckedIndex> {
         source,
     };
     let recorded = index.tokenizer_hash();
-    if !infinigram_spec::build::tokenizer_matches(&recorded, &config.tokenizer)
+    if let Some(given) = infinigram_spec::build::tokenizer_mismatch(&recorded, &config.tokenizer)
         .map_err(tokenizer_error)?
     {
-        let given =
-            infinigram_spec::build::tokenizer_hash(&config.tokenizer).map_err(tokenizer_error)?;
         return Err(Error::TokenizerMismatch {
             index: config.index.clone(),
             tokenizer: config.tokenizer.clone(),
-            index_hash: hex(&index.tokenizer_hash()),
+            index_hash: hex(&recorded),
             tokenizer_hash: hex(&given),
         });
     }

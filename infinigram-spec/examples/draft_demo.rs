@@ -149,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         }
     };
     let index = Arc::new(Index::open(&index_path, OpenOptions::default())?);
-    if !infinigram_spec::build::tokenizer_matches(&index.tokenizer_hash(), &tok_path)? {
+    if infinigram_spec::build::tokenizer_mismatch(&index.tokenizer_hash(), &tok_path)?.is_some() {
         bail!("{} was built with another tokenizer", index_path.display());
     }
     println!(

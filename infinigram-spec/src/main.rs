@@ -280,8 +280,7 @@ fn query(a: QueryArgs) -> anyhow::Result<()> {
     if let Some(path) = &a.tokenizer {
         // Token ids mean nothing under another tokenizer: refuse a mismatch outright.
         let recorded = index.tokenizer_hash();
-        if !infinigram_spec::build::tokenizer_matches(&recorded, path)? {
-            let given = infinigram_spec::build::tokenizer_hash(path)?;
+        if let Some(given) = infinigram_spec::build::tokenizer_mismatch(&recorded, path)? {
             anyhow::bail!(
                 "{} was built with another tokenizer (fingerprint {}) than {} (fingerprint {})",
                 a.index.display(),

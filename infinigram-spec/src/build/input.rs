@@ -254,15 +254,20 @@ pub fn tokenizer_hash(path: &Path) -> Result<[u8; 32]> {
     Ok(h.finalize().into())
 }
 
-/// Whether an index that recorded `recorded` was built with the tokenizer at `path`: its
-/// fingerprint ([`tokenizer_hash`]) or, for indexes written before fingerprints, the
-/// SHA-256 of the file's bytes. An index that recorded nothing (all zeros) matches any.
-pub fn tokenizer_matches(recorded: &[u8; 32], path: &Path) -> Result<bool> {
-    if *recorded == [0u8; 32] || *recorded == tokenizer_hash(path)? {
-        return Ok(true);
+/// Whether an index that recorded `recorded` was built with another tokenizer than the one
+/// at `path`: `None` when it matches — by fingerprint ([`tokenizer_hash`]) or, for indexes
+/// written before fingerprints, by the SHA-256 of the file's bytes; an index that recorded
+/// nothing (all zeros) matches any — otherwise the file's fingerprint, for the message.
+pub fn tokenizer_mismatch(recorded: &[u8; 32], path: &Path) -> Result<Option<[u8; 32]>> {
+    if *recorded == [0u8; 32] {
+        return Ok(None);
+    }
+    let fingerprint = tokenizer_hash(path)?;
+    if *recorded == fingerprint {
+        return Ok(None);
     }
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    Ok(*recorded == <[u8; 32]>::from(Sha256::digest(&bytes)))
+    Ok((*recorded != <[u8; 32]>::from(Sha256::digest(&bytes))).then_some(fingerprint))
 }
 
 /// `v` as JSON with object keys sorted, into `h`.
@@ -358,11 +363,17 @@ mod tests {
         let a = tokenizer_hash(&d.join("strings.json")).unwrap();
         let b = tokenizer_hash(&d.join("pairs.json")).unwrap();
         assert_eq!(a, b, "merges as strings vs pairs, compact vs pretty");
-        assert!(tokenizer_matches(&a, &d.join("pairs.json")).unwrap());
+        assert_eq!(tokenizer_mismatch(&a, &d.join("pairs.json")).unwrap(), None);
         // An index of the old format recorded the file's bytes: still accepted.
         let bytes: [u8; 32] = Sha256::digest(std::fs::read(d.join("strings.json")).unwrap()).into();
-        assert!(tokenizer_matches(&bytes, &d.join("strings.json")).unwrap());
-        assert!(tokenizer_matches(&[0; 32], &d.join("strings.json")).unwrap());
+        assert_eq!(
+            tokenizer_mismatch(&bytes, &d.join("strings.json")).unwrap(),
+            None
+        );
+        assert_eq!(
+            tokenizer_mismatch(&[0; 32], &d.join("strings.json")).unwrap(),
+            None
+        );
         // Another vocabulary (ids of two tokens swapped) is another tokenizer.
         bpe_file(
             &d.join("other.json"),
@@ -372,7 +383,10 @@ mod tests {
         );
         let c = tokenizer_hash(&d.join("other.json")).unwrap();
         assert_ne!(a, c);
-        assert!(!tokenizer_matches(&a, &d.join("other.json")).unwrap());
+        assert_eq!(
+            tokenizer_mismatch(&a, &d.join("other.json")).unwrap(),
+            Some(c)
+        );
         // Not a tokenizer: an error, not a mismatch.
         std::fs::write(d.join("bad.json"), "{}").unwrap();
         assert!(tokenizer_hash(&d.join("bad.json")).is_err());

@@ -12,7 +12,7 @@ mod shard;
 mod writer;
 
 pub use input::{
-    collect_files, tokenizer_hash, tokenizer_matches, TextCorpus, TokenStream, STREAM_SEPARATOR,
+    collect_files, tokenizer_hash, tokenizer_mismatch, TextCorpus, TokenStream, STREAM_SEPARATOR,
 };
 
 use std::io::{BufWriter, Cursor, Seek, Write};
